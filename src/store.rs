@@ -1,0 +1,127 @@
+//! The store handle: where a receiver's records go.
+//!
+//! A receiver calls [`Store::store`] or [`Store::store_many`] (usually through its
+//! [`ReceiverContext`](crate::ReceiverContext)). Both are `async` because the data path is
+//! bounded: when the pipeline behind the store is full they wait (backpressure) and never drop.
+//! If the pipeline has shut down they fail with [`StoreError::Closed`], which a handler returns
+//! to its supervisor like any other failure.
+//!
+//! Today a store is backed by a bounded channel that the caller drains ([`Store::channel`]); the
+//! block generator of the streaming pipeline plugs in behind the same API.
+
+use tokio::sync::mpsc;
+
+use crate::error::StoreError;
+
+/// A cloneable handle that stores records into the pipeline. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (store, mut records) = tributary::Store::<String>::channel(16);
+/// store.store("hello".to_string()).await.unwrap();
+/// store.store_many(["a".to_string(), "b".to_string()]).await.unwrap();
+/// assert_eq!(records.recv().await.as_deref(), Some("hello"));
+/// assert_eq!(records.recv().await.as_deref(), Some("a"));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Store<T> {
+    inner: Inner<T>,
+}
+
+#[derive(Debug)]
+enum Inner<T> {
+    Channel(mpsc::Sender<T>),
+}
+
+impl<T> Clone for Store<T> {
+    fn clone(&self) -> Self {
+        Store {
+            inner: match &self.inner {
+                Inner::Channel(tx) => Inner::Channel(tx.clone()),
+            },
+        }
+    }
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// A store backed by a bounded channel of `capacity` records (at least 1), and the channel's
+    /// receiving end. When the channel is full, `store` waits.
+    pub fn channel(capacity: usize) -> (Store<T>, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Store::from_sender(tx), rx)
+    }
+
+    /// A store backed by an existing bounded channel.
+    pub fn from_sender(sender: mpsc::Sender<T>) -> Store<T> {
+        Store {
+            inner: Inner::Channel(sender),
+        }
+    }
+
+    /// Stores one record, waiting while the pipeline is full.
+    pub async fn store(&self, record: T) -> Result<(), StoreError> {
+        match &self.inner {
+            Inner::Channel(tx) => tx
+                .send(record)
+                .await
+                .map_err(|_| StoreError::Closed { unstored: 1 }),
+        }
+    }
+
+    /// Stores records in order, waiting while the pipeline is full. On error, the records from
+    /// the first unstored one on were not stored (their count is in the error).
+    pub async fn store_many<I>(&self, records: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = T>,
+    {
+        match &self.inner {
+            Inner::Channel(tx) => {
+                let mut records = records.into_iter();
+                while let Some(record) = records.next() {
+                    if tx.send(record).await.is_err() {
+                        return Err(StoreError::Closed {
+                            unstored: 1 + records.count(),
+                        });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the pipeline behind the store has shut down.
+    pub fn is_closed(&self) -> bool {
+        match &self.inner {
+            Inner::Channel(tx) => tx.is_closed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn store_many_reports_how_many_were_not_stored() {
+        let (store, rx) = Store::<u32>::channel(2);
+        drop(rx);
+        assert_eq!(
+            store.store_many([1, 2, 3]).await,
+            Err(StoreError::Closed { unstored: 3 })
+        );
+        assert!(store.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_waits_instead_of_dropping() {
+        let (store, mut rx) = Store::<u32>::channel(1);
+        store.store(1).await.unwrap();
+        let blocked = tokio::time::timeout(std::time::Duration::from_secs(1), store.store(2)).await;
+        assert!(blocked.is_err(), "store must wait while the pipeline is full");
+        assert_eq!(rx.recv().await, Some(1));
+        store.store(3).await.unwrap();
+        assert_eq!(rx.recv().await, Some(3));
+    }
+}

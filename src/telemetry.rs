@@ -1,0 +1,191 @@
+//! Telemetry: metric names and the named events that write them.
+//!
+//! Every supervision decision is one [`SupervisionEvent`]; its [`SupervisionEvent::emit`] writes a
+//! `tracing` line, bumps the metrics below (through the `metrics` facade: install any recorder to
+//! collect them) and publishes the event on the tree's broadcast stream
+//! ([`SupervisorHandle::subscribe`](crate::SupervisorHandle::subscribe)). Events are emitted per
+//! failure or lifecycle change, never per record.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::supervisor::Directive;
+
+/// Counter: supervision decisions, labelled `directive`.
+pub const SUPERVISOR_DECISIONS_TOTAL: &str = "tributary_supervisor_decisions_total";
+/// Counter: in-place restarts that completed (start hook succeeded).
+pub const SUPERVISOR_RESTARTS_TOTAL: &str = "tributary_supervisor_restarts_total";
+/// Counter: restarts refused because the child's restart limit was reached.
+pub const SUPERVISOR_RESTART_LIMIT_EXCEEDED_TOTAL: &str =
+    "tributary_supervisor_restart_limit_exceeded_total";
+/// Counter: children that stopped for good because of a Stop decision.
+pub const SUPERVISOR_CHILDREN_STOPPED_TOTAL: &str = "tributary_supervisor_children_stopped_total";
+
+/// One observable supervision event. Cloned to every subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisionEvent {
+    /// Path of the supervisor whose strategy applies, e.g. `root/ingest`.
+    pub supervisor: Arc<str>,
+    /// Path of the child concerned, e.g. `root/ingest/socket-1`.
+    pub child: Arc<str>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What a [`SupervisionEvent`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// The child started for the first time.
+    Started,
+    /// The child failed and the supervisor's strategy decided.
+    Failed {
+        /// The error's text (`Display`).
+        error: String,
+        /// The decision, after the restart limit was applied.
+        directive: Directive,
+        /// Restarts of this child in the current window, this one included when it is a restart.
+        restarts_in_window: u32,
+        /// Whether a Restart was turned into `directive` because the limit was reached.
+        limit_exceeded: bool,
+    },
+    /// The child's state was rebuilt in place and it is processing messages again.
+    Restarted {
+        /// Restarts of this child in the current window.
+        restarts_in_window: u32,
+        /// `false` when the restart came from a sibling's or ancestor's restart (all-for-one, or
+        /// an escalation decided as Restart higher up): those do not use the child's budget.
+        counted: bool,
+    },
+    /// The child stopped for good; its supervisor recorded the reason.
+    Stopped {
+        /// Why it stopped.
+        reason: String,
+    },
+    /// The child ended on its own, cleanly. Not a failure.
+    Completed,
+    /// The root supervisor ended the tree because a failure escalated to it.
+    TreeFailed {
+        /// The error's text.
+        error: String,
+    },
+}
+
+impl fmt::Display for SupervisionEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            EventKind::Started => write!(f, "{} started", self.child),
+            EventKind::Failed {
+                error,
+                directive,
+                restarts_in_window,
+                limit_exceeded,
+            } => {
+                write!(
+                    f,
+                    "{} failed ({error}) -> {directive} [restarts in window: {restarts_in_window}",
+                    self.child
+                )?;
+                if *limit_exceeded {
+                    f.write_str(", limit exceeded")?;
+                }
+                f.write_str("]")
+            }
+            EventKind::Restarted {
+                restarts_in_window,
+                counted,
+            } => write!(
+                f,
+                "{} restarted [restarts in window: {restarts_in_window}{}]",
+                self.child,
+                if *counted { "" } else { ", uncounted" }
+            ),
+            EventKind::Stopped { reason } => write!(f, "{} stopped: {reason}", self.child),
+            EventKind::Completed => write!(f, "{} completed", self.child),
+            EventKind::TreeFailed { error } => write!(f, "tree {} failed: {error}", self.child),
+        }
+    }
+}
+
+impl SupervisionEvent {
+    /// Writes the `tracing` line and the metrics, then publishes the event on `bus`.
+    pub(crate) fn emit(self, bus: &EventBus) {
+        match &self.kind {
+            EventKind::Started => {
+                tracing::debug!(supervisor = %self.supervisor, child = %self.child, "child started")
+            }
+            EventKind::Failed {
+                error,
+                directive,
+                restarts_in_window,
+                limit_exceeded,
+            } => {
+                metrics::counter!(SUPERVISOR_DECISIONS_TOTAL, "directive" => directive.as_str())
+                    .increment(1);
+                if *limit_exceeded {
+                    metrics::counter!(SUPERVISOR_RESTART_LIMIT_EXCEEDED_TOTAL).increment(1);
+                }
+                match directive {
+                    Directive::Resume => tracing::warn!(
+                        supervisor = %self.supervisor, child = %self.child, %error,
+                        %directive, restarts_in_window, limit_exceeded, "child failed"
+                    ),
+                    _ => tracing::error!(
+                        supervisor = %self.supervisor, child = %self.child, %error,
+                        %directive, restarts_in_window, limit_exceeded, "child failed"
+                    ),
+                }
+            }
+            EventKind::Restarted {
+                restarts_in_window,
+                counted,
+            } => {
+                metrics::counter!(SUPERVISOR_RESTARTS_TOTAL).increment(1);
+                tracing::info!(
+                    supervisor = %self.supervisor, child = %self.child,
+                    restarts_in_window, counted, "child restarted"
+                );
+            }
+            EventKind::Stopped { reason } => {
+                metrics::counter!(SUPERVISOR_CHILDREN_STOPPED_TOTAL).increment(1);
+                tracing::warn!(supervisor = %self.supervisor, child = %self.child, %reason, "child stopped")
+            }
+            EventKind::Completed => {
+                tracing::info!(supervisor = %self.supervisor, child = %self.child, "child completed")
+            }
+            EventKind::TreeFailed { error } => {
+                tracing::error!(root = %self.child, %error, "supervision tree failed")
+            }
+        }
+        bus.publish(self);
+    }
+}
+
+/// The broadcast stream of one supervision tree. A subscriber that falls more than
+/// [`EventBus::CAPACITY`] events behind is told how many it missed
+/// (`broadcast::error::RecvError::Lagged`): events are never dropped silently.
+#[derive(Debug, Clone)]
+pub(crate) struct EventBus {
+    tx: broadcast::Sender<SupervisionEvent>,
+}
+
+impl EventBus {
+    /// Events buffered per subscriber.
+    pub(crate) const CAPACITY: usize = 4096;
+
+    pub(crate) fn new() -> Self {
+        EventBus {
+            tx: broadcast::channel(Self::CAPACITY).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<SupervisionEvent> {
+        self.tx.subscribe()
+    }
+
+    fn publish(&self, event: SupervisionEvent) {
+        // No subscriber is fine: the event was logged and counted.
+        let _ = self.tx.send(event);
+    }
+}

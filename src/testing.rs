@@ -1,0 +1,213 @@
+//! Test helpers: a scriptable receiver ([`Probe`]) and event-stream helpers.
+//!
+//! Used by Tributary's own tests, examples and benchmarks, and available to users who want to
+//! test their supervision trees. `Probe` fails, panics, blocks or completes on command, and
+//! keeps a [`Journal`] of its lifecycle that survives its restarts.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, oneshot};
+
+use crate::error::BoxError;
+use crate::receiver::{Receiver, ReceiverContext};
+use crate::telemetry::SupervisionEvent;
+
+/// What happened to a [`Probe`], across all its incarnations. Shared by clones.
+#[derive(Debug, Clone, Default)]
+pub struct Journal {
+    inner: Arc<JournalInner>,
+}
+
+#[derive(Debug, Default)]
+struct JournalInner {
+    starts: AtomicU64,
+    stops: AtomicU64,
+    fail_next_starts: AtomicU32,
+    log: Mutex<Vec<String>>,
+}
+
+impl Journal {
+    /// A new, empty journal.
+    pub fn new() -> Self {
+        Journal::default()
+    }
+
+    /// Times the start hook succeeded.
+    pub fn starts(&self) -> u64 {
+        self.inner.starts.load(Ordering::SeqCst)
+    }
+
+    /// Times the stop hook ran.
+    pub fn stops(&self) -> u64 {
+        self.inner.stops.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next `n` start hooks fail with [`StartError`].
+    pub fn fail_next_starts(&self, n: u32) {
+        self.inner.fail_next_starts.store(n, Ordering::SeqCst);
+    }
+
+    /// Lifecycle lines (`"start NAME"`, `"stop NAME"`), in order, across every probe sharing
+    /// this journal.
+    pub fn log(&self) -> Vec<String> {
+        self.inner.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn push(&self, line: String) {
+        if let Ok(mut log) = self.inner.log.lock() {
+            log.push(line);
+        }
+    }
+}
+
+/// The error a [`Probe`]'s start hook fails with when told to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("probe start hook failed on purpose")]
+pub struct StartError;
+
+/// A scriptable receiver for tests. It stores the `u64`s it is sent.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    name: String,
+    journal: Journal,
+}
+
+impl Probe {
+    /// A probe named `name` (used in journal lines) writing to `journal`.
+    pub fn new(name: impl Into<String>, journal: Journal) -> Self {
+        Probe {
+            name: name.into(),
+            journal,
+        }
+    }
+}
+
+/// Commands for a [`Probe`].
+#[derive(Debug)]
+pub enum ProbeMsg {
+    /// Count it in the state and store it.
+    Store(u64),
+    /// Fail with this error.
+    Fail(BoxError),
+    /// Panic with this message.
+    Panic(&'static str),
+    /// Wait until the sender is dropped or sends (holds the mailbox while messages queue).
+    Block(oneshot::Receiver<()>),
+    /// Reply with a view of the current state.
+    Get(oneshot::Sender<ProbeView>),
+    /// End cleanly.
+    Finish,
+}
+
+/// A view of a probe's current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeView {
+    /// Which start this state came from (1 = first start, 2 = after one restart, ...).
+    pub incarnation: u64,
+    /// Values stored by this incarnation, in order.
+    pub stored: Vec<u64>,
+}
+
+/// A probe's state.
+#[derive(Debug)]
+pub struct ProbeState {
+    incarnation: u64,
+    stored: Vec<u64>,
+}
+
+impl Receiver for Probe {
+    type Msg = ProbeMsg;
+    type State = ProbeState;
+    type Record = u64;
+
+    async fn pre_start(&self, _ctx: &ReceiverContext<Self>) -> Result<ProbeState, BoxError> {
+        let fail = self
+            .journal
+            .inner
+            .fail_next_starts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(Box::new(StartError));
+        }
+        let incarnation = self.journal.inner.starts.fetch_add(1, Ordering::SeqCst) + 1;
+        self.journal.push(format!("start {}", self.name));
+        Ok(ProbeState {
+            incarnation,
+            stored: Vec::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        ctx: &ReceiverContext<Self>,
+        msg: ProbeMsg,
+        state: &mut ProbeState,
+    ) -> Result<(), BoxError> {
+        match msg {
+            ProbeMsg::Store(v) => {
+                state.stored.push(v);
+                ctx.store(v).await?;
+            }
+            ProbeMsg::Fail(e) => return Err(e),
+            ProbeMsg::Panic(m) => panic!("{m}"),
+            ProbeMsg::Block(rx) => {
+                let _ = rx.await;
+            }
+            ProbeMsg::Get(reply) => {
+                let _ = reply.send(ProbeView {
+                    incarnation: state.incarnation,
+                    stored: state.stored.clone(),
+                });
+            }
+            ProbeMsg::Finish => ctx.stop(),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _ctx: &ReceiverContext<Self>,
+        _state: &mut ProbeState,
+    ) -> Result<(), BoxError> {
+        self.journal.inner.stops.fetch_add(1, Ordering::SeqCst);
+        self.journal.push(format!("stop {}", self.name));
+        Ok(())
+    }
+}
+
+/// Waits (at most `within`) for the next event matching `pred`, skipping others. `None` on
+/// timeout or when the stream ends.
+pub async fn next_event<F>(
+    events: &mut broadcast::Receiver<SupervisionEvent>,
+    within: Duration,
+    mut pred: F,
+) -> Option<SupervisionEvent>
+where
+    F: FnMut(&SupervisionEvent) -> bool,
+{
+    tokio::time::timeout(within, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if pred(&e) => return Some(e),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Asks a probe for its state (at most `within`).
+pub async fn probe_view(
+    probe: &crate::ReceiverRef<ProbeMsg>,
+    within: Duration,
+) -> Option<ProbeView> {
+    let (tx, rx) = oneshot::channel();
+    probe.send(ProbeMsg::Get(tx)).ok()?;
+    tokio::time::timeout(within, rx).await.ok()?.ok()
+}
