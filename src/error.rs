@@ -119,7 +119,8 @@ impl SupervisorError {
     /// as its concrete type `E`, if it is one.
     pub fn downcast_ref<E: StdError + 'static>(&self) -> Option<&E> {
         match self {
-            SupervisorError::Escalated { error, .. } | SupervisorError::StartFailed { error, .. } => {
+            SupervisorError::Escalated { error, .. }
+            | SupervisorError::StartFailed { error, .. } => {
                 let error: &(dyn StdError + 'static) = error.as_ref();
                 error.downcast_ref::<E>()
             }

@@ -1,5 +1,10 @@
 //! Tributary: fault-tolerant stream ingestion.
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
 
 mod error;
 mod receiver;
@@ -7,7 +12,9 @@ mod store;
 pub mod supervisor;
 pub mod telemetry;
 
-pub use error::{BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError};
+pub use error::{
+    BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
+};
 pub use receiver::{Receiver, ReceiverContext, ReceiverRef, ReceiverSpec, SendError};
 pub use store::Store;
 pub use supervisor::{

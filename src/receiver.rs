@@ -86,7 +86,11 @@ impl<R: Receiver> fmt::Debug for ReceiverContext<R> {
 }
 
 impl<R: Receiver> ReceiverContext<R> {
-    pub(crate) fn new(myself: ReceiverRef<R::Msg>, store: Store<R::Record>, path: Arc<str>) -> Self {
+    pub(crate) fn new(
+        myself: ReceiverRef<R::Msg>,
+        store: Store<R::Record>,
+        path: Arc<str>,
+    ) -> Self {
         ReceiverContext {
             myself,
             store,
@@ -146,7 +150,9 @@ impl<M> Clone for ReceiverRef<M> {
 
 impl<M> fmt::Debug for ReceiverRef<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ReceiverRef").field(&self.cell.get_id()).finish()
+        f.debug_tuple("ReceiverRef")
+            .field(&self.cell.get_id())
+            .finish()
     }
 }
 

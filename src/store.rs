@@ -119,7 +119,10 @@ mod tests {
         let (store, mut rx) = Store::<u32>::channel(1);
         store.store(1).await.unwrap();
         let blocked = tokio::time::timeout(std::time::Duration::from_secs(1), store.store(2)).await;
-        assert!(blocked.is_err(), "store must wait while the pipeline is full");
+        assert!(
+            blocked.is_err(),
+            "store must wait while the pipeline is full"
+        );
         assert_eq!(rx.recv().await, Some(1));
         store.store(3).await.unwrap();
         assert_eq!(rx.recv().await, Some(3));

@@ -385,9 +385,8 @@ enum Exit {
     Escalated { child: String, error: SharedError },
 }
 
-type SpawnFn = Box<
-    dyn FnOnce(SpawnCx) -> BoxFuture<'static, Result<ChildEntry, SupervisorError>> + Send,
->;
+type SpawnFn =
+    Box<dyn FnOnce(SpawnCx) -> BoxFuture<'static, Result<ChildEntry, SupervisorError>> + Send>;
 
 /// What a spawn closure gets from the supervisor that runs it.
 pub(crate) struct SpawnCx {
@@ -405,9 +404,14 @@ pub(crate) enum SupervisorMsg {
         reply: oneshot::Sender<Result<(), SupervisorError>>,
     },
     /// A child failed and its decision was Escalate; it is suspended until a verdict.
-    Escalate { child: ActorId, error: BoxError },
+    Escalate {
+        child: ActorId,
+        error: BoxError,
+    },
     /// An all-for-one sibling restarted (counted): restart the others.
-    SiblingRestarted { child: ActorId },
+    SiblingRestarted {
+        child: ActorId,
+    },
     /// From this supervisor's own supervisor.
     Control(Control),
     Children(oneshot::Sender<Vec<ChildInfo>>),
@@ -572,13 +576,25 @@ impl SupState {
             },
             Directive::Stop => {
                 let reason = error.to_string();
-                self.stop_self(myself, Exit::Stopped { reason: reason.clone() }, reason);
+                self.stop_self(
+                    myself,
+                    Exit::Stopped {
+                        reason: reason.clone(),
+                    },
+                    reason,
+                );
             }
             Directive::Escalate => {
                 self.suspended = Some(Suspension::AwaitingVerdict);
                 if !link.escalate(&myself.get_cell(), error) {
                     let reason = "escalated, but the supervisor is gone".to_string();
-                    self.stop_self(myself, Exit::Stopped { reason: reason.clone() }, reason);
+                    self.stop_self(
+                        myself,
+                        Exit::Stopped {
+                            reason: reason.clone(),
+                        },
+                        reason,
+                    );
                 }
             }
         }
@@ -672,7 +688,13 @@ impl Actor for SupervisorActor {
                     Directive::Restart => state.restart_self(&myself, false),
                     Directive::Stop | Directive::Escalate => {
                         let reason = "stopped by its supervisor after an escalation".to_string();
-                        state.stop_self(&myself, Exit::Stopped { reason: reason.clone() }, reason);
+                        state.stop_self(
+                            &myself,
+                            Exit::Stopped {
+                                reason: reason.clone(),
+                            },
+                            reason,
+                        );
                     }
                 }
             }

@@ -62,7 +62,9 @@ pub(crate) struct HostState<R: Receiver> {
     stopped: bool,
 }
 
-async fn catch<T>(fut: impl std::future::Future<Output = Result<T, BoxError>>) -> Result<T, BoxError> {
+async fn catch<T>(
+    fut: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(result) => result,
         Err(payload) => Err(Box::new(PanicError::from_payload(payload))),
@@ -180,7 +182,8 @@ impl<R: Receiver> Actor for ReceiverHost<R> {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let ctx = ReceiverContext::new(ReceiverRef::new(myself), args.store, args.link.path.clone());
+        let ctx =
+            ReceiverContext::new(ReceiverRef::new(myself), args.store, args.link.path.clone());
         let user = catch(self.receiver.pre_start(&ctx)).await?;
         Ok(HostState {
             ctx,
@@ -230,8 +233,11 @@ impl<R: Receiver> Actor for ReceiverHost<R> {
                     Directive::Resume if state.user.is_some() => {}
                     Directive::Resume | Directive::Restart => self.restart_uncounted(state).await,
                     Directive::Stop | Directive::Escalate => {
-                        self.stop_for_good(state, "stopped by its supervisor after an escalation".into())
-                            .await
+                        self.stop_for_good(
+                            state,
+                            "stopped by its supervisor after an escalation".into(),
+                        )
+                        .await
                     }
                 }
                 self.drain_stash(state).await;

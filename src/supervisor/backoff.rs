@@ -93,7 +93,10 @@ mod tests {
         let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.5);
         for _ in 0..1000 {
             let d = b.delay(2);
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(300), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(300),
+                "{d:?}"
+            );
         }
     }
 

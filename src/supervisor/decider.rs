@@ -142,11 +142,7 @@ pub struct Strategy {
 
 impl fmt::Debug for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cases: Vec<_> = self
-            .cases
-            .iter()
-            .map(|c| (c.name, c.directive))
-            .collect();
+        let cases: Vec<_> = self.cases.iter().map(|c| (c.name, c.directive)).collect();
         f.debug_struct("Strategy")
             .field("kind", &self.kind)
             .field("limit", &self.limit)
@@ -309,7 +305,10 @@ impl Strategy {
                 ));
             }
         }
-        if !matches!(self.on_limit_exceeded, Directive::Stop | Directive::Escalate) {
+        if !matches!(
+            self.on_limit_exceeded,
+            Directive::Stop | Directive::Escalate
+        ) {
             return Err(ConfigError::new(
                 "strategy.on_limit_exceeded",
                 "must be Directive::Stop or Directive::Escalate",
