@@ -137,6 +137,7 @@ impl<R: Receiver> ReceiverContext<R> {
 pub struct ReceiverRef<M> {
     actor: ActorRef<host::Envelope<M>>,
     cell: ActorCell,
+    path: Arc<str>,
 }
 
 impl<M> Clone for ReceiverRef<M> {
@@ -144,6 +145,7 @@ impl<M> Clone for ReceiverRef<M> {
         ReceiverRef {
             actor: self.actor.clone(),
             cell: self.cell.clone(),
+            path: self.path.clone(),
         }
     }
 }
@@ -179,9 +181,14 @@ impl<M> SendError<M> {
 }
 
 impl<M: Send + 'static> ReceiverRef<M> {
-    pub(crate) fn new(actor: ActorRef<host::Envelope<M>>) -> Self {
+    pub(crate) fn new(actor: ActorRef<host::Envelope<M>>, path: Arc<str>) -> Self {
         let cell = actor.get_cell();
-        ReceiverRef { actor, cell }
+        ReceiverRef { actor, cell, path }
+    }
+
+    /// The receiver's path in the supervision tree, e.g. `root/ingest/socket-1`.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// Sends a message to the receiver's mailbox (unbounded: carry control messages here, and

@@ -225,14 +225,14 @@ impl SupervisorHandle {
                     .map_err(|e| spawn_error(&path, e))?;
                 let entry = ChildEntry {
                     name: spec.name.into(),
-                    path,
+                    path: path.clone(),
                     kind: ChildKind::Receiver,
                     cell: actor.get_cell(),
                     control: host::control_sender(actor.clone()),
                     shared,
                     status: ChildStatus::Running,
                 };
-                let _ = ref_tx.send(ReceiverRef::new(actor));
+                let _ = ref_tx.send(ReceiverRef::new(actor, path.clone()));
                 Ok(entry)
             })
         });
@@ -406,6 +406,8 @@ pub(crate) enum SupervisorMsg {
     /// A child failed and its decision was Escalate; it is suspended until a verdict.
     Escalate {
         child: ActorId,
+        /// Path of the child where the failure happened (further down, for a nested escalation).
+        origin: Arc<str>,
         error: BoxError,
     },
     /// An all-for-one sibling restarted (counted): restart the others.
@@ -421,7 +423,11 @@ impl fmt::Debug for SupervisorMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SupervisorMsg::Spawn { name, .. } => write!(f, "Spawn({name})"),
-            SupervisorMsg::Escalate { child, error } => write!(f, "Escalate({child}, {error})"),
+            SupervisorMsg::Escalate {
+                child,
+                origin,
+                error,
+            } => write!(f, "Escalate({child}, {origin}, {error})"),
             SupervisorMsg::SiblingRestarted { child } => write!(f, "SiblingRestarted({child})"),
             SupervisorMsg::Control(c) => write!(f, "Control({c:?})"),
             SupervisorMsg::Children(_) => f.write_str("Children"),
@@ -540,7 +546,7 @@ impl SupState {
     }
 
     /// A failure (escalated by a child) that this supervisor now fails with.
-    fn fail(&mut self, myself: &ActorRef<SupervisorMsg>, child_path: Arc<str>, error: BoxError) {
+    fn fail(&mut self, myself: &ActorRef<SupervisorMsg>, origin: Arc<str>, error: BoxError) {
         let Some(link) = self.link.as_mut() else {
             // The root: the tree ends with the error.
             let error: SharedError = Arc::from(error);
@@ -550,11 +556,11 @@ impl SupState {
                     error: error.to_string(),
                 },
             );
-            let reason = format!("failure escalated to the root from {child_path}: {error}");
+            let reason = format!("failure escalated to the root from {origin}: {error}");
             self.stop_self(
                 myself,
                 Exit::Escalated {
-                    child: child_path.to_string(),
+                    child: origin.to_string(),
                     error,
                 },
                 reason,
@@ -586,7 +592,7 @@ impl SupState {
             }
             Directive::Escalate => {
                 self.suspended = Some(Suspension::AwaitingVerdict);
-                if !link.escalate(&myself.get_cell(), error) {
+                if !link.escalate(&myself.get_cell(), error, origin) {
                     let reason = "escalated, but the supervisor is gone".to_string();
                     self.stop_self(
                         myself,
@@ -657,7 +663,11 @@ impl Actor for SupervisorActor {
                     }
                 }
             }
-            SupervisorMsg::Escalate { child, error } => {
+            SupervisorMsg::Escalate {
+                child,
+                origin,
+                error,
+            } => {
                 let Some(entry) = state.child_mut(child) else {
                     return Ok(());
                 };
@@ -671,7 +681,7 @@ impl Actor for SupervisorActor {
                     );
                     return Ok(());
                 }
-                state.fail(&myself, child_path, error);
+                state.fail(&myself, origin, error);
             }
             SupervisorMsg::SiblingRestarted { child } => {
                 if state.strategy.kind() == StrategyKind::AllForOne {

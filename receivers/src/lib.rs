@@ -1,1 +1,17 @@
-//! Built-in receivers.
+//! Built-in receivers for [Tributary](tributary).
+//!
+//! Every receiver here is written against Tributary's public API only, exactly as a user's own
+//! receiver would be: if a built-in receiver needs something, users get it too.
+//!
+//! | receiver | feature | source |
+//! | --- | --- | --- |
+//! | [`publisher::SubscriberReceiver`] | `publisher` | an actor that pushes messages to its subscribers (Spark's `ActorReceiver` / Akka feeder pattern) |
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+#[cfg(feature = "publisher")]
+pub mod publisher;

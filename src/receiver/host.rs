@@ -120,7 +120,11 @@ impl<R: Receiver> ReceiverHost<R> {
                 }
                 Directive::Escalate => {
                     state.suspended = Some(Suspension::AwaitingVerdict);
-                    if !state.link.escalate(state.ctx.myself().cell(), error) {
+                    let origin = state.link.path.clone();
+                    if !state
+                        .link
+                        .escalate(state.ctx.myself().cell(), error, origin)
+                    {
                         self.stop_for_good(state, "escalated, but the supervisor is gone".into())
                             .await;
                     }
@@ -182,8 +186,8 @@ impl<R: Receiver> Actor for ReceiverHost<R> {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let ctx =
-            ReceiverContext::new(ReceiverRef::new(myself), args.store, args.link.path.clone());
+        let path = args.link.path.clone();
+        let ctx = ReceiverContext::new(ReceiverRef::new(myself, path.clone()), args.store, path);
         let user = catch(self.receiver.pre_start(&ctx)).await?;
         Ok(HostState {
             ctx,

@@ -158,10 +158,12 @@ impl ChildLink {
 
     /// Hands `error` to the supervisor, which fails with it. Returns `false` if the supervisor
     /// is gone (the caller then stops).
-    pub(crate) fn escalate(&self, myself: &ActorCell, error: BoxError) -> bool {
+    /// `origin` is the path of the child where the failure happened.
+    pub(crate) fn escalate(&self, myself: &ActorCell, error: BoxError, origin: Arc<str>) -> bool {
         self.parent
             .send_message(SupervisorMsg::Escalate {
                 child: myself.get_id(),
+                origin,
                 error,
             })
             .is_ok()
