@@ -785,29 +785,21 @@ impl Actor for SupervisorActor {
             if state.waiting.contains(&cell.get_id()) {
                 (state.children[i].control)(Control::Verdict(Directive::Stop));
             }
-            match cell
+            // Any other error means it had already stopped.
+            if let Err(ractor::RactorErr::Timeout) = cell
                 .stop_and_wait(Some(reason.clone()), Some(CHILD_STOP_TIMEOUT))
                 .await
             {
-                Err(ractor::RactorErr::Timeout) => {
-                    tracing::warn!(
-                        supervisor = %state.path, child = %state.children[i].path,
-                        "child did not stop in time; killed without its stop hook"
-                    );
-                    cell.kill();
-                }
-                // Already stopped, or stopped now.
-                Ok(()) | Err(_) => {}
+                tracing::warn!(
+                    supervisor = %state.path, child = %state.children[i].path,
+                    "child did not stop in time; killed without its stop hook"
+                );
+                cell.kill();
             }
             state.children[i].status = ChildStatus::Stopped {
                 reason: reason.clone(),
             };
-            state.emit(
-                state.children[i].path.clone(),
-                EventKind::Stopped {
-                    reason: reason.clone(),
-                },
-            );
+            state.emit(state.children[i].path.clone(), EventKind::ShutDown);
         }
         let exit = state.exit_reason.take().unwrap_or(Exit::Shutdown);
         state.exit.send_replace(Some(exit));

@@ -65,6 +65,9 @@ pub enum EventKind {
     },
     /// The child ended on its own, cleanly. Not a failure.
     Completed,
+    /// The child was stopped because its supervisor stopped (shutdown, or a Stop or escalation
+    /// higher up); its stop hook ran.
+    ShutDown,
     /// The root supervisor ended the tree because a failure escalated to it.
     TreeFailed {
         /// The error's text.
@@ -103,6 +106,7 @@ impl fmt::Display for SupervisionEvent {
             ),
             EventKind::Stopped { reason } => write!(f, "{} stopped: {reason}", self.child),
             EventKind::Completed => write!(f, "{} completed", self.child),
+            EventKind::ShutDown => write!(f, "{} shut down with its supervisor", self.child),
             EventKind::TreeFailed { error } => write!(f, "tree {} failed: {error}", self.child),
         }
     }
@@ -153,6 +157,9 @@ impl SupervisionEvent {
             }
             EventKind::Completed => {
                 tracing::info!(supervisor = %self.supervisor, child = %self.child, "child completed")
+            }
+            EventKind::ShutDown => {
+                tracing::debug!(supervisor = %self.supervisor, child = %self.child, "child shut down")
             }
             EventKind::TreeFailed { error } => {
                 tracing::error!(root = %self.child, %error, "supervision tree failed")

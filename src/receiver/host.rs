@@ -80,9 +80,17 @@ impl<R: Receiver> ReceiverHost<R> {
             tracing::error!(child = %state.link.path, "message dropped: receiver has no state");
             return;
         };
-        if let Err(error) = catch(self.receiver.handle(&state.ctx, msg, user)).await {
-            self.on_failure(state, error, true).await;
-        }
+        let outcome = AssertUnwindSafe(self.receiver.handle(&state.ctx, msg, user))
+            .catch_unwind()
+            .await;
+        let error: BoxError = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(payload) => Box::new(PanicError::from_payload(payload)),
+        };
+        // Boxed: the failure path (stop and start hooks, decisions) is cold, and keeping its
+        // futures out of this one keeps the hot path's future small.
+        Box::pin(self.on_failure(state, error, true)).await;
     }
 
     /// Applies the supervisor's decision to a failure, looping while restarts fail in the
@@ -215,7 +223,7 @@ impl<R: Receiver> Actor for ReceiverHost<R> {
                     return Ok(());
                 }
                 if state.link.take_restart_request() {
-                    self.restart_uncounted(state).await;
+                    Box::pin(self.restart_uncounted(state)).await;
                     if state.suspended.is_some() || state.stopped {
                         state.stash.push_back(msg);
                         return Ok(());
