@@ -69,7 +69,12 @@ impl Receiver for LatencyProbe {
         Ok(0)
     }
 
-    async fn handle(&self, _ctx: &ReceiverContext<Self>, msg: Msg, acc: &mut u64) -> Result<(), BoxError> {
+    async fn handle(
+        &self,
+        _ctx: &ReceiverContext<Self>,
+        msg: Msg,
+        acc: &mut u64,
+    ) -> Result<(), BoxError> {
         match msg {
             Msg::Fail => {
                 *self.failed_at.lock().unwrap() = Some(Instant::now());
@@ -81,7 +86,10 @@ impl Receiver for LatencyProbe {
             }
             Msg::Measure => {
                 if let Some(t) = self.failed_at.lock().unwrap().take() {
-                    self.samples.lock().unwrap().push(t.elapsed().as_nanos() as u64);
+                    self.samples
+                        .lock()
+                        .unwrap()
+                        .push(t.elapsed().as_nanos() as u64);
                 }
             }
             Msg::Work(seq) => *acc = acc.wrapping_add(fnv(&RECORD, seq)),
@@ -107,7 +115,12 @@ impl Actor for Bare {
         Ok(0)
     }
 
-    async fn handle(&self, _: ActorRef<Msg>, msg: Msg, acc: &mut u64) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<Msg>,
+        msg: Msg,
+        acc: &mut u64,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             Msg::Work(seq) => *acc = acc.wrapping_add(fnv(&RECORD, seq)),
             Msg::Hold(rx) => {
@@ -123,7 +136,10 @@ impl Actor for Bare {
 }
 
 fn scale() -> f64 {
-    std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0)
+    std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
 }
 
 fn percentiles(name: &str, mut ns: Vec<u64>, extra: serde_json::Value) {
@@ -155,7 +171,10 @@ async fn failure_latency(name: &str, fail: fn() -> Msg, count: usize) {
     let probe = root
         .spawn_receiver(ReceiverSpec::new(
             "probe",
-            LatencyProbe { failed_at: Mutex::new(None), samples: samples.clone() },
+            LatencyProbe {
+                failed_at: Mutex::new(None),
+                samples: samples.clone(),
+            },
             store,
         ))
         .await
@@ -189,7 +208,10 @@ async fn run_supervised(n: u64) -> f64 {
     let probe = root
         .spawn_receiver(ReceiverSpec::new(
             "probe",
-            LatencyProbe { failed_at: Mutex::new(None), samples: Arc::default() },
+            LatencyProbe {
+                failed_at: Mutex::new(None),
+                samples: Arc::default(),
+            },
             store,
         ))
         .await

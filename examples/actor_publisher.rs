@@ -15,7 +15,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tributary::{Directive, ReceiverSpec, Store, Strategy, Supervisor};
 use tributary_receivers::publisher::{PublisherMsg, SubscriberReceiver, Subscribers};
 
-const WORDS: [&str; 8] = ["river", "delta", "spring", "brook", "creek", "fjord", "lake", "rill"];
+const WORDS: [&str; 8] = [
+    "river", "delta", "spring", "brook", "creek", "fjord", "lake", "rill",
+];
 
 /// The feeder's messages: subscriptions, plus its own timer tick.
 enum FeederMsg {
@@ -42,7 +44,11 @@ impl Actor for Feeder {
     type State = FeederState;
     type Arguments = ();
 
-    async fn pre_start(&self, myself: ActorRef<FeederMsg>, _: ()) -> Result<FeederState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<FeederMsg>,
+        _: (),
+    ) -> Result<FeederState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(10), || FeederMsg::Tick);
         Ok(FeederState {
             subscribers: Subscribers::default(),
@@ -70,7 +76,11 @@ impl Actor for Feeder {
         Ok(())
     }
 
-    async fn post_stop(&self, _: ActorRef<FeederMsg>, state: &mut FeederState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<FeederMsg>,
+        state: &mut FeederState,
+    ) -> Result<(), ActorProcessingErr> {
         println!("feeder: pushed {} words", state.pushed);
         Ok(())
     }
@@ -83,7 +93,9 @@ fn seconds_from_args() -> anyhow::Result<u64> {
         (Some("--seconds"), Some(n)) => n
             .parse()
             .map_err(|_| anyhow::anyhow!("--seconds takes a whole number, got {n:?}")),
-        (Some(other), _) => anyhow::bail!("unknown argument {other:?}; usage: actor_publisher [--seconds N]"),
+        (Some(other), _) => {
+            anyhow::bail!("unknown argument {other:?}; usage: actor_publisher [--seconds N]")
+        }
     }
 }
 
@@ -103,9 +115,16 @@ async fn main() -> anyhow::Result<()> {
     let root = Supervisor::start("root", strategy).await?;
     let (store, mut records) = Store::channel(4096);
     let receiver = root
-        .spawn_receiver(ReceiverSpec::new("words", SubscriberReceiver::new(feeder.clone()), store))
+        .spawn_receiver(ReceiverSpec::new(
+            "words",
+            SubscriberReceiver::new(feeder.clone()),
+            store,
+        ))
         .await?;
-    println!("receiver {} subscribed to the feeder; running {seconds} s (Ctrl-C stops)", receiver.path());
+    println!(
+        "receiver {} subscribed to the feeder; running {seconds} s (Ctrl-C stops)",
+        receiver.path()
+    );
 
     let counter = tokio::spawn(async move {
         let mut counts = BTreeMap::<String, u64>::new();

@@ -287,3 +287,21 @@ async fn bad_configuration_is_refused_with_the_setting_named() {
     assert!(dup.to_string().contains("already a child"), "{dup}");
     root.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_child_stuck_in_its_handler_is_killed_after_the_stop_timeout() {
+    let root = Supervisor::start("root", seed_strategy()).await.unwrap();
+    let stuck = spawn_probe(&root, "stuck").await;
+    let fine = spawn_probe(&root, "fine").await;
+    let (_never_released, blocked) = oneshot::channel::<()>();
+    stuck.probe.send(ProbeMsg::Block(blocked)).unwrap();
+    let t0 = tokio::time::Instant::now();
+    root.shutdown().await.unwrap();
+    assert!(t0.elapsed() >= tributary::supervisor::CHILD_STOP_TIMEOUT);
+    assert_eq!(
+        fine.journal.stops(),
+        1,
+        "a well-behaved sibling stopped with its hook"
+    );
+    assert!(!stuck.probe.is_running(), "the stuck child was killed");
+}

@@ -259,6 +259,8 @@ impl<R: Receiver> Actor for ReceiverHost<R> {
                     return Ok(());
                 }
                 state.suspended = None;
+                // A restart requested meanwhile is served by this one.
+                state.link.take_restart_request();
                 match self.start_user(state).await {
                     Ok(()) => state.link.restarted(state.ctx.myself().cell(), true),
                     Err(error) => self.on_failure(state, error, false).await,
