@@ -259,6 +259,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     // Cargo passes `--bench`; ignore arguments.
     let s = scale();
+    // Profiling aid: BENCH_ONLY=bare or BENCH_ONLY=supervised runs just that throughput loop.
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        let n = ((1_000_000.0 * s) as u64).max(10_000);
+        for _ in 0..5 {
+            let rate = if only == "bare" {
+                run_bare(n).await
+            } else {
+                run_supervised(n).await
+            };
+            println!(
+                "{}",
+                json!({ "name": format!("throughput_{only}"), "msgs_per_s": rate.round() })
+            );
+        }
+        return;
+    }
     let restarts = ((20_000.0 * s) as usize).max(1000);
     failure_latency("restart_latency", || Msg::Fail, restarts).await;
     failure_latency("resume_latency", || Msg::FailResumable, restarts).await;

@@ -145,6 +145,11 @@ impl ChildLink {
         }
     }
 
+    /// Whether the supervisor asked for a restart that has not been served yet.
+    pub(crate) fn restart_pending(&self) -> bool {
+        self.shared.restart_epoch.load(Ordering::Acquire) != self.seen_epoch
+    }
+
     /// Whether the supervisor asked for a restart since the last call; consumes the request.
     pub(crate) fn take_restart_request(&mut self) -> bool {
         let epoch = self.shared.restart_epoch.load(Ordering::Acquire);
