@@ -109,6 +109,9 @@
     rust_2018_idioms
 )]
 
+pub mod block;
+#[allow(dead_code)] // wired up by the streaming context (in progress)
+mod block_generator;
 mod error;
 mod receiver;
 mod store;

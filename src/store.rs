@@ -9,8 +9,13 @@
 //! Today a store is backed by a bounded channel that the caller drains ([`Store::channel`]); the
 //! block generator of the streaming pipeline plugs in behind the same API.
 
+use std::sync::Arc;
+
+use bytes::BytesMut;
 use tokio::sync::mpsc;
 
+use crate::block::{encode_framed, Record};
+use crate::block_generator::BlockGenerator;
 use crate::error::StoreError;
 
 /// A cloneable handle that stores records into the pipeline. Cheap to clone.
@@ -33,6 +38,11 @@ pub struct Store<T> {
 #[derive(Debug)]
 enum Inner<T> {
     Channel(mpsc::Sender<T>),
+    #[allow(dead_code)]
+    Blocks {
+        generator: Arc<BlockGenerator>,
+        encode: fn(&T, &mut BytesMut),
+    },
 }
 
 impl<T> Clone for Store<T> {
@@ -40,6 +50,23 @@ impl<T> Clone for Store<T> {
         Store {
             inner: match &self.inner {
                 Inner::Channel(tx) => Inner::Channel(tx.clone()),
+                Inner::Blocks { generator, encode } => Inner::Blocks {
+                    generator: generator.clone(),
+                    encode: *encode,
+                },
+            },
+        }
+    }
+}
+
+#[allow(dead_code)]
+impl<T: Record> Store<T> {
+    /// A store feeding a block generator (the streaming pipeline).
+    pub(crate) fn blocks(generator: Arc<BlockGenerator>) -> Store<T> {
+        Store {
+            inner: Inner::Blocks {
+                generator,
+                encode: encode_framed::<T>,
             },
         }
     }
@@ -67,6 +94,7 @@ impl<T: Send + 'static> Store<T> {
                 .send(record)
                 .await
                 .map_err(|_| StoreError::Closed { unstored: 1 }),
+            Inner::Blocks { generator, encode } => generator.store_iter([record], encode).await,
         }
     }
 
@@ -88,13 +116,16 @@ impl<T: Send + 'static> Store<T> {
                 }
                 Ok(())
             }
+            Inner::Blocks { generator, encode } => generator.store_iter(records, encode).await,
         }
     }
 
-    /// Whether the pipeline behind the store has shut down.
+    /// Whether the pipeline behind the store has shut down (for a block pipeline, this is only
+    /// known at the next `store`).
     pub fn is_closed(&self) -> bool {
         match &self.inner {
             Inner::Channel(tx) => tx.is_closed(),
+            Inner::Blocks { .. } => false,
         }
     }
 }

@@ -1,0 +1,241 @@
+//! The block generator: turns a receiver's stored records into blocks.
+//!
+//! ```text
+//!  store(r) ──encode──► buffer ──cut (every block interval, or at max_block_bytes)──► queue ──► pusher
+//!                                                                       (bounded: full ⇒ store waits)
+//! ```
+//!
+//! Invariants: records are encoded exactly once, in the order they were stored; blocks of one
+//! receiver are cut and queued in sequence order (one lock covers encode, cut and enqueue);
+//! nothing is dropped: when the queue is full, `store` waits (backpressure), and when the
+//! pipeline has shut down, `store` fails with [`StoreError::Closed`]. An optional rate limit
+//! paces `store` to at most N records per second.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, Mutex};
+use tokio::time::Instant;
+
+use crate::block::{Block, BlockId};
+use crate::error::StoreError;
+
+/// Buffered records of one receiver, and the queue of cut blocks.
+#[derive(Debug)]
+pub(crate) struct BlockGenerator {
+    stream: u32,
+    max_block_bytes: usize,
+    rate: Option<f64>,
+    state: Mutex<GenState>,
+}
+
+#[derive(Debug)]
+struct GenState {
+    buf: BytesMut,
+    records: u32,
+    next_seq: u64,
+    tx: Option<mpsc::Sender<Block>>,
+    started: Instant,
+    stored_total: u64,
+}
+
+impl BlockGenerator {
+    /// A generator for `stream` and the receiving end of its block queue.
+    pub(crate) fn new(
+        stream: u32,
+        max_block_bytes: usize,
+        queue_blocks: usize,
+        rate: Option<f64>,
+    ) -> (BlockGenerator, mpsc::Receiver<Block>) {
+        let (tx, rx) = mpsc::channel(queue_blocks.max(1));
+        let gen = BlockGenerator {
+            stream,
+            max_block_bytes: max_block_bytes.max(64),
+            rate,
+            state: Mutex::new(GenState {
+                buf: BytesMut::with_capacity(max_block_bytes.min(1 << 20)),
+                records: 0,
+                next_seq: 0,
+                tx: Some(tx),
+                started: Instant::now(),
+                stored_total: 0,
+            }),
+        };
+        (gen, rx)
+    }
+
+    /// Encodes each record with `encode` (framing included) and queues full blocks. Waits while
+    /// the queue is full or the rate limit requires it.
+    pub(crate) async fn store_iter<I, F>(&self, records: I, mut encode: F) -> Result<(), StoreError>
+    where
+        I: IntoIterator,
+        F: FnMut(&I::Item, &mut BytesMut),
+    {
+        let mut records = records.into_iter();
+        let mut st = self.state.lock().await;
+        if st.tx.is_none() {
+            return Err(StoreError::Closed {
+                unstored: records.count(),
+            });
+        }
+        while let Some(record) = records.next() {
+            if let Some(rate) = self.rate {
+                // Token bucket with a burst of one second's worth.
+                let allowed = (st.started.elapsed().as_secs_f64() + 1.0) * rate;
+                if st.stored_total as f64 >= allowed {
+                    let wait = (st.stored_total as f64 + 1.0 - allowed) / rate;
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                }
+            }
+            encode(&record, &mut st.buf);
+            st.records += 1;
+            st.stored_total += 1;
+            if st.buf.len() >= self.max_block_bytes {
+                if let Err(lost) = self.cut_and_send(&mut st).await {
+                    return Err(StoreError::Closed {
+                        unstored: lost + records.count(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts whatever is buffered into a block and queues it (the block-interval timer, and
+    /// shutdown). Returns `false` if the pipeline has shut down.
+    pub(crate) async fn flush(&self) -> bool {
+        let mut st = self.state.lock().await;
+        st.tx.is_some() && self.cut_and_send(&mut st).await.is_ok()
+    }
+
+    /// Flushes, then closes the queue: the pusher ends once it has pushed every block. Later
+    /// stores fail with [`StoreError::Closed`].
+    pub(crate) async fn close(&self) {
+        let mut st = self.state.lock().await;
+        if st.tx.is_some() {
+            let _ = self.cut_and_send(&mut st).await;
+        }
+        st.tx = None;
+    }
+
+    /// On error, returns how many records were lost from the buffer (they were not stored).
+    async fn cut_and_send(&self, st: &mut GenState) -> Result<(), usize> {
+        if st.records == 0 {
+            return Ok(());
+        }
+        let data = st.buf.split().freeze();
+        let records = std::mem::take(&mut st.records);
+        let block = Block {
+            id: BlockId {
+                stream: self.stream,
+                seq: st.next_seq,
+            },
+            created: SystemTime::now(),
+            records,
+            data,
+        };
+        st.next_seq += 1;
+        let Some(tx) = st.tx.as_ref() else {
+            return Err(records as usize);
+        };
+        if let Err(e) = tx.send(block).await {
+            st.tx = None;
+            return Err(e.0.records as usize);
+        }
+        st.buf.reserve(self.max_block_bytes.min(1 << 20));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::encode_framed;
+
+    async fn store_str(g: &BlockGenerator, s: &str) -> Result<(), StoreError> {
+        g.store_iter([s.to_string()], encode_framed).await
+    }
+
+    #[tokio::test]
+    async fn cuts_at_the_size_cap_and_on_flush_in_sequence_order() {
+        let (g, mut rx) = BlockGenerator::new(3, 64, 16, None);
+        for i in 0..20 {
+            store_str(&g, &format!("record-{i:02}")).await.unwrap(); // 4 + 9 bytes each
+        }
+        assert!(g.flush().await);
+        let mut blocks = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            blocks.push(b);
+        }
+        let seqs: Vec<u64> = blocks.iter().map(|b| b.id.seq).collect();
+        assert_eq!(seqs, (0..blocks.len() as u64).collect::<Vec<_>>());
+        let all: Vec<String> = blocks
+            .iter()
+            .flat_map(|b| b.decode::<String>().unwrap())
+            .collect();
+        assert_eq!(
+            all,
+            (0..20)
+                .map(|i| format!("record-{i:02}"))
+                .collect::<Vec<_>>()
+        );
+        assert!(blocks.iter().all(|b| b.id.stream == 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_makes_store_wait_and_nothing_is_dropped() {
+        let (g, mut rx) = BlockGenerator::new(0, 64, 1, None);
+        let g = std::sync::Arc::new(g);
+        let writer = {
+            let g = g.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    store_str(&g, &format!("{i:060}")).await.unwrap(); // one block each
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !writer.is_finished(),
+            "store must wait while the queue is full"
+        );
+        let mut got = 0;
+        while got < 100 {
+            let b = rx.recv().await.unwrap();
+            got += b.records;
+        }
+        writer.await.unwrap();
+        assert_eq!(got, 100);
+    }
+
+    #[tokio::test]
+    async fn store_after_close_fails_with_closed() {
+        let (g, mut rx) = BlockGenerator::new(0, 1024, 4, None);
+        store_str(&g, "kept").await.unwrap();
+        g.close().await;
+        assert_eq!(
+            rx.recv().await.unwrap().decode::<String>().unwrap(),
+            ["kept"]
+        );
+        assert!(rx.recv().await.is_none());
+        assert_eq!(
+            store_str(&g, "late").await,
+            Err(StoreError::Closed { unstored: 1 })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_paces_stores() {
+        let (g, _rx) = BlockGenerator::new(0, 1 << 20, 4, Some(100.0));
+        let t0 = Instant::now();
+        for _ in 0..300 {
+            store_str(&g, "x").await.unwrap();
+        }
+        // 100 of burst, then 200 more at 100/s.
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100),
+            "{took:?}"
+        );
+    }
+}
