@@ -110,8 +110,10 @@
 )]
 
 pub mod block;
-#[allow(dead_code)] // wired up by the streaming context (in progress)
 mod block_generator;
+#[allow(dead_code)] // wired up by the streaming context (in progress)
+#[allow(dead_code)] // wired up by the streaming context (in progress)
+mod block_manager;
 mod error;
 mod receiver;
 mod store;

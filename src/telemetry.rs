@@ -196,3 +196,12 @@ impl EventBus {
         let _ = self.tx.send(event);
     }
 }
+
+/// Counter: blocks lost because no replica survived.
+pub const BLOCKS_LOST_TOTAL: &str = "tributary_blocks_lost_total";
+/// Counter: records in lost blocks.
+pub const RECORDS_LOST_TOTAL: &str = "tributary_records_lost_total";
+/// Counter: block replicas re-created after a worker died.
+pub const BLOCKS_REREPLICATED_TOTAL: &str = "tributary_blocks_rereplicated_total";
+/// Counter: workers lost.
+pub const WORKERS_LOST_TOTAL: &str = "tributary_workers_lost_total";
