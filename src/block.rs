@@ -156,7 +156,6 @@ impl Record for u64 {
 }
 
 /// Appends one framed record to a block buffer.
-#[allow(dead_code)]
 pub(crate) fn encode_framed<T: Record>(record: &T, out: &mut BytesMut) {
     let at = out.len();
     out.put_u32_le(0);

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::block::{Block, BlockId};
 
 /// A worker's index.
-pub type WorkerId = usize;
+pub(crate) type WorkerId = usize;
 
 /// Errors of the block manager.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,6 +279,18 @@ impl BlockManager {
             .get(&id)
             .map(|m| m.replicas.clone())
             .unwrap_or_default()
+    }
+
+    /// Replica locations of every tracked block, in id order.
+    pub(crate) fn all_locations(&self) -> Vec<(BlockId, Vec<WorkerId>)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .meta
+            .iter()
+            .map(|(id, m)| (*id, m.replicas.clone()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
     }
 
     /// Reads `id` from worker `w`, if it holds it.

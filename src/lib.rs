@@ -109,23 +109,29 @@
     rust_2018_idioms
 )]
 
+pub mod batch;
 pub mod block;
 mod block_generator;
-#[allow(dead_code)] // wired up by the streaming context (in progress)
-#[allow(dead_code)] // wired up by the streaming context (in progress)
 mod block_manager;
+mod context;
 mod error;
 mod receiver;
 mod store;
+mod stream;
 pub mod supervisor;
 pub mod telemetry;
 pub mod testing;
 
+pub use batch::{Batch, BatchError, BatchId, BatchInfo};
+pub use block::{Block, BlockId, DecodeError, Record};
+pub use block_manager::BlockError;
+pub use context::{ContextError, OnBatchFailure, StreamingContext, StreamingContextBuilder};
 pub use error::{
     BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
 };
 pub use receiver::{Receiver, ReceiverContext, ReceiverRef, ReceiverSpec, SendError};
 pub use store::Store;
+pub use stream::DStream;
 pub use supervisor::{
     Backoff, ChildInfo, ChildKind, ChildStatus, Directive, RestartLimit, Strategy, StrategyKind,
     Supervisor, SupervisorHandle, SupervisorSpec,

@@ -38,7 +38,7 @@ pub struct Store<T> {
 #[derive(Debug)]
 enum Inner<T> {
     Channel(mpsc::Sender<T>),
-    #[allow(dead_code)]
+
     Blocks {
         generator: Arc<BlockGenerator>,
         encode: fn(&T, &mut BytesMut),
@@ -59,7 +59,6 @@ impl<T> Clone for Store<T> {
     }
 }
 
-#[allow(dead_code)]
 impl<T: Record> Store<T> {
     /// A store feeding a block generator (the streaming pipeline).
     pub(crate) fn blocks(generator: Arc<BlockGenerator>) -> Store<T> {

@@ -322,6 +322,21 @@ impl SupervisorHandle {
             .map_err(|_| SupervisorError::NotRunning(self.path.to_string()))
     }
 
+    /// Restarts the running child `name` in place (its stop hook, then its start hook; its
+    /// mailbox is kept), without using its restart budget: for an operator, or when the
+    /// resource a receiver is placed on goes away. Returns whether such a child was running.
+    pub async fn restart_child(&self, name: &str) -> Result<bool, SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.actor
+            .send_message(SupervisorMsg::RestartChild {
+                name: name.to_string(),
+                reply,
+            })
+            .map_err(|_| SupervisorError::NotRunning(self.path.to_string()))?;
+        rx.await
+            .map_err(|_| SupervisorError::NotRunning(self.path.to_string()))
+    }
+
     /// Stops this supervisor: its children first (youngest first, each with its stop hook),
     /// then itself. Returns how the supervisor ended: `Ok(())` for this shutdown, or the error
     /// that had already ended it (e.g. [`SupervisorError::Escalated`]).
@@ -417,6 +432,10 @@ pub(crate) enum SupervisorMsg {
     /// From this supervisor's own supervisor.
     Control(Control),
     Children(oneshot::Sender<Vec<ChildInfo>>),
+    RestartChild {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 impl fmt::Debug for SupervisorMsg {
@@ -431,6 +450,7 @@ impl fmt::Debug for SupervisorMsg {
             SupervisorMsg::SiblingRestarted { child } => write!(f, "SiblingRestarted({child})"),
             SupervisorMsg::Control(c) => write!(f, "Control({c:?})"),
             SupervisorMsg::Children(_) => f.write_str("Children"),
+            SupervisorMsg::RestartChild { name, .. } => write!(f, "RestartChild({name})"),
         }
     }
 }
@@ -725,6 +745,17 @@ impl Actor for SupervisorActor {
             }
             SupervisorMsg::Children(reply) => {
                 let _ = reply.send(state.children.iter().map(ChildEntry::info).collect());
+            }
+            SupervisorMsg::RestartChild { name, reply } => {
+                let found = state
+                    .children
+                    .iter()
+                    .find(|c| *c.name == *name && c.status == ChildStatus::Running);
+                if let Some(child) = found {
+                    child.shared.restart_epoch.fetch_add(1, Ordering::AcqRel);
+                    (child.control)(Control::Restart);
+                }
+                let _ = reply.send(found.is_some());
             }
         }
         Ok(())

@@ -205,3 +205,9 @@ pub const RECORDS_LOST_TOTAL: &str = "tributary_records_lost_total";
 pub const BLOCKS_REREPLICATED_TOTAL: &str = "tributary_blocks_rereplicated_total";
 /// Counter: workers lost.
 pub const WORKERS_LOST_TOTAL: &str = "tributary_workers_lost_total";
+/// Counter: batches completed (or failed).
+pub const BATCHES_TOTAL: &str = "tributary_batches_total";
+/// Counter: batches that failed.
+pub const BATCHES_FAILED_TOTAL: &str = "tributary_batches_failed_total";
+/// Counter: records in completed batches.
+pub const BATCH_RECORDS_TOTAL: &str = "tributary_batch_records_total";

@@ -6,6 +6,7 @@
 //! | receiver | feature | source |
 //! | --- | --- | --- |
 //! | [`publisher::SubscriberReceiver`] | `publisher` | an actor that pushes messages to its subscribers (Spark's `ActorReceiver` / Akka feeder pattern) |
+//! | [`synthetic::SyntheticReceiver`] | `synthetic` | generated 100-byte text records with sequence numbers and timestamps |
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -15,3 +16,6 @@
 
 #[cfg(feature = "publisher")]
 pub mod publisher;
+
+#[cfg(feature = "synthetic")]
+pub mod synthetic;

@@ -1,0 +1,340 @@
+//! Batches and the executors that run them.
+//!
+//! ```text
+//!  every batch interval: blocks acknowledged since the last batch ──► Batch (id = batch time)
+//!  batches run in order; within a batch, one task per block:
+//!     task ──► an executor whose worker holds a replica of the block
+//!              └─ executor dies (panic) or lost its replica ──► retried on another executor
+//!                 holding a replica, up to `task_attempts` (default 4), then the batch fails
+//! ```
+//!
+//! Executors are receivers under a supervisor (Restart on any failure), so a task that panics
+//! restarts its executor in place; the scheduler sees the task's reply dropped and retries it.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+
+use crate::block::{Block, BlockId};
+use crate::block_manager::{BlockManager, WorkerId};
+use crate::error::BoxError;
+use crate::receiver::{Receiver, ReceiverContext, ReceiverRef};
+
+/// A batch's id: its batch time, in milliseconds since the Unix epoch. Batch ids increase with
+/// time and never repeat within a context, so output keyed by batch id can be idempotent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchId(pub u64);
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "batch-{}", self.0)
+    }
+}
+
+/// The records of one batch, as given to [`DStream::for_each_batch`](crate::DStream::for_each_batch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch<T> {
+    /// The batch id (its batch time in ms since the Unix epoch).
+    pub id: BatchId,
+    /// The batch time: the end of the interval whose blocks form this batch.
+    pub time: SystemTime,
+    /// The records, in block order (blocks in stream and sequence order).
+    pub records: Vec<T>,
+}
+
+/// What happened to one batch, reported to [`StreamingContext::subscribe_batches`](crate::StreamingContext::subscribe_batches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// The batch id.
+    pub id: BatchId,
+    /// Records in the batch's blocks.
+    pub records: u64,
+    /// Blocks in the batch.
+    pub blocks: usize,
+    /// Blocks of this batch that were lost (no replica survived) and records in them.
+    pub lost_blocks: usize,
+    /// Records in lost blocks.
+    pub lost_records: u64,
+    /// From the batch time to the start of processing.
+    pub scheduling_delay: Duration,
+    /// From the start to the end of processing.
+    pub processing_time: Duration,
+    /// From the batch time to the end of processing.
+    pub total_delay: Duration,
+    /// Task attempts that had to be retried (executor died, replica gone).
+    pub task_retries: u32,
+    /// Why the batch failed, if it did.
+    pub failed: Option<String>,
+}
+
+/// Errors of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// A task failed on every attempt.
+    #[error("task for {block} failed after {attempts} attempts: {last_error}")]
+    TaskFailed {
+        /// The block of the task.
+        block: BlockId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last_error: String,
+    },
+    /// The output function failed or panicked.
+    #[error("output operation failed: {0}")]
+    Output(String),
+    /// No executor is running.
+    #[error("no executor is running")]
+    NoExecutor,
+}
+
+/// The work of one task: runs over a block and returns a partial result.
+pub(crate) type TaskFn = Arc<dyn Fn(&Block) -> Result<Box<dyn Any + Send>, BoxError> + Send + Sync>;
+
+/// Why a task attempt did not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AttemptError {
+    #[error("executor's worker does not hold the block")]
+    NotLocal,
+    #[error("executor died while running the task")]
+    ExecutorDied,
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub(crate) enum ExecMsg {
+    Run {
+        block: BlockId,
+        work: TaskFn,
+        reply: oneshot::Sender<Result<Box<dyn Any + Send>, AttemptError>>,
+    },
+}
+
+/// An executor: runs tasks over blocks held by its worker.
+pub(crate) struct Executor {
+    pub(crate) worker: WorkerId,
+    pub(crate) blocks: BlockManager,
+}
+
+impl Receiver for Executor {
+    type Msg = ExecMsg;
+    type State = u64;
+    type Record = ();
+
+    async fn pre_start(&self, _ctx: &ReceiverContext<Self>) -> Result<u64, BoxError> {
+        Ok(0)
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &ReceiverContext<Self>,
+        msg: ExecMsg,
+        done: &mut u64,
+    ) -> Result<(), BoxError> {
+        let ExecMsg::Run { block, work, reply } = msg;
+        let Some(block) = self.blocks.get_from(self.worker, block).await else {
+            let _ = reply.send(Err(AttemptError::NotLocal));
+            return Ok(());
+        };
+        // A panic in `work` unwinds through here: `reply` is dropped (the scheduler retries
+        // elsewhere) and the supervisor restarts this executor in place.
+        let result = work(&block).map_err(|e| AttemptError::Failed(e.to_string()));
+        *done += 1;
+        let _ = reply.send(result);
+        Ok(())
+    }
+}
+
+/// The executors of a context and the policy to run tasks on them.
+#[derive(Clone)]
+pub(crate) struct TaskRunner {
+    pub(crate) executors: Arc<Vec<(WorkerId, ReceiverRef<ExecMsg>)>>,
+    pub(crate) blocks: BlockManager,
+    pub(crate) attempts: u32,
+    next: Arc<AtomicUsize>,
+}
+
+/// Output of running one stream's tasks over a batch.
+pub(crate) struct TaskOutputs {
+    /// Partial results, in block order (lost blocks omitted).
+    pub(crate) parts: Vec<Box<dyn Any + Send>>,
+    pub(crate) lost: Vec<BlockId>,
+    pub(crate) retries: u32,
+}
+
+impl TaskRunner {
+    pub(crate) fn new(
+        executors: Vec<(WorkerId, ReceiverRef<ExecMsg>)>,
+        blocks: BlockManager,
+        attempts: u32,
+    ) -> Self {
+        TaskRunner {
+            executors: Arc::new(executors),
+            blocks,
+            attempts,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Runs `work` over every block (concurrently across executors).
+    pub(crate) async fn run(
+        &self,
+        blocks: &[BlockId],
+        work: TaskFn,
+    ) -> Result<TaskOutputs, BatchError> {
+        let futures = blocks.iter().map(|b| self.run_one(*b, work.clone()));
+        let results = futures::future::join_all(futures).await;
+        let mut out = TaskOutputs {
+            parts: Vec::with_capacity(blocks.len()),
+            lost: Vec::new(),
+            retries: 0,
+        };
+        for (block, r) in blocks.iter().zip(results) {
+            let (part, retries) = r?;
+            out.retries += retries;
+            match part {
+                Some(p) => out.parts.push(p),
+                None => out.lost.push(*block),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One task with retries. `Ok(None)`: the block has no replica left (lost, reported).
+    async fn run_one(
+        &self,
+        block: BlockId,
+        work: TaskFn,
+    ) -> Result<(Option<Box<dyn Any + Send>>, u32), BatchError> {
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = String::from("not attempted");
+        for attempt in 0..self.attempts {
+            let locations = self.blocks.locations(block);
+            if locations.is_empty() {
+                return Ok((None, attempt));
+            }
+            let Some(exec) = self.pick(&locations, &tried) else {
+                return Err(BatchError::NoExecutor);
+            };
+            tried.push(exec);
+            let (tx, rx) = oneshot::channel();
+            let msg = ExecMsg::Run {
+                block,
+                work: work.clone(),
+                reply: tx,
+            };
+            if self.executors[exec].1.send(msg).is_err() {
+                last_error = "executor has stopped".into();
+                continue;
+            }
+            match rx.await {
+                Ok(Ok(part)) => return Ok((Some(part), attempt)),
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = AttemptError::ExecutorDied.to_string(),
+            }
+            tracing::warn!(%block, attempt = attempt + 1, error = %last_error, "task attempt failed; retrying");
+        }
+        Err(BatchError::TaskFailed {
+            block,
+            attempts: self.attempts,
+            last_error,
+        })
+    }
+
+    /// A running executor whose worker holds a replica, preferring ones not tried yet;
+    /// round-robin among equals.
+    fn pick(&self, locations: &[WorkerId], tried: &[usize]) -> Option<usize> {
+        let n = self.executors.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let order = (0..n).map(|i| (start + i) % n);
+        let running = |e: &usize| self.executors[*e].1.is_running();
+        let local = |e: &usize| locations.contains(&self.executors[*e].0);
+        order
+            .clone()
+            .find(|e| running(e) && local(e) && !tried.contains(e))
+            .or_else(|| order.clone().find(|e| running(e) && local(e)))
+            .or_else(|| order.clone().find(|e| running(e) && !tried.contains(e)))
+            .or_else(|| order.clone().find(running))
+    }
+}
+
+/// Blocks of one batch, per stream, in sequence order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BatchBlocks {
+    pub(crate) by_stream: BTreeMap<u32, Vec<(BlockId, u32)>>,
+}
+
+impl BatchBlocks {
+    pub(crate) fn ids(&self, stream: u32) -> Vec<BlockId> {
+        self.by_stream
+            .get(&stream)
+            .map(|v| v.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn all_ids(&self) -> Vec<BlockId> {
+        self.by_stream
+            .values()
+            .flatten()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(crate) fn records(&self) -> u64 {
+        self.by_stream
+            .values()
+            .flatten()
+            .map(|(_, r)| u64::from(*r))
+            .sum()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_stream.values().map(Vec::len).sum()
+    }
+}
+
+/// Everything an output operation needs to run over one batch.
+#[derive(Clone)]
+pub(crate) struct BatchRun {
+    pub(crate) id: BatchId,
+    pub(crate) time: SystemTime,
+    pub(crate) blocks: Arc<BatchBlocks>,
+    pub(crate) runner: TaskRunner,
+    pub(crate) stats: Arc<std::sync::Mutex<RunStats>>,
+}
+
+/// Accumulated over the output operations of one batch.
+#[derive(Debug, Default)]
+pub(crate) struct RunStats {
+    pub(crate) lost: Vec<BlockId>,
+    pub(crate) retries: u32,
+}
+
+impl BatchRun {
+    /// Runs `work` over the blocks of `stream`, recording lost blocks and retries.
+    pub(crate) async fn tasks(
+        &self,
+        stream: u32,
+        work: TaskFn,
+    ) -> Result<Vec<Box<dyn Any + Send>>, BatchError> {
+        let ids = self.blocks.ids(stream);
+        let out = self.runner.run(&ids, work).await?;
+        if let Ok(mut s) = self.stats.lock() {
+            for id in out.lost {
+                if !s.lost.contains(&id) {
+                    s.lost.push(id);
+                }
+            }
+            s.retries += out.retries;
+        }
+        Ok(out.parts)
+    }
+}

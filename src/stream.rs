@@ -1,0 +1,321 @@
+//! Streams: the user's computation over batches.
+//!
+//! A [`DStream<T>`] describes how to compute, for every batch, a collection of `T`s. A stream
+//! straight from a receiver is *narrow*: its records are computed per block, in tasks on the
+//! executors, and `map`, `filter` and `flat_map` stay narrow (they are fused into the same
+//! per-block pass, record by record, with no intermediate collection). `count` and
+//! `reduce_by_key` aggregate: each task returns a partial result for its block, and the
+//! partials are merged. [`DStream::for_each_batch`] is the output operation: it registers a
+//! function that receives each batch's records, in order, once per batch.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::batch::{Batch, BatchError, BatchRun, TaskFn};
+use crate::block::{Block, Record};
+use crate::error::BoxError;
+
+type Narrow<T> = Arc<dyn Fn(&Block, &mut dyn FnMut(T)) -> Result<(), BoxError> + Send + Sync>;
+type Whole<T> =
+    Arc<dyn Fn(BatchRun) -> BoxFuture<'static, Result<Vec<T>, BatchError>> + Send + Sync>;
+
+enum Plan<T> {
+    /// Computed per block, in tasks.
+    Narrow(Narrow<T>),
+    /// Computed for the whole batch (after an aggregation).
+    Whole(Whole<T>),
+}
+
+impl<T> Clone for Plan<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Plan::Narrow(f) => Plan::Narrow(f.clone()),
+            Plan::Whole(f) => Plan::Whole(f.clone()),
+        }
+    }
+}
+
+pub(crate) type OutputFn =
+    Arc<dyn Fn(BatchRun) -> BoxFuture<'static, Result<(), BatchError>> + Send + Sync>;
+
+/// Where a stream registers its output operations.
+pub(crate) trait OutputRegistry: Send + Sync {
+    fn register(&self, output: OutputFn) -> Result<(), crate::context::ContextError>;
+}
+
+/// A stream of records, computed batch by batch. Cheap to clone.
+pub struct DStream<T> {
+    stream: u32,
+    plan: Plan<T>,
+    outputs: Arc<dyn OutputRegistry>,
+}
+
+impl<T> Clone for DStream<T> {
+    fn clone(&self) -> Self {
+        DStream {
+            stream: self.stream,
+            plan: self.plan.clone(),
+            outputs: self.outputs.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for DStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.plan {
+            Plan::Narrow(_) => "per-block",
+            Plan::Whole(_) => "aggregated",
+        };
+        f.debug_struct("DStream")
+            .field("stream", &self.stream)
+            .field("plan", &kind)
+            .finish()
+    }
+}
+
+fn panic_message(p: Box<dyn Any + Send>) -> String {
+    crate::error::PanicError::from_payload(p).to_string()
+}
+
+impl<T: Send + 'static> DStream<T> {
+    /// The stream of decoded records of receiver stream `stream`.
+    pub(crate) fn source(stream: u32, outputs: Arc<dyn OutputRegistry>) -> DStream<T>
+    where
+        T: Record,
+    {
+        let decode: Narrow<T> = Arc::new(|block: &Block, out: &mut dyn FnMut(T)| {
+            for payload in block.payloads() {
+                out(T::decode(payload?)?);
+            }
+            Ok(())
+        });
+        DStream {
+            stream,
+            plan: Plan::Narrow(decode),
+            outputs,
+        }
+    }
+
+    fn with_plan<U>(&self, plan: Plan<U>) -> DStream<U> {
+        DStream {
+            stream: self.stream,
+            plan,
+            outputs: self.outputs.clone(),
+        }
+    }
+
+    /// Applies `f` to every record.
+    pub fn map<U, F>(&self, f: F) -> DStream<U>
+    where
+        U: Send + 'static,
+        F: Fn(T) -> U + Send + Sync + 'static,
+    {
+        self.flat_map_with(move |t, out| out(f(t)))
+    }
+
+    /// Keeps the records for which `f` holds.
+    pub fn filter<F>(&self, f: F) -> DStream<T>
+    where
+        F: Fn(&T) -> bool + Send + Sync + 'static,
+    {
+        self.flat_map_with(move |t, out| {
+            if f(&t) {
+                out(t)
+            }
+        })
+    }
+
+    /// Replaces every record by the records `f` returns.
+    pub fn flat_map<U, I, F>(&self, f: F) -> DStream<U>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U>,
+        F: Fn(T) -> I + Send + Sync + 'static,
+    {
+        self.flat_map_with(move |t, out| {
+            for u in f(t) {
+                out(u)
+            }
+        })
+    }
+
+    /// The most general narrow operation: `f` gets each record and a sink for any number of
+    /// outputs (no intermediate collection; the fastest way to split records).
+    pub fn flat_map_with<U, F>(&self, f: F) -> DStream<U>
+    where
+        U: Send + 'static,
+        F: Fn(T, &mut dyn FnMut(U)) + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        match &self.plan {
+            Plan::Narrow(parent) => {
+                let parent = parent.clone();
+                self.with_plan(Plan::Narrow(Arc::new(move |block, out| {
+                    parent(block, &mut |t| f(t, out))
+                })))
+            }
+            Plan::Whole(parent) => {
+                let parent = parent.clone();
+                self.with_plan(Plan::Whole(Arc::new(move |run| {
+                    let parent = parent.clone();
+                    let f = f.clone();
+                    async move {
+                        let mut out = Vec::new();
+                        for t in parent(run).await? {
+                            f(t, &mut |u| out.push(u));
+                        }
+                        Ok(out)
+                    }
+                    .boxed()
+                })))
+            }
+        }
+    }
+
+    /// Runs `fold` over each block's records in its task (starting from `init()`), then
+    /// combines the partials with `merge`. The building block of `count` and `reduce_by_key`.
+    pub fn aggregate<A, I, F, M>(&self, init: I, fold: F, merge: M) -> DStream<A>
+    where
+        A: Send + 'static,
+        I: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, T) + Send + Sync + 'static,
+        M: Fn(A, A) -> A + Send + Sync + 'static,
+    {
+        let (init, fold, merge) = (Arc::new(init), Arc::new(fold), Arc::new(merge));
+        let stream = self.stream;
+        match &self.plan {
+            Plan::Narrow(parent) => {
+                let parent = parent.clone();
+                let task_init = init.clone();
+                let work: TaskFn = Arc::new(move |block| {
+                    let mut acc = task_init();
+                    parent(block, &mut |t| fold(&mut acc, t))?;
+                    Ok(Box::new(acc) as Box<dyn Any + Send>)
+                });
+                self.with_plan(Plan::Whole(Arc::new(move |run| {
+                    let (work, init, merge) = (work.clone(), init.clone(), merge.clone());
+                    async move {
+                        let parts = run.tasks(stream, work).await?;
+                        let mut acc = init();
+                        for p in parts {
+                            if let Ok(p) = p.downcast::<A>() {
+                                acc = merge(acc, *p);
+                            }
+                        }
+                        Ok(vec![acc])
+                    }
+                    .boxed()
+                })))
+            }
+            Plan::Whole(parent) => {
+                let parent = parent.clone();
+                self.with_plan(Plan::Whole(Arc::new(move |run| {
+                    let (parent, init, fold) = (parent.clone(), init.clone(), fold.clone());
+                    async move {
+                        let mut acc = init();
+                        for t in parent(run).await? {
+                            fold(&mut acc, t);
+                        }
+                        Ok(vec![acc])
+                    }
+                    .boxed()
+                })))
+            }
+        }
+    }
+
+    /// The number of records in each batch (one `u64` per batch).
+    pub fn count(&self) -> DStream<u64> {
+        self.aggregate(|| 0u64, |n, _| *n += 1, |a, b| a + b)
+    }
+
+    /// Computes each batch's records and calls `f` with them, once per batch, in batch order.
+    ///
+    /// `f` runs on the driver. If it panics, the batch is reported failed (see
+    /// [`BatchInfo::failed`](crate::BatchInfo::failed)).
+    pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::context::ContextError>
+    where
+        F: FnMut(Batch<T>) + Send + 'static,
+    {
+        let f = Arc::new(Mutex::new(f));
+        let stream = self.stream;
+        let plan = self.plan.clone();
+        let output: OutputFn = Arc::new(move |run: BatchRun| {
+            let (f, plan) = (f.clone(), plan.clone());
+            async move {
+                let records = match plan {
+                    Plan::Whole(whole) => whole(run.clone()).await?,
+                    Plan::Narrow(narrow) => {
+                        let work: TaskFn = Arc::new(move |block| {
+                            let mut out = Vec::with_capacity(block.records as usize);
+                            narrow(block, &mut |t| out.push(t))?;
+                            Ok(Box::new(out) as Box<dyn Any + Send>)
+                        });
+                        let parts = run.tasks(stream, work).await?;
+                        let mut all = Vec::new();
+                        for p in parts {
+                            if let Ok(p) = p.downcast::<Vec<T>>() {
+                                all.extend(*p);
+                            }
+                        }
+                        all
+                    }
+                };
+                let batch = Batch {
+                    id: run.id,
+                    time: run.time,
+                    records,
+                };
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                std::panic::catch_unwind(AssertUnwindSafe(|| (*f)(batch)))
+                    .map_err(|p| BatchError::Output(panic_message(p)))
+            }
+            .boxed()
+        });
+        self.outputs.register(output)
+    }
+}
+
+impl<K, V> DStream<(K, V)>
+where
+    K: Eq + Hash + Send + 'static,
+    V: Send + 'static,
+{
+    /// Merges the values of each key with `f`, per batch (a per-block combine in the tasks,
+    /// then a merge of the partials).
+    pub fn reduce_by_key<F>(&self, f: F) -> DStream<(K, V)>
+    where
+        F: Fn(V, V) -> V + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let (f1, f2) = (f.clone(), f);
+        self.aggregate(
+            HashMap::<K, V>::new,
+            move |acc, (k, v)| merge_into(acc, k, v, &*f1),
+            move |mut a, b| {
+                for (k, v) in b {
+                    merge_into(&mut a, k, v, &*f2);
+                }
+                a
+            },
+        )
+        .flat_map(|m| m)
+    }
+}
+
+fn merge_into<K: Eq + Hash, V>(acc: &mut HashMap<K, V>, k: K, v: V, f: &dyn Fn(V, V) -> V) {
+    match acc.remove_entry(&k) {
+        Some((k, old)) => {
+            acc.insert(k, f(old, v));
+        }
+        None => {
+            acc.insert(k, v);
+        }
+    }
+}

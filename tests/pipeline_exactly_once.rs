@@ -1,0 +1,89 @@
+//! Every record stored is processed exactly once when nothing fails.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tributary::StreamingContext;
+use tributary_receivers::synthetic::{parse, StoreMode, SyntheticReceiver};
+
+async fn run(mode: StoreMode, n: u64) {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(100))
+        .block_interval(Duration::from_millis(20))
+        .workers(3)
+        .replication(2)
+        .executors(2)
+        .build()
+        .unwrap();
+    let source = SyntheticReceiver::new().limit(n).mode(mode).chunk(500);
+    let lines = ctx.receiver_stream("synthetic", source.clone()).unwrap();
+
+    let seqs = Arc::new(Mutex::new(Vec::new()));
+    let s = seqs.clone();
+    lines
+        .map(|r| parse(&r).expect("well-formed record").0)
+        .for_each_batch(move |b| s.lock().unwrap().extend(b.records))
+        .unwrap();
+    let words = Arc::new(Mutex::new(0u64));
+    let w = words.clone();
+    lines
+        .flat_map(|r| r[31..].split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .map(|w| (w, 1u64))
+        .reduce_by_key(|a, b| a + b)
+        .for_each_batch(move |b| {
+            *w.lock().unwrap() += b.records.iter().map(|(_, c)| c).sum::<u64>()
+        })
+        .unwrap();
+    let mut reports = ctx.subscribe_batches();
+
+    ctx.start().await.unwrap();
+    // Bounded wait for the receiver to generate everything.
+    for _ in 0..600 {
+        if source.generated() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        source.generated(),
+        n,
+        "the receiver generated everything in time"
+    );
+    ctx.stop(true).await.unwrap();
+
+    let mut got = seqs.lock().unwrap().clone();
+    assert_eq!(
+        got.len() as u64,
+        n,
+        "each record exactly once (no loss, no duplicate)"
+    );
+    got.sort_unstable();
+    assert!(
+        got.iter().copied().eq(0..n),
+        "every sequence number present once"
+    );
+    assert_eq!(
+        *words.lock().unwrap(),
+        10 * n,
+        "ten words per record, counted once"
+    );
+
+    let mut reported = 0;
+    let mut lost = 0;
+    while let Ok(info) = reports.try_recv() {
+        reported += info.records;
+        lost += info.lost_blocks;
+        assert!(info.failed.is_none(), "{info:?}");
+    }
+    assert_eq!((reported, lost), (n, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_processed_exactly_once_with_store_many() {
+    run(StoreMode::Many, 50_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_processed_exactly_once_with_store() {
+    run(StoreMode::Single, 20_000).await;
+}
