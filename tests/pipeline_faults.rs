@@ -1,0 +1,243 @@
+//! Faults in the block pipeline: worker loss (k = 2 and k = 1), executor death mid-task, and
+//! backpressure from a slow batch function.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tributary::{BatchInfo, StreamingContext};
+use tributary_receivers::synthetic::{parse, SyntheticReceiver};
+
+type Seqs = Arc<Mutex<Vec<u64>>>;
+
+fn collect(ctx: &StreamingContext, source: &SyntheticReceiver) -> Seqs {
+    let seqs: Seqs = Arc::default();
+    let s = seqs.clone();
+    ctx.receiver_stream("synthetic", source.clone())
+        .unwrap()
+        .map(|r| parse(&r).unwrap().0)
+        .for_each_batch(move |b| s.lock().unwrap().extend(b.records))
+        .unwrap();
+    seqs
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn drain(reports: &mut tokio::sync::broadcast::Receiver<BatchInfo>) -> Vec<BatchInfo> {
+    std::iter::from_fn(|| reports.try_recv().ok()).collect()
+}
+
+fn assert_exactly_once(seqs: &Seqs, n: u64) {
+    let mut got = seqs.lock().unwrap().clone();
+    assert_eq!(got.len() as u64, n, "count");
+    got.sort_unstable();
+    assert!(
+        got.iter().copied().eq(0..n),
+        "every sequence number exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_loss_with_k2_loses_nothing_and_restores_k_replicas() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(2))
+        .block_interval(Duration::from_millis(20))
+        .workers(3)
+        .replication(2)
+        .build()
+        .unwrap();
+    let n = 30_000;
+    let source = SyntheticReceiver::new().limit(n).chunk(500);
+    let seqs = collect(&ctx, &source);
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    wait_until("all generated", || source.generated() >= n).await;
+    wait_until("blocks acknowledged", || ctx.pending_blocks() > 0).await;
+    let before = ctx.block_locations();
+    assert!(
+        before.iter().any(|(_, at)| at.contains(&0)),
+        "worker 0 holds some blocks"
+    );
+
+    assert!(ctx.kill_worker(0));
+    wait_until("re-replicated", || {
+        let now = ctx.block_locations();
+        now.len() == before.len() && now.iter().all(|(_, at)| at.len() == 2 && !at.contains(&0))
+    })
+    .await;
+    assert_eq!(ctx.live_workers(), vec![1, 2]);
+
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seqs, n);
+    let infos = drain(&mut reports);
+    assert_eq!(infos.iter().map(|i| i.lost_blocks).sum::<usize>(), 0);
+    assert_eq!(infos.iter().map(|i| i.records).sum::<u64>(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(2))
+        .block_interval(Duration::from_millis(20))
+        .workers(2)
+        .replication(1)
+        .build()
+        .unwrap();
+    let n = 30_000;
+    let source = SyntheticReceiver::new().limit(n).chunk(500);
+    let seqs = collect(&ctx, &source);
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    wait_until("all generated", || source.generated() >= n).await;
+    // Let the last blocks be cut and acknowledged.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let on_worker_0 = ctx
+        .block_locations()
+        .iter()
+        .filter(|(_, at)| at == &vec![0])
+        .count();
+    assert!(on_worker_0 > 0);
+
+    assert!(ctx.kill_worker(0));
+    ctx.stop(true).await.unwrap();
+
+    let infos = drain(&mut reports);
+    let lost_blocks: usize = infos.iter().map(|i| i.lost_blocks).sum();
+    let lost_records: u64 = infos.iter().map(|i| i.lost_records).sum();
+    let processed = seqs.lock().unwrap().len() as u64;
+    assert_eq!(
+        lost_blocks, on_worker_0,
+        "every block of the dead worker reported lost"
+    );
+    assert!(lost_records > 0);
+    assert_eq!(
+        processed + lost_records,
+        n,
+        "lost = exactly what was not processed"
+    );
+    let mut got = seqs.lock().unwrap().clone();
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(
+        got.len() as u64,
+        processed,
+        "no duplicates among the survivors"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_dying_mid_task_still_completes_the_batch_once() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(200))
+        .block_interval(Duration::from_millis(20))
+        .workers(2)
+        .replication(2)
+        .executors(2)
+        .build()
+        .unwrap();
+    let n = 20_000;
+    let source = SyntheticReceiver::new().limit(n).chunk(500);
+    let crashed = Arc::new(AtomicBool::new(false));
+    let c = crashed.clone();
+    let seqs: Seqs = Arc::default();
+    let s = seqs.clone();
+    let batches_with_seq_777 = Arc::new(AtomicU64::new(0));
+    let b777 = batches_with_seq_777.clone();
+    ctx.receiver_stream("synthetic", source.clone())
+        .unwrap()
+        .map(move |r| {
+            let seq = parse(&r).unwrap().0;
+            if seq == 777 && !c.swap(true, Ordering::SeqCst) {
+                panic!("executor crash injected at record 777");
+            }
+            seq
+        })
+        .for_each_batch(move |b| {
+            if b.records.contains(&777) {
+                b777.fetch_add(1, Ordering::SeqCst);
+            }
+            s.lock().unwrap().extend(b.records)
+        })
+        .unwrap();
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    wait_until("all generated", || source.generated() >= n).await;
+    ctx.stop(true).await.unwrap();
+
+    assert!(crashed.load(Ordering::SeqCst), "the crash was injected");
+    assert_exactly_once(&seqs, n);
+    assert_eq!(
+        batches_with_seq_777.load(Ordering::SeqCst),
+        1,
+        "the batch completed once"
+    );
+    let infos = drain(&mut reports);
+    assert!(
+        infos.iter().any(|i| i.task_retries >= 1),
+        "the task was retried"
+    );
+    assert!(infos.iter().all(|i| i.failed.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_batch_function_makes_store_wait_with_bounded_memory_and_no_loss() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(50))
+        .block_interval(Duration::from_millis(10))
+        .workers(2)
+        .replication(2)
+        .max_block_bytes(4 << 10)
+        .block_queue(1)
+        .memory_limit(32 << 10)
+        .build()
+        .unwrap();
+    let n = 4_000;
+    let source = SyntheticReceiver::new().limit(n).chunk(50);
+    let processed = Arc::new(AtomicU64::new(0));
+    let seqs: Seqs = Arc::default();
+    let (p, s) = (processed.clone(), seqs.clone());
+    ctx.receiver_stream("synthetic", source.clone())
+        .unwrap()
+        .map(|r| parse(&r).unwrap().0)
+        .for_each_batch(move |b| {
+            std::thread::sleep(Duration::from_millis(60)); // slower than the batch interval
+            p.fetch_add(b.records.len() as u64, Ordering::SeqCst);
+            s.lock().unwrap().extend(b.records);
+        })
+        .unwrap();
+    ctx.start().await.unwrap();
+    // Bound: memory budget (32 KiB of blocks, ~330 records) + one queued block + the
+    // generator's open block (4 KiB each, ~40 records) + one chunk in flight.
+    let bound = 330 + 2 * 41 + 50 + 100;
+    let mut max_gap = 0;
+    let mut max_pending = 0;
+    for _ in 0..3000 {
+        let gap = source
+            .generated()
+            .saturating_sub(processed.load(Ordering::SeqCst));
+        max_gap = max_gap.max(gap);
+        max_pending = max_pending.max(ctx.pending_blocks());
+        if processed.load(Ordering::SeqCst) >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seqs, n);
+    assert!(
+        max_gap <= bound,
+        "store must wait for processing: gap {max_gap} > {bound}"
+    );
+    assert!(
+        max_pending <= 32,
+        "pending blocks bounded by the memory budget: {max_pending}"
+    );
+}
