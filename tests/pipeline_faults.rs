@@ -208,7 +208,7 @@ async fn a_slow_batch_function_makes_store_wait_with_bounded_memory_and_no_loss(
         .unwrap()
         .map(|r| parse(&r).unwrap().0)
         .for_each_batch(move |b| {
-            std::thread::sleep(Duration::from_millis(60)); // slower than the batch interval
+            std::thread::sleep(Duration::from_millis(20)); // a slow sink
             p.fetch_add(b.records.len() as u64, Ordering::SeqCst);
             s.lock().unwrap().extend(b.records);
         })
