@@ -238,6 +238,8 @@ impl TaskRunner {
                 Err(_) => last_error = AttemptError::ExecutorDied.to_string(),
             }
             tracing::warn!(%block, attempt = attempt + 1, error = %last_error, "task attempt failed; retrying");
+            // Give failure detection (a dead worker or executor) a moment before the next try.
+            tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
         }
         Err(BatchError::TaskFailed {
             block,

@@ -272,13 +272,22 @@ impl BlockManager {
             .collect()
     }
 
-    /// Workers holding `id`.
+    /// Live workers holding `id`. A worker that has just died is left out even before its
+    /// loss has been processed, so that no task is sent to a replica that is gone.
     pub(crate) fn locations(&self, id: BlockId) -> Vec<WorkerId> {
-        self.lock()
-            .meta
-            .get(&id)
-            .map(|m| m.replicas.clone())
-            .unwrap_or_default()
+        let st = self.lock();
+        let Some(meta) = st.meta.get(&id) else {
+            return Vec::new();
+        };
+        meta.replicas
+            .iter()
+            .copied()
+            .filter(|w| {
+                st.workers[*w]
+                    .as_ref()
+                    .is_some_and(|a| a.get_status() == ractor::ActorStatus::Running)
+            })
+            .collect()
     }
 
     /// Replica locations of every tracked block, in id order.
