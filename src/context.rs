@@ -93,6 +93,17 @@ pub struct StreamingContextBuilder {
     task_attempts: u32,
     on_batch_failure: OnBatchFailure,
     receiver_backoff: Option<Backoff>,
+    receiver_strategy: Option<StrategyFactory>,
+}
+
+/// Builds the receivers' strategy (a strategy holds closures, so it is built, not cloned).
+#[derive(Clone)]
+struct StrategyFactory(Arc<dyn Fn() -> Strategy + Send + Sync>);
+
+impl std::fmt::Debug for StrategyFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StrategyFactory").field(&(self.0)()).finish()
+    }
 }
 
 impl Default for StreamingContextBuilder {
@@ -113,6 +124,7 @@ impl Default for StreamingContextBuilder {
                 Duration::from_millis(100),
                 Duration::from_secs(5),
             )),
+            receiver_strategy: None,
         }
     }
 }
@@ -177,6 +189,17 @@ impl StreamingContextBuilder {
     /// Backoff between receiver restarts (default 100 ms doubling to 5 s; `None` for none).
     pub fn receiver_backoff(mut self, backoff: Option<Backoff>) -> Self {
         self.receiver_backoff = backoff;
+        self
+    }
+
+    /// The strategy of the supervisor that runs the receivers. Default: one-for-one, any
+    /// error or panic restarts the receiver (with the receiver backoff), at most 10 times per
+    /// minute; beyond that the failure escalates and stops the context.
+    pub fn receiver_strategy<F>(mut self, strategy: F) -> Self
+    where
+        F: Fn() -> Strategy + Send + Sync + 'static,
+    {
+        self.receiver_strategy = Some(StrategyFactory(Arc::new(strategy)));
         self
     }
 
@@ -246,6 +269,9 @@ impl StreamingContextBuilder {
         }
         if let Some(b) = &self.receiver_backoff {
             b.validate()?;
+        }
+        if let Some(make) = &self.receiver_strategy {
+            (make.0)().validate()?;
         }
         Ok(())
     }
@@ -475,10 +501,13 @@ impl StreamingContext {
         let runner = TaskRunner::new(execs, blocks.clone(), cfg.task_attempts);
 
         // Receivers.
-        let strategy = Strategy::one_for_one(10, Duration::from_secs(60))
-            .on_panic(Directive::Restart)
-            .otherwise(Directive::Restart)
-            .on_limit_exceeded(Directive::Escalate);
+        let strategy = match &cfg.receiver_strategy {
+            Some(make) => (make.0)(),
+            None => Strategy::one_for_one(10, Duration::from_secs(60))
+                .on_panic(Directive::Restart)
+                .otherwise(Directive::Restart)
+                .on_limit_exceeded(Directive::Escalate),
+        };
         let receivers_sup = Supervisor::start("receivers", strategy)
             .await
             .map_err(|e| start_err("receivers", &e))?;

@@ -6,6 +6,7 @@
 //! | receiver | feature | source |
 //! | --- | --- | --- |
 //! | [`publisher::SubscriberReceiver`] | `publisher` | an actor that pushes messages to its subscribers (Spark's `ActorReceiver` / Akka feeder pattern) |
+//! | [`socket::SocketTextReceiver`] | `socket` | newline-delimited text from a TCP server |
 //! | [`synthetic::SyntheticReceiver`] | `synthetic` | generated 100-byte text records with sequence numbers and timestamps |
 #![warn(
     missing_docs,
@@ -19,3 +20,6 @@ pub mod publisher;
 
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
+
+#[cfg(feature = "socket")]
+pub mod socket;

@@ -1,0 +1,325 @@
+//! A socket text receiver: connects to `host:port` and stores newline-delimited lines.
+//!
+//! ```text
+//!  TCP ──► reader task ──Lines(batch, generation)──► receiver.handle ──UTF-8 check──► store_many
+//!             │ over-long line / EOF / I/O error
+//!             └──Failed(error, generation)──► handle returns the typed error ──► decider
+//! ```
+//!
+//! Errors go to the supervisor's decider as [`SocketError`] variants; the streaming context's
+//! default (Restart with backoff) reconnects. Lines the reader already read are in the
+//! receiver's mailbox and survive a restart, so nothing read is lost; a failure reported by a
+//! reader of an earlier connection is ignored (its connection is already gone).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tributary::{BoxError, Receiver, ReceiverContext, ReceiverRef};
+
+/// Errors of the socket receiver (each goes to the decider).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SocketError {
+    /// Connecting failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The peer closed the connection.
+    #[error("connection to {addr} closed by the peer")]
+    Closed {
+        /// The address.
+        addr: String,
+    },
+    /// Reading failed.
+    #[error("reading from {addr} failed: {reason}")]
+    Io {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// A line exceeded the maximum length; it was skipped up to its newline.
+    #[error("line {line} is longer than {max} bytes; skipped")]
+    LineTooLong {
+        /// 1-based line number on this connection.
+        line: u64,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A line is not valid UTF-8; it was skipped (every valid line around it was stored).
+    #[error("line {line} is not valid UTF-8; skipped")]
+    InvalidUtf8 {
+        /// 1-based line number on this connection (the first invalid one of a read).
+        line: u64,
+    },
+}
+
+/// Stores every line read from a TCP connection.
+#[derive(Debug, Clone)]
+pub struct SocketTextReceiver {
+    addr: String,
+    max_line: usize,
+    connect_timeout: Duration,
+}
+
+impl SocketTextReceiver {
+    /// A receiver reading from `addr` (`host:port`). Lines up to 64 KiB.
+    pub fn new(addr: impl Into<String>) -> Self {
+        SocketTextReceiver {
+            addr: addr.into(),
+            max_line: 64 << 10,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Longest accepted line, in bytes, without its newline (default 64 KiB).
+    pub fn max_line_len(mut self, bytes: usize) -> Self {
+        self.max_line = bytes.max(1);
+        self
+    }
+
+    /// How long a connection attempt may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+}
+
+/// Messages from the reader task.
+#[derive(Debug)]
+pub enum SocketMsg {
+    /// Raw lines (without newline) and the line number of the first one.
+    Lines {
+        /// Which connection read them.
+        generation: u64,
+        /// 1-based number of the first line.
+        first_line: u64,
+        /// The lines.
+        lines: Vec<Vec<u8>>,
+    },
+    /// The reader hit an error.
+    Failed {
+        /// Which connection.
+        generation: u64,
+        /// The error.
+        error: SocketError,
+    },
+}
+
+/// State: the reader task of the current connection.
+#[derive(Debug)]
+pub struct SocketState {
+    generation: u64,
+    reader: JoinHandle<()>,
+    lines: u64,
+}
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+async fn read_lines<R: AsyncRead + Unpin>(
+    stream: R,
+    addr: String,
+    max: usize,
+    generation: u64,
+    me: ReceiverRef<SocketMsg>,
+) {
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut line_no = 0u64;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut first = 1u64;
+    loop {
+        let mut line = Vec::new();
+        let mut too_long = false;
+        // Read one line, never buffering more than `max` bytes of it.
+        let eof = loop {
+            let buf = match reader.fill_buf().await {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = flush(&me, generation, first, &mut batch);
+                    let _ = me.send(SocketMsg::Failed {
+                        generation,
+                        error: SocketError::Io {
+                            addr,
+                            reason: e.to_string(),
+                        },
+                    });
+                    return;
+                }
+            };
+            if buf.is_empty() {
+                break true;
+            }
+            let (chunk, found) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (&buf[..i], Some(i)),
+                None => (buf, None),
+            };
+            if !too_long && line.len() + chunk.len() > max {
+                too_long = true;
+                line.clear();
+            }
+            if !too_long {
+                line.extend_from_slice(chunk);
+            }
+            let used = found.map_or(chunk.len(), |i| i + 1);
+            reader.consume(used);
+            if found.is_some() {
+                break false;
+            }
+        };
+        if eof && line.is_empty() && !too_long {
+            let _ = flush(&me, generation, first, &mut batch);
+            let _ = me.send(SocketMsg::Failed {
+                generation,
+                error: SocketError::Closed { addr },
+            });
+            return;
+        }
+        line_no += 1;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if too_long {
+            if flush(&me, generation, first, &mut batch).is_err() {
+                return;
+            }
+            first = line_no + 1;
+            if me
+                .send(SocketMsg::Failed {
+                    generation,
+                    error: SocketError::LineTooLong { line: line_no, max },
+                })
+                .is_err()
+            {
+                return;
+            }
+        } else {
+            batch.push(line);
+        }
+        // Hand over what is buffered when the socket has nothing more right now, or every 1000.
+        if batch.len() >= 1000 || reader.buffer().is_empty() {
+            if flush(&me, generation, first, &mut batch).is_err() {
+                return;
+            }
+            first = line_no + 1;
+        }
+        if eof {
+            let _ = me.send(SocketMsg::Failed {
+                generation,
+                error: SocketError::Closed { addr },
+            });
+            return;
+        }
+    }
+}
+
+fn flush(
+    me: &ReceiverRef<SocketMsg>,
+    generation: u64,
+    first_line: u64,
+    batch: &mut Vec<Vec<u8>>,
+) -> Result<(), ()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    me.send(SocketMsg::Lines {
+        generation,
+        first_line,
+        lines: std::mem::take(batch),
+    })
+    .map_err(|_| ())
+}
+
+impl Receiver for SocketTextReceiver {
+    type Msg = SocketMsg;
+    type State = SocketState;
+    type Record = String;
+
+    async fn pre_start(&self, ctx: &ReceiverContext<Self>) -> Result<SocketState, BoxError> {
+        let connect =
+            tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr)).await;
+        let stream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Box::new(SocketError::Connect {
+                    addr: self.addr.clone(),
+                    reason: e.to_string(),
+                }))
+            }
+            Err(_) => {
+                return Err(Box::new(SocketError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("timed out after {:?}", self.connect_timeout),
+                }))
+            }
+        };
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(receiver = ctx.path(), addr = %self.addr, generation, "connected");
+        let reader = tokio::spawn(read_lines(
+            stream,
+            self.addr.clone(),
+            self.max_line,
+            generation,
+            ctx.myself().clone(),
+        ));
+        Ok(SocketState {
+            generation,
+            reader,
+            lines: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        ctx: &ReceiverContext<Self>,
+        msg: SocketMsg,
+        st: &mut SocketState,
+    ) -> Result<(), BoxError> {
+        match msg {
+            SocketMsg::Lines {
+                first_line, lines, ..
+            } => {
+                // Lines of any connection are stored: they were read, and must not be lost.
+                let mut good = Vec::with_capacity(lines.len());
+                let mut first_bad = None;
+                for (i, raw) in lines.into_iter().enumerate() {
+                    match String::from_utf8(raw) {
+                        Ok(s) => good.push(s),
+                        Err(_) => {
+                            first_bad.get_or_insert(first_line + i as u64);
+                        }
+                    }
+                }
+                st.lines += good.len() as u64;
+                // Every valid line is stored, also those after an invalid one; then the
+                // invalid line is reported.
+                ctx.store_many(good).await?;
+                if let Some(line) = first_bad {
+                    return Err(Box::new(SocketError::InvalidUtf8 { line }));
+                }
+                Ok(())
+            }
+            SocketMsg::Failed { generation, error } if generation == st.generation => {
+                Err(Box::new(error))
+            }
+            SocketMsg::Failed { generation, error } => {
+                tracing::debug!(receiver = ctx.path(), generation, %error, "ignoring a failure of an earlier connection");
+                Ok(())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        ctx: &ReceiverContext<Self>,
+        st: &mut SocketState,
+    ) -> Result<(), BoxError> {
+        st.reader.abort();
+        tracing::info!(receiver = ctx.path(), lines = st.lines, "disconnected");
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! The socket text receiver against a real TCP server on loopback.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tributary::testing::next_event;
+use tributary::{Backoff, Directive, EventKind, ReceiverSpec, Store, Strategy, Supervisor};
+use tributary_receivers::socket::{SocketError, SocketTextReceiver};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn strategy() -> Strategy {
+    Strategy::one_for_one(10, Duration::from_secs(60))
+        .on_when(
+            "bad line",
+            |e| {
+                matches!(
+                    e.downcast_ref::<SocketError>(),
+                    Some(SocketError::LineTooLong { .. } | SocketError::InvalidUtf8 { .. })
+                )
+            },
+            Directive::Resume,
+        )
+        .on::<SocketError>(Directive::Restart)
+        .otherwise(Directive::Escalate)
+}
+
+async fn recv_n(rx: &mut tokio::sync::mpsc::Receiver<String>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(WITHIN, rx.recv()).await {
+            Ok(Some(l)) => out.push(l),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn reads_lines_reconnects_after_a_drop_and_skips_bad_lines() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        // First connection: three lines, then the server drops it.
+        let (mut c, _) = listener.accept().await.unwrap();
+        c.write_all(b"alpha\nbeta\r\ngamma\n").await.unwrap();
+        drop(c);
+        // Second connection: an over-long line, invalid UTF-8, then good lines; kept open.
+        let (mut c, _) = listener.accept().await.unwrap();
+        let long = "x".repeat(300);
+        c.write_all(format!("delta\n{long}\nepsilon\n").as_bytes())
+            .await
+            .unwrap();
+        c.write_all(b"\xff\xfe\nzeta\n").await.unwrap();
+        c.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+
+    let root = Supervisor::start("root", strategy()).await.unwrap();
+    let mut events = root.subscribe();
+    let (store, mut rx) = Store::channel(64);
+    let receiver = SocketTextReceiver::new(addr).max_line_len(100);
+    root.spawn_receiver(
+        ReceiverSpec::new("socket", receiver, store).backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        )),
+    )
+    .await
+    .unwrap();
+
+    let got = recv_n(&mut rx, 6).await;
+    assert_eq!(got, ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]);
+
+    let closed = next_event(&mut events, WITHIN, |e| {
+        matches!(&e.kind, EventKind::Failed { error, directive: Directive::Restart, .. } if error.contains("closed by the peer"))
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the dropped connection was a typed error, restarted"
+    );
+    let too_long = next_event(&mut events, WITHIN, |e| {
+        matches!(&e.kind, EventKind::Failed { error, directive: Directive::Resume, .. } if error.contains("longer than 100"))
+    })
+    .await;
+    assert!(
+        too_long.is_some(),
+        "the over-long line was a typed error, resumed"
+    );
+    let utf8 = next_event(
+        &mut events,
+        WITHIN,
+        |e| matches!(&e.kind, EventKind::Failed { error, .. } if error.contains("UTF-8")),
+    )
+    .await;
+    assert!(utf8.is_some(), "invalid UTF-8 was a typed error");
+    root.shutdown().await.unwrap();
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_typed_start_failure() {
+    // Bind then drop: the port is (very likely) closed now.
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let root = Supervisor::start("root", strategy()).await.unwrap();
+    let (store, _rx) = Store::channel(8);
+    let err = root
+        .spawn_receiver(ReceiverSpec::new(
+            "socket",
+            SocketTextReceiver::new(addr),
+            store,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<SocketError>(),
+            Some(SocketError::Connect { .. })
+        ),
+        "{err}"
+    );
+    root.shutdown().await.unwrap();
+}
