@@ -286,7 +286,7 @@ impl StreamingContextBuilder {
                 config: self,
                 defined: Mutex::new(Defined::default()),
                 running: Mutex::new(None),
-                batches,
+                batches: Mutex::new(Some(batches)),
                 termination,
             }),
         })
@@ -329,7 +329,8 @@ struct Inner {
     config: StreamingContextBuilder,
     defined: Mutex<Defined>,
     running: Mutex<Option<Running>>,
-    batches: broadcast::Sender<BatchInfo>,
+    /// Taken (closed) when the context terminates, so subscribers see the end of the stream.
+    batches: Mutex<Option<broadcast::Sender<BatchInfo>>>,
     termination: watch::Sender<Option<Result<(), ContextError>>>,
 }
 
@@ -440,8 +441,14 @@ impl StreamingContext {
     }
 
     /// Subscribes to per-batch reports (records, delays, losses, failures).
+    ///
+    /// The stream ends (`RecvError::Closed`) once the context has terminated; subscribing
+    /// after that gives a stream that is already closed.
     pub fn subscribe_batches(&self) -> broadcast::Receiver<BatchInfo> {
-        self.inner.batches.subscribe()
+        match lock(&self.inner.batches).as_ref() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
     }
 
     /// Subscribes to the supervision events of the receivers (after `start`).
@@ -571,7 +578,9 @@ impl StreamingContext {
             outputs,
             runner,
             blocks.clone(),
-            self.inner.batches.clone(),
+            lock(&self.inner.batches)
+                .clone()
+                .unwrap_or_else(|| broadcast::channel(1).0),
             cfg.on_batch_failure,
             self.clone(),
         ));
@@ -651,6 +660,7 @@ impl StreamingContext {
         let _ = running.executors.shutdown().await;
         running.blocks.shutdown();
         tracing::info!(graceful, ok = outcome.is_ok(), "streaming context stopped");
+        lock(&self.inner.batches).take();
         self.inner.termination.send_replace(Some(outcome));
     }
 
@@ -780,7 +790,12 @@ async fn schedule(
             _ = tokio::time::sleep_until(due) => false,
             _ = &mut drain => true,
         };
-        let time = start_sys + interval * k;
+        // The final (drain) batch is cut now rather than at the next boundary.
+        let time = if draining {
+            SystemTime::now().max(start_sys + interval * (k - 1) + Duration::from_millis(1))
+        } else {
+            start_sys + interval * k
+        };
         let taken = std::mem::take(&mut *lock(&acked));
         let mut b = BatchBlocks::default();
         for (id, records) in taken {

@@ -1,0 +1,188 @@
+//! Run: cargo run --example word_count
+//!
+//! The main example: counts words per batch. On its embedded default it reads the synthetic
+//! receiver (100-byte records, ten words each, at 50,000 records/s); `--socket HOST:PORT`
+//! reads newline-delimited text from a TCP server instead (try `nc -lk 9999` in another
+//! terminal, then `cargo run --example word_count -- --socket 127.0.0.1:9999 --duration 0`).
+//!
+//! Prints a line per batch (records, top words, delays), stops after `--duration` seconds
+//! (default 5; 0 = until Ctrl-C) or on Ctrl-C, gracefully: receivers stop, buffered records
+//! are cut into blocks and the remaining batches run. Then it prints the totals.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use tributary::{BatchId, Directive, Strategy, StreamingContext};
+use tributary_receivers::socket::{SocketError, SocketTextReceiver};
+use tributary_receivers::synthetic::{parse, SyntheticReceiver};
+
+#[derive(Parser, Debug)]
+#[command(about = "Per-batch word count over a synthetic source or a TCP socket")]
+struct Args {
+    /// Read newline-delimited text from this TCP server instead of the synthetic source.
+    #[arg(long, value_name = "HOST:PORT")]
+    socket: Option<String>,
+    /// Stop after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Batch interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    batch_ms: u64,
+    /// Synthetic records per second (0: as fast as possible).
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
+    /// In-process workers holding blocks.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Replicas per block.
+    #[arg(long, default_value_t = 2)]
+    replication: usize,
+}
+
+fn top_words(counts: &[(String, u64)], n: usize) -> String {
+    let mut v: Vec<&(String, u64)> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.iter()
+        .take(n)
+        .map(|(w, c)| format!("{w}={c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if !(args.duration >= 0.0 && args.duration.is_finite()) {
+        anyhow::bail!("--duration must be a number of seconds >= 0");
+    }
+
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(args.batch_ms))
+        .block_interval(Duration::from_millis(args.batch_ms.min(200)))
+        .workers(args.workers)
+        .replication(args.replication)
+        // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
+        .receiver_strategy(|| {
+            Strategy::one_for_one(10, Duration::from_secs(60))
+                .on_when(
+                    "bad line",
+                    |e| {
+                        matches!(
+                            e.downcast_ref::<SocketError>(),
+                            Some(SocketError::LineTooLong { .. } | SocketError::InvalidUtf8 { .. })
+                        )
+                    },
+                    Directive::Resume,
+                )
+                .otherwise(Directive::Restart)
+                .on_limit_exceeded(Directive::Escalate)
+        })
+        .build()?;
+
+    let words = match &args.socket {
+        Some(addr) => {
+            println!("reading lines from {addr}");
+            ctx.receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
+                .flat_map_with(|line: String, out| {
+                    for w in line.split_whitespace() {
+                        out((w.to_lowercase(), 1u64));
+                    }
+                })
+        }
+        None => {
+            let mut source = SyntheticReceiver::new();
+            if args.rate > 0.0 {
+                source = source.rate(args.rate);
+            }
+            println!(
+                "synthetic source at {} records/s",
+                if args.rate > 0.0 {
+                    args.rate.to_string()
+                } else {
+                    "max".into()
+                }
+            );
+            ctx.receiver_stream("synthetic", source)?
+                .flat_map_with(|record: String, out| {
+                    if let Some((_seq, _created, words)) = parse(&record) {
+                        for w in words {
+                            out((w.to_string(), 1u64));
+                        }
+                    }
+                })
+        }
+    };
+
+    let tops: Arc<Mutex<HashMap<BatchId, String>>> = Arc::default();
+    let totals: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let (t, tot) = (tops.clone(), totals.clone());
+    words
+        .reduce_by_key(|a, b| a + b)
+        .for_each_batch(move |batch| {
+            let mut tot = tot.lock().unwrap();
+            for (w, c) in &batch.records {
+                *tot.entry(w.clone()).or_default() += c;
+            }
+            t.lock()
+                .unwrap()
+                .insert(batch.id, top_words(&batch.records, 3));
+        })?;
+
+    let mut reports = ctx.subscribe_batches();
+    let printer = tokio::spawn(async move {
+        let (mut batches, mut records) = (0u64, 0u64);
+        while let Ok(info) = reports.recv().await {
+            batches += 1;
+            records += info.records;
+            let top = tops.lock().unwrap().remove(&info.id).unwrap_or_default();
+            println!(
+                "{}: {:>8} records | top: {:<40} | scheduling {:>4} ms, processing {:>4} ms, total {:>5} ms{}",
+                info.id,
+                info.records,
+                top,
+                info.scheduling_delay.as_millis(),
+                info.processing_time.as_millis(),
+                info.total_delay.as_millis(),
+                info.failed.map(|e| format!(" | FAILED: {e}")).unwrap_or_default()
+            );
+        }
+        (batches, records)
+    });
+
+    ctx.start().await?;
+    let stop_reason = tokio::select! {
+        _ = async {
+            if args.duration > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(args.duration)).await
+            } else {
+                std::future::pending::<()>().await
+            }
+        } => "duration elapsed",
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        r = ctx.await_termination() => {
+            r?;
+            "the context stopped"
+        }
+    };
+    println!("{stop_reason}: stopping gracefully...");
+    ctx.stop(true).await?;
+    drop(ctx);
+    let (batches, records) = tokio::time::timeout(Duration::from_secs(5), printer).await??;
+
+    let totals = totals.lock().unwrap();
+    let all: Vec<(String, u64)> = totals.iter().map(|(w, c)| (w.clone(), *c)).collect();
+    println!(
+        "totals: {batches} batches, {records} records, {} words ({} distinct); top: {}",
+        all.iter().map(|(_, c)| c).sum::<u64>(),
+        all.len(),
+        top_words(&all, 5)
+    );
+    Ok(())
+}
