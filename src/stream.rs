@@ -287,8 +287,8 @@ where
     K: Eq + Hash + Send + 'static,
     V: Send + 'static,
 {
-    /// Merges the values of each key with `f`, per batch (a per-block combine in the tasks,
-    /// then a merge of the partials).
+    /// Merges the values of each key with `f` (associative and commutative, as in Spark),
+    /// per batch: a per-block combine in the tasks, then a merge of the partials.
     pub fn reduce_by_key<F>(&self, f: F) -> DStream<(K, V)>
     where
         F: Fn(V, V) -> V + Send + Sync + 'static,
@@ -296,26 +296,37 @@ where
         let f = Arc::new(f);
         let (f1, f2) = (f.clone(), f);
         self.aggregate(
-            HashMap::<K, V>::new,
-            move |acc, (k, v)| merge_into(acc, k, v, &*f1),
+            || Combiner::<K, V>::default(),
+            move |acc, (k, v)| acc.add(k, v, &*f1),
             move |mut a, b| {
-                for (k, v) in b {
-                    merge_into(&mut a, k, v, &*f2);
+                for (k, v) in b.0 {
+                    if let Some(v) = v {
+                        a.add(k, v, &*f2);
+                    }
                 }
                 a
             },
         )
-        .flat_map(|m| m)
+        .flat_map(|c| c.0.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))))
     }
 }
 
-fn merge_into<K: Eq + Hash, V>(acc: &mut HashMap<K, V>, k: K, v: V, f: &dyn Fn(V, V) -> V) {
-    match acc.remove_entry(&k) {
-        Some((k, old)) => {
-            acc.insert(k, f(old, v));
-        }
-        None => {
-            acc.insert(k, v);
-        }
+/// Per-key values during a reduce. `Option` lets a value be combined in place with one hash
+/// lookup (taken, combined, put back). The hasher is foldhash: fast, and seeded per process.
+struct Combiner<K, V>(HashMap<K, Option<V>, foldhash::fast::RandomState>);
+
+impl<K, V> Default for Combiner<K, V> {
+    fn default() -> Self {
+        Combiner(HashMap::default())
+    }
+}
+
+impl<K: Eq + Hash, V> Combiner<K, V> {
+    fn add(&mut self, k: K, v: V, f: &dyn Fn(V, V) -> V) {
+        let slot = self.0.entry(k).or_insert(None);
+        *slot = Some(match slot.take() {
+            Some(old) => f(old, v),
+            None => v,
+        });
     }
 }

@@ -102,18 +102,31 @@ pub fn parse(record: &str) -> Option<(u64, u64, std::str::SplitAsciiWhitespace<'
     Some((seq, created, record.get(31..)?.split_ascii_whitespace()))
 }
 
+/// Writes `n` as exactly `width` zero-padded decimal digits (the high digits are dropped if
+/// `n` has more).
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for i in (start..start + width).rev() {
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
 fn make_record(seq: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> String {
-    let mut s = String::with_capacity(RECORD_LEN);
-    use std::fmt::Write;
-    let _ = write!(s, "{seq:013} {now_us:016}");
+    let mut s = Vec::with_capacity(RECORD_LEN);
+    push_digits(&mut s, seq, 13);
+    s.push(b' ');
+    push_digits(&mut s, now_us, 16);
     for _ in 0..10 {
         let i = rng.u8();
-        s.push(' ');
-        s.push_str(PREFIX[(i >> 4) as usize]);
-        s.push_str(SUFFIX[(i & 15) as usize]);
+        s.push(b' ');
+        s.extend_from_slice(PREFIX[(i >> 4) as usize].as_bytes());
+        s.extend_from_slice(SUFFIX[(i & 15) as usize].as_bytes());
     }
     debug_assert_eq!(s.len(), RECORD_LEN);
-    s
+    // Only ASCII digits, spaces and ASCII letters were written.
+    String::from_utf8(s).unwrap_or_default()
 }
 
 /// A tiny xorshift generator (deterministic per receiver; no dependency needed for this).

@@ -1,0 +1,275 @@
+//! Run: cargo bench --bench pipeline
+//!
+//! The block pipeline on the fixed comparison workload: 100-byte ASCII records (13-digit
+//! sequence number, 16-digit creation time in epoch µs, ten six-letter words from a 256-word
+//! vocabulary), from the synthetic receiver. The batch job is one pass (one task per block)
+//! that counts records, parses the sequence number and timestamp, and counts words, all as one
+//! `reduce_by_key` over small inline keys (no allocation per word).
+//!
+//! One JSON object per line:
+//! * `throughput_store_many_k1`, `throughput_store_many_k2`, `throughput_store_k2`: records
+//!   per second completed at the batch executor (1 s batches, 200 ms blocks), measured over
+//!   the batches after a warm-up, with the run's max scheduling delay (the job keeps up when
+//!   it stays below the batch interval) and the process's peak RSS so far;
+//! * `latency_1m_per_s`: record creation → batch function done, p50/p99/max, at a fixed
+//!   1,000,000 records/s with 50 ms batches and 10 ms blocks.
+//!
+//! `BENCH_SECONDS` (default 8) sets each run's length.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tributary::{BatchInfo, StreamingContext};
+use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
+
+/// A word of up to 16 bytes, stored inline as one `u128` (no allocation per word; hashed and
+/// compared as one integer). Longer words are truncated, which the fixed vocabulary never needs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Word(u128);
+
+impl Word {
+    fn new(s: &[u8]) -> Word {
+        let mut bytes = [0u8; 16];
+        let len = s.len().min(16);
+        bytes[..len].copy_from_slice(&s[..len]);
+        Word(u128::from_le_bytes(bytes))
+    }
+}
+
+fn digits(s: &[u8]) -> u64 {
+    s.iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d.wrapping_sub(b'0')))
+}
+
+/// The keys of the one-pass job: every record adds to `Records` and `SeqSum` (so the sequence
+/// number is parsed and used), to `CreatedMs(ms)` when latency is tracked, and to one `Word`
+/// per word.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Records,
+    SeqSum,
+    CreatedMs(u64),
+    Word(Word),
+}
+
+impl std::hash::Hash for Key {
+    // One integer write per key: the derived impl would write the discriminant separately.
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self {
+            Key::Word(w) => h.write_u128(w.0),
+            Key::Records => h.write_u128(1 << 127),
+            Key::SeqSum => h.write_u128(2 << 126),
+            Key::CreatedMs(ms) => h.write_u128((3 << 126) | u128::from(*ms)),
+        }
+    }
+}
+
+fn secs() -> f64 {
+    std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8.0)
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+struct Run {
+    infos: Vec<BatchInfo>,
+    words: u64,
+    records_seen: u64,
+    latency_ms: Vec<u64>,
+}
+
+async fn run(
+    k: usize,
+    mode: StoreMode,
+    rate: Option<f64>,
+    batch: Duration,
+    block: Duration,
+    seconds: f64,
+    track_latency: bool,
+) -> Run {
+    let ctx = StreamingContext::builder()
+        .batch_interval(batch)
+        .block_interval(block)
+        .workers(2)
+        .replication(k)
+        .executors(2)
+        .memory_limit(512 << 20)
+        .build()
+        .unwrap();
+    let mut source = SyntheticReceiver::new()
+        .mode(mode)
+        .chunk(if mode == StoreMode::Many { 2000 } else { 500 });
+    if let Some(r) = rate {
+        source = source.rate(r);
+    }
+    let counts = ctx
+        .receiver_stream("synthetic", source)
+        .unwrap()
+        .flat_map_with(move |r: String, out| {
+            let b = r.as_bytes();
+            if b.len() < 31 {
+                return;
+            }
+            out((Key::Records, 1u64));
+            out((Key::SeqSum, digits(&b[0..13])));
+            if track_latency {
+                out((Key::CreatedMs(digits(&b[14..30]) / 1000), 1));
+            }
+            for w in b[31..].split(|c| *c == b' ') {
+                out((Key::Word(Word::new(w)), 1));
+            }
+        })
+        .reduce_by_key(u64::wrapping_add);
+
+    let records_seen = Arc::new(AtomicU64::new(0));
+    let words = Arc::new(AtomicU64::new(0));
+    let latency: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (rs, w, lat) = (records_seen.clone(), words.clone(), latency.clone());
+    counts
+        .for_each_batch(move |batch| {
+            let done_ms = now_us() / 1000;
+            let mut lat = lat.lock().unwrap();
+            for (key, n) in batch.records {
+                match key {
+                    Key::Records => {
+                        rs.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Key::Word(_) => {
+                        w.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Key::CreatedMs(ms) => {
+                        lat.extend(std::iter::repeat_n(done_ms.saturating_sub(ms), n as usize))
+                    }
+                    Key::SeqSum => {}
+                }
+            }
+        })
+        .unwrap();
+
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    ctx.stop(false).await.unwrap();
+    let infos: Vec<BatchInfo> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
+    let latency_ms = std::mem::take(&mut *latency.lock().unwrap());
+    Run {
+        infos,
+        words: words.load(Ordering::Relaxed),
+        records_seen: records_seen.load(Ordering::Relaxed),
+        latency_ms,
+    }
+}
+
+async fn throughput(name: &str, k: usize, mode: StoreMode) {
+    let interval = Duration::from_secs(1);
+    let r = run(
+        k,
+        mode,
+        None,
+        interval,
+        Duration::from_millis(200),
+        secs(),
+        false,
+    )
+    .await;
+    let warm = 2.min(r.infos.len());
+    let steady = &r.infos[warm..];
+    let records: u64 = steady.iter().map(|i| i.records).sum();
+    let rate = records as f64 / (steady.len().max(1) as f64 * interval.as_secs_f64());
+    let max_sched = steady
+        .iter()
+        .map(|i| i.scheduling_delay.as_millis())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{}",
+        json!({
+            "name": name,
+            "replication": k,
+            "records_per_s": rate.round(),
+            "batches_measured": steady.len(),
+            "max_scheduling_delay_ms": max_sched,
+            "keeps_up": (max_sched as u128) < interval.as_millis(),
+            "words_counted": r.words,
+            "words_per_record": if r.records_seen > 0 { r.words as f64 / r.records_seen as f64 } else { 0.0 },
+            "lost_blocks": r.infos.iter().map(|i| i.lost_blocks).sum::<usize>(),
+            "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+        })
+    );
+}
+
+async fn latency() {
+    let r = run(
+        2,
+        StoreMode::Many,
+        Some(1_000_000.0),
+        Duration::from_millis(50),
+        Duration::from_millis(10),
+        secs(),
+        true,
+    )
+    .await;
+    let mut l = r.latency_ms;
+    // Drop the first second (start-up).
+    let skip = (l.len() as f64 / secs()).round() as usize;
+    let mut l: Vec<u64> = l.drain(skip.min(l.len())..).collect();
+    l.sort_unstable();
+    let pick = |q: f64| {
+        l.get(((l.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let achieved = r.records_seen as f64 / secs();
+    println!(
+        "{}",
+        json!({
+            "name": "latency_1m_per_s",
+            "target_records_per_s": 1_000_000,
+            "achieved_records_per_s": achieved.round(),
+            "samples": l.len(),
+            "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99),
+            "max_ms": l.last().copied().unwrap_or(0),
+            "batch_interval_ms": 50,
+            "block_interval_ms": 10,
+        })
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // BENCH_ONLY=<name> runs one case (for profiling).
+    let only = std::env::var("BENCH_ONLY").ok();
+    let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if wants("throughput_store_many_k1") {
+        throughput("throughput_store_many_k1", 1, StoreMode::Many).await;
+    }
+    if wants("throughput_store_many_k2") {
+        throughput("throughput_store_many_k2", 2, StoreMode::Many).await;
+    }
+    if wants("throughput_store_k2") {
+        throughput("throughput_store_k2", 2, StoreMode::Single).await;
+    }
+    if wants("latency_1m_per_s") {
+        latency().await;
+    }
+}
