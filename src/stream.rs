@@ -296,7 +296,7 @@ where
         let f = Arc::new(f);
         let (f1, f2) = (f.clone(), f);
         self.aggregate(
-            || Combiner::<K, V>::default(),
+            Combiner::<K, V>::default,
             move |acc, (k, v)| acc.add(k, v, &*f1),
             move |mut a, b| {
                 for (k, v) in b.0 {
