@@ -242,3 +242,39 @@ async fn a_slow_batch_function_makes_store_wait_with_bounded_memory_and_no_loss(
         "pending blocks bounded by the memory budget: {max_pending}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_on_a_dead_worker_restarts_elsewhere_and_loses_nothing() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(200))
+        .block_interval(Duration::from_millis(20))
+        .workers(3)
+        .replication(2)
+        .build()
+        .unwrap();
+    let n = 60_000;
+    // Slow enough to still be running when its worker dies.
+    let source = SyntheticReceiver::new().limit(n).rate(40_000.0).chunk(200);
+    let seqs = collect(&ctx, &source);
+    ctx.start().await.unwrap();
+    let mut events = ctx.supervision_events().unwrap();
+    wait_until("some records generated", || source.generated() > 10_000).await;
+    // Stream 0's receiver is placed on worker 0.
+    assert!(ctx.kill_worker(0));
+    let restarted = tributary::testing::next_event(&mut events, Duration::from_secs(10), |e| {
+        &*e.child == "receivers/synthetic"
+            && matches!(
+                e.kind,
+                tributary::EventKind::Restarted { counted: false, .. }
+            )
+    })
+    .await;
+    assert!(
+        restarted.is_some(),
+        "the receiver was restarted (uncounted) after its worker died"
+    );
+    wait_until("all generated", || source.generated() >= n).await;
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seqs, n);
+    assert!(ctx.block_locations().is_empty());
+}
