@@ -260,6 +260,17 @@ async fn main() {
     // BENCH_ONLY=<name> runs one case (for profiling).
     let only = std::env::var("BENCH_ONLY").ok();
     let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // Warm-up (not reported): the first run in a process pays for growing the heap.
+    let _ = run(
+        2,
+        StoreMode::Many,
+        None,
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+        2.0,
+        false,
+    )
+    .await;
     if wants("throughput_store_many_k1") {
         throughput("throughput_store_many_k1", 1, StoreMode::Many).await;
     }

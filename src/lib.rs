@@ -15,9 +15,12 @@
 //!                                  JobScheduler: every batch interval ──► BatchExecutors
 //! ```
 //!
-//! Available today: receivers as actors ([`Receiver`]), the [`Store`] they write to (a bounded
-//! channel until the block pipeline lands), and supervision trees ([`Supervisor`],
-//! [`Strategy`], [`Directive`]) with restart limits, backoff and an event stream.
+//! Available today: receivers as actors ([`Receiver`]) and the [`Store`] they write to;
+//! supervision trees ([`Supervisor`], [`Strategy`], [`Directive`]) with restart limits, backoff
+//! and an event stream; and the in-process block pipeline: a [`StreamingContext`] cuts stored
+//! records into [`Block`]s, replicates them on `k` workers, and runs the user's [`DStream`]
+//! operations on supervised executors every batch interval. The write-ahead log and driver
+//! recovery are not built yet.
 //!
 //! ## Directives
 //!
@@ -101,7 +104,8 @@
 //! ```
 //!
 //! Nested supervisors ([`SupervisorHandle::spawn_supervisor`]) build trees; subscribe to their
-//! decisions with [`SupervisorHandle::subscribe`]. See `examples/` for runnable programs.
+//! decisions with [`SupervisorHandle::subscribe`]. For a whole streaming job (receivers, blocks,
+//! batches), see [`StreamingContext`]. See `examples/` for runnable programs.
 #![warn(
     missing_docs,
     missing_debug_implementations,
