@@ -485,7 +485,10 @@ impl StreamingContext {
                 .map_err(|e| start_err("workers", &e))?;
 
         // Executors: Restart on any failure (a panicking task restarts its executor in place).
+        // No cap: the failures come from user code in tasks, which `task_attempts` already
+        // bounds per task; capping would shrink the pool for good after ten bad records.
         let exec_strategy = Strategy::one_for_one(10, Duration::from_secs(60))
+            .limit(crate::supervisor::RestartLimit::Unlimited)
             .on_panic(Directive::Restart)
             .otherwise(Directive::Restart);
         let executors_sup = Supervisor::start("executors", exec_strategy)

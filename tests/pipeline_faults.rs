@@ -278,3 +278,74 @@ async fn a_receiver_on_a_dead_worker_restarts_elsewhere_and_loses_nothing() {
     assert_exactly_once(&seqs, n);
     assert!(ctx.block_locations().is_empty());
 }
+
+fn failing_job(ctx: &StreamingContext, source: &SyntheticReceiver) -> Seqs {
+    let seqs: Seqs = Arc::default();
+    let s = seqs.clone();
+    ctx.receiver_stream("synthetic", source.clone())
+        .unwrap()
+        .map(|r| {
+            let seq = parse(&r).unwrap().0;
+            // Always fails for this record: every attempt of its task panics.
+            assert_ne!(seq, 1234, "poison record");
+            seq
+        })
+        .for_each_batch(move |b| s.lock().unwrap().extend(b.records))
+        .unwrap();
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_task_always_fails_is_reported_and_the_stream_goes_on() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(100))
+        .block_interval(Duration::from_millis(20))
+        .task_attempts(3)
+        .build()
+        .unwrap();
+    let n = 10_000;
+    let source = SyntheticReceiver::new().limit(n).rate(50_000.0).chunk(100);
+    let seqs = failing_job(&ctx, &source);
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    wait_until("all generated", || source.generated() >= n).await;
+    ctx.stop(true).await.unwrap();
+    let infos = drain(&mut reports);
+    let failed: Vec<_> = infos.iter().filter(|i| i.failed.is_some()).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "exactly the batch with the poison record failed"
+    );
+    let why = failed[0].failed.clone().unwrap();
+    assert!(why.contains("after 3 attempts"), "{why}");
+    let got = seqs.lock().unwrap().clone();
+    assert!(!got.contains(&1234));
+    assert!(got.contains(&(n - 1)), "later batches still ran");
+    assert_eq!(
+        got.len() as u64 + failed[0].records,
+        n,
+        "only the failed batch is missing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_stop_policy_a_failed_batch_stops_the_context_with_its_error() {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(100))
+        .block_interval(Duration::from_millis(20))
+        .task_attempts(2)
+        .on_batch_failure(tributary::OnBatchFailure::Stop)
+        .build()
+        .unwrap();
+    let source = SyntheticReceiver::new().rate(50_000.0).chunk(100);
+    let _seqs = failing_job(&ctx, &source);
+    ctx.start().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), ctx.await_termination())
+        .await
+        .expect("the context stops by itself");
+    assert!(
+        matches!(outcome, Err(tributary::ContextError::BatchFailed { ref error, .. }) if error.to_string().contains("after 2 attempts")),
+        "{outcome:?}"
+    );
+}
