@@ -125,6 +125,7 @@ mod stream;
 pub mod supervisor;
 pub mod telemetry;
 pub mod testing;
+pub mod wal;
 
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, DecodeError, Record};

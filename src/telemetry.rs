@@ -211,3 +211,5 @@ pub const BATCHES_TOTAL: &str = "tributary_batches_total";
 pub const BATCHES_FAILED_TOTAL: &str = "tributary_batches_failed_total";
 /// Counter: records in completed batches.
 pub const BATCH_RECORDS_TOTAL: &str = "tributary_batch_records_total";
+/// Counter: write-ahead log syncs (group commits).
+pub const WAL_SYNCS_TOTAL: &str = "tributary_wal_syncs_total";
