@@ -464,14 +464,6 @@ impl Writer {
     }
 }
 
-/// Creation time in µs since the epoch (for tests).
-#[allow(dead_code)]
-pub(crate) fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
