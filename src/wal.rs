@@ -31,6 +31,10 @@ pub mod storage;
 
 pub use storage::{DirStorage, MemStorage, Op, Storage};
 
+pub(crate) use record::{
+    frame as frame_pub, read_frames as read_frames_pub, Ending as FrameEnding,
+};
+
 /// When appended blocks are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncPolicy {

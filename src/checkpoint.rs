@@ -1,0 +1,466 @@
+//! Driver metadata: the decisions log, checkpoints, and the checkpoint directory's marker.
+//!
+//! ```text
+//!  dir/tributary.json   marker: format version and stream names (refuses foreign/incompatible dirs)
+//!  dir/metadata.log     frames (see wal/record.rs) of JSON entries, fsynced as written:
+//!                         {"added":[stream,seq,records]}     a block was acknowledged
+//!                         {"alloc":{"id","time_ms","blocks":[[stream,seq,records],..]}}
+//!                         {"done":id}                         batch id completed
+//!  dir/checkpoint.json  the state the log compacts into (written to a temp file, synced, renamed)
+//!  dir/wal/             write-ahead log segments (when enabled)
+//! ```
+//!
+//! Replaying the checkpoint then the log is idempotent, so a crash between writing a checkpoint
+//! and resetting the log is harmless. Batches complete in order and each stream's blocks are
+//! allocated in sequence order, so "processed" is, per stream, a prefix of sequence numbers.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::block::BlockId;
+
+/// The checkpoint format this build reads and writes.
+pub(crate) const FORMAT: u32 = 1;
+
+/// Errors of the checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// The directory cannot be created or written.
+    #[error("checkpoint directory {dir} is not usable: {reason}")]
+    Unusable {
+        /// The directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// The directory holds files that Tributary did not write.
+    #[error("checkpoint directory {dir} is not empty and was not written by Tributary (no tributary.json); use an empty directory")]
+    Foreign {
+        /// The directory.
+        dir: String,
+    },
+    /// The directory was written by an incompatible version.
+    #[error("checkpoint directory {dir} has format {found}, this build reads format {expected}")]
+    Incompatible {
+        /// The directory.
+        dir: String,
+        /// Its format.
+        found: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// The job defined now does not match the one that wrote the checkpoint.
+    #[error("checkpoint in {dir} was written by a job with streams {found:?}, this job defines {defined:?}")]
+    StreamsChanged {
+        /// The directory.
+        dir: String,
+        /// Streams in the checkpoint.
+        found: Vec<String>,
+        /// Streams defined now.
+        defined: Vec<String>,
+    },
+    /// A metadata file is damaged.
+    #[error("checkpoint metadata {file} is damaged: {reason}")]
+    Damaged {
+        /// The file.
+        file: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    format: u32,
+    streams: Vec<String>,
+}
+
+/// A batch allocation as logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Allocation {
+    pub(crate) id: u64,
+    pub(crate) time_ms: u64,
+    /// `(stream, seq, records)`.
+    pub(crate) blocks: Vec<(u32, u64, u32)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Entry {
+    Added((u32, u64, u32)),
+    Alloc(Allocation),
+    Done(u64),
+}
+
+/// The driver's state as of the last durable decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DriverState {
+    /// Allocated, not completed, in id order.
+    pub(crate) pending: BTreeMap<u64, Allocation>,
+    /// Acknowledged blocks not yet allocated: `(stream, seq) -> records`.
+    #[serde(with = "as_triples")]
+    pub(crate) unallocated: BTreeMap<(u32, u64), u32>,
+    /// Per stream, the highest sequence number processed.
+    pub(crate) processed_through: BTreeMap<u32, u64>,
+    /// Per stream, the highest sequence number acknowledged.
+    pub(crate) max_seq: BTreeMap<u32, u64>,
+    /// The last batch id allocated (batch time in ms).
+    pub(crate) last_batch: u64,
+}
+
+impl DriverState {
+    fn apply(&mut self, e: Entry) {
+        match e {
+            Entry::Added((stream, seq, records)) => {
+                let done = self
+                    .processed_through
+                    .get(&stream)
+                    .is_some_and(|p| seq <= *p);
+                let allocated = self
+                    .pending
+                    .values()
+                    .any(|a| a.blocks.iter().any(|b| b.0 == stream && b.1 == seq));
+                if !done && !allocated {
+                    self.unallocated.insert((stream, seq), records);
+                }
+                let m = self.max_seq.entry(stream).or_insert(seq);
+                *m = (*m).max(seq);
+            }
+            Entry::Alloc(a) => {
+                for b in &a.blocks {
+                    self.unallocated.remove(&(b.0, b.1));
+                    let m = self.max_seq.entry(b.0).or_insert(b.1);
+                    *m = (*m).max(b.1);
+                }
+                self.last_batch = self.last_batch.max(a.id);
+                self.pending.insert(a.id, a);
+            }
+            Entry::Done(id) => {
+                if let Some(a) = self.pending.remove(&id) {
+                    for b in a.blocks {
+                        let p = self.processed_through.entry(b.0).or_insert(b.1);
+                        *p = (*p).max(b.1);
+                    }
+                }
+                self.last_batch = self.last_batch.max(id);
+            }
+        }
+    }
+
+    /// Whether block `id` was processed already.
+    pub(crate) fn is_processed(&self, id: BlockId) -> bool {
+        self.processed_through
+            .get(&id.stream)
+            .is_some_and(|p| id.seq <= *p)
+    }
+}
+
+/// JSON maps need string keys: store `(stream, seq) -> records` as a list of triples.
+mod as_triples {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        m: &BTreeMap<(u32, u64), u32>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let v: Vec<(u32, u64, u32)> = m.iter().map(|((a, b), c)| (*a, *b, *c)).collect();
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(u32, u64), u32>, D::Error> {
+        let v: Vec<(u32, u64, u32)> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|(a, b, c)| ((a, b), c)).collect())
+    }
+}
+
+/// The open metadata log of a running context.
+#[derive(Debug)]
+pub(crate) struct MetadataLog {
+    dir: PathBuf,
+    log: File,
+    state: DriverState,
+    since_checkpoint: u32,
+}
+
+fn unusable(dir: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Unusable {
+        dir: dir.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn damaged(file: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Damaged {
+        file: file.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Checks that `dir` can be used: creatable, writable. Called at build time.
+pub(crate) fn check_usable(dir: &Path) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(|e| unusable(dir, e))?;
+    let probe = dir.join(".tributary-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| unusable(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| unusable(dir, e))?;
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads the marker: `Ok(None)` for an empty (or missing) directory, the state otherwise.
+pub(crate) fn load(dir: &Path, streams: &[String]) -> Result<Option<DriverState>, CheckpointError> {
+    let marker_path = dir.join("tributary.json");
+    if !marker_path.exists() {
+        let empty = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(unusable(dir, e)),
+        };
+        return if empty {
+            Ok(None)
+        } else {
+            Err(CheckpointError::Foreign {
+                dir: dir.display().to_string(),
+            })
+        };
+    }
+    let marker: Marker = std::fs::read(&marker_path)
+        .map_err(|e| unusable(dir, e))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| damaged(&marker_path, e)))?;
+    if marker.format != FORMAT {
+        return Err(CheckpointError::Incompatible {
+            dir: dir.display().to_string(),
+            found: marker.format,
+            expected: FORMAT,
+        });
+    }
+    if marker.streams != streams {
+        return Err(CheckpointError::StreamsChanged {
+            dir: dir.display().to_string(),
+            found: marker.streams,
+            defined: streams.to_vec(),
+        });
+    }
+    let mut state = DriverState::default();
+    let cp = dir.join("checkpoint.json");
+    if cp.exists() {
+        let bytes = std::fs::read(&cp).map_err(|e| unusable(dir, e))?;
+        state = serde_json::from_slice(&bytes).map_err(|e| damaged(&cp, e))?;
+    }
+    let log = dir.join("metadata.log");
+    if log.exists() {
+        let bytes = std::fs::read(&log).map_err(|e| unusable(dir, e))?;
+        let (frames, ending) = crate::wal::read_frames_pub(&bytes);
+        for (offset, payload) in frames {
+            let e: Entry = serde_json::from_slice(payload)
+                .map_err(|e| damaged(&log, format!("at offset {offset}: {e}")))?;
+            state.apply(e);
+        }
+        match ending {
+            crate::wal::FrameEnding::Clean => {}
+            crate::wal::FrameEnding::TornTail { valid_len } => {
+                tracing::warn!(file = %log.display(), valid_len, "metadata log: torn tail truncated");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&log)
+                    .map_err(|e| unusable(dir, e))?;
+                f.set_len(valid_len as u64).map_err(|e| unusable(dir, e))?;
+                f.sync_all().map_err(|e| unusable(dir, e))?;
+            }
+            crate::wal::FrameEnding::Corrupt { offset } => {
+                return Err(damaged(&log, format!("corrupt entry at offset {offset}")));
+            }
+        }
+    }
+    Ok(Some(state))
+}
+
+impl MetadataLog {
+    /// Opens (creating the marker if needed) the log, starting from `state`.
+    pub(crate) fn open(
+        dir: &Path,
+        streams: &[String],
+        state: DriverState,
+    ) -> Result<MetadataLog, CheckpointError> {
+        std::fs::create_dir_all(dir).map_err(|e| unusable(dir, e))?;
+        let marker_path = dir.join("tributary.json");
+        if !marker_path.exists() {
+            let marker = serde_json::to_vec_pretty(&Marker {
+                format: FORMAT,
+                streams: streams.to_vec(),
+            })
+            .map_err(|e| unusable(dir, e))?;
+            write_atomically(&marker_path, &marker).map_err(|e| unusable(dir, e))?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("metadata.log"))
+            .map_err(|e| unusable(dir, e))?;
+        Ok(MetadataLog {
+            dir: dir.to_path_buf(),
+            log,
+            state,
+            since_checkpoint: 0,
+        })
+    }
+
+    fn write(&mut self, e: Entry) -> std::io::Result<()> {
+        let json = serde_json::to_vec(&e).map_err(std::io::Error::other)?;
+        let mut frame = Vec::with_capacity(json.len() + 8);
+        crate::wal::frame_pub(&json, &mut frame);
+        self.log.write_all(&frame)?;
+        self.log.sync_data()?;
+        self.state.apply(e);
+        Ok(())
+    }
+
+    /// Logs that a block was acknowledged.
+    pub(crate) fn added(&mut self, id: BlockId, records: u32) -> std::io::Result<()> {
+        self.write(Entry::Added((id.stream, id.seq, records)))
+    }
+
+    /// Logs a batch allocation (before the batch runs).
+    pub(crate) fn allocated(&mut self, a: Allocation) -> std::io::Result<()> {
+        self.write(Entry::Alloc(a))
+    }
+
+    /// Logs a completed batch; every 100 completions, compacts the log into a checkpoint.
+    pub(crate) fn completed(&mut self, id: u64) -> std::io::Result<()> {
+        self.write(Entry::Done(id))?;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= 100 {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state as a checkpoint and starts an empty log.
+    pub(crate) fn checkpoint(&mut self) -> std::io::Result<()> {
+        let json = serde_json::to_vec(&self.state).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir.join("checkpoint.json"), &json)?;
+        self.log.set_len(0)?;
+        self.log.sync_all()?;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    #[test]
+    fn decisions_survive_a_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load(dir.path(), &names()).unwrap(),
+            None,
+            "empty directory: new job"
+        );
+        let mut log = MetadataLog::open(dir.path(), &names(), DriverState::default()).unwrap();
+        log.added(BlockId { stream: 0, seq: 0 }, 10).unwrap();
+        log.added(BlockId { stream: 0, seq: 1 }, 5).unwrap();
+        log.allocated(Allocation {
+            id: 1000,
+            time_ms: 1000,
+            blocks: vec![(0, 0, 10)],
+        })
+        .unwrap();
+        log.added(BlockId { stream: 1, seq: 0 }, 7).unwrap();
+        log.allocated(Allocation {
+            id: 2000,
+            time_ms: 2000,
+            blocks: vec![(0, 1, 5)],
+        })
+        .unwrap();
+        log.completed(1000).unwrap();
+        drop(log);
+
+        let s = load(dir.path(), &names()).unwrap().unwrap();
+        assert_eq!(s.pending.keys().copied().collect::<Vec<_>>(), vec![2000]);
+        assert_eq!(
+            s.unallocated.keys().copied().collect::<Vec<_>>(),
+            vec![(1, 0)]
+        );
+        assert!(s.is_processed(BlockId { stream: 0, seq: 0 }));
+        assert!(!s.is_processed(BlockId { stream: 0, seq: 1 }));
+        assert_eq!(s.last_batch, 2000);
+
+        let mut log = MetadataLog::open(dir.path(), &names(), s.clone()).unwrap();
+        log.checkpoint().unwrap();
+        drop(log);
+        assert_eq!(
+            load(dir.path(), &names()).unwrap().unwrap(),
+            s,
+            "same state from the checkpoint"
+        );
+    }
+
+    #[test]
+    fn foreign_incompatible_and_changed_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+        assert!(matches!(
+            load(dir.path(), &names()),
+            Err(CheckpointError::Foreign { .. })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tributary.json"),
+            br#"{"format": 99, "streams": ["a","b"]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            load(dir.path(), &names()),
+            Err(CheckpointError::Incompatible {
+                found: 99,
+                expected: 1,
+                ..
+            })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        MetadataLog::open(dir.path(), &names(), DriverState::default()).unwrap();
+        assert!(matches!(
+            load(dir.path(), &["a".into()]),
+            Err(CheckpointError::StreamsChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            check_usable(&file.join("sub")),
+            Err(CheckpointError::Unusable { .. })
+        ));
+    }
+}
