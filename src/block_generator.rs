@@ -41,8 +41,20 @@ struct GenState {
 
 impl BlockGenerator {
     /// A generator for `stream` and the receiving end of its block queue.
+    #[cfg(test)]
     pub(crate) fn new(
         stream: u32,
+        max_block_bytes: usize,
+        queue_blocks: usize,
+        rate: Option<f64>,
+    ) -> (BlockGenerator, mpsc::Receiver<Block>) {
+        Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate)
+    }
+
+    /// Like `new`, numbering blocks from `first_seq` (after a recovery).
+    pub(crate) fn starting_at(
+        stream: u32,
+        first_seq: u64,
         max_block_bytes: usize,
         queue_blocks: usize,
         rate: Option<f64>,
@@ -55,7 +67,7 @@ impl BlockGenerator {
             state: Mutex::new(GenState {
                 buf: BytesMut::with_capacity(max_block_bytes.min(1 << 20)),
                 records: 0,
-                next_seq: 0,
+                next_seq: first_seq,
                 tx: Some(tx),
                 started: Instant::now(),
                 stored_total: 0,
@@ -106,6 +118,19 @@ impl BlockGenerator {
     pub(crate) async fn flush(&self) -> bool {
         let mut st = self.state.lock().await;
         st.tx.is_some() && self.cut_and_send(&mut st).await.is_ok()
+    }
+
+    /// Cuts what is buffered now and returns the sequence number of the last block cut so far
+    /// (which holds every record stored before this call), or `None` if none was ever cut.
+    pub(crate) async fn cut_now(&self) -> Result<Option<u64>, StoreError> {
+        let mut st = self.state.lock().await;
+        if st.tx.is_none() {
+            return Err(StoreError::Closed { unstored: 0 });
+        }
+        if let Err(lost) = self.cut_and_send(&mut st).await {
+            return Err(StoreError::Closed { unstored: lost });
+        }
+        Ok(st.next_seq.checked_sub(1))
     }
 
     /// Flushes, then closes the queue: the pusher ends once it has pushed every block. Later

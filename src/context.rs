@@ -29,12 +29,14 @@ use crate::batch::{
 use crate::block::{BlockId, Record};
 use crate::block_generator::BlockGenerator;
 use crate::block_manager::{BlockManager, ClusterEvent, WorkerId};
+use crate::checkpoint::{Allocation, CheckpointError, DriverState, MetadataLog};
 use crate::error::{ConfigError, SupervisorError};
 use crate::receiver::{Receiver, ReceiverSpec};
-use crate::store::Store;
+use crate::store::{Durability, Store};
 use crate::stream::{DStream, OutputFn, OutputRegistry};
 use crate::supervisor::{Backoff, Directive, Strategy, Supervisor, SupervisorHandle};
 use crate::telemetry::SupervisionEvent;
+use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError};
 
 /// Errors of the streaming context.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +61,12 @@ pub enum ContextError {
     /// A receiver failure escalated to the root of the receivers' supervision tree.
     #[error("receivers failed: {0}")]
     Receivers(SupervisorError),
+    /// The checkpoint directory is unusable, foreign, incompatible or damaged.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The write-ahead log could not be recovered (e.g. corruption in the middle of a segment).
+    #[error(transparent)]
+    Wal(#[from] WalError),
     /// A batch failed and the context is configured to stop on batch failure.
     #[error("{id} failed: {error}")]
     BatchFailed {
@@ -94,6 +102,8 @@ pub struct StreamingContextBuilder {
     on_batch_failure: OnBatchFailure,
     receiver_backoff: Option<Backoff>,
     receiver_strategy: Option<StrategyFactory>,
+    checkpoint_dir: Option<std::path::PathBuf>,
+    wal: Option<WalConfig>,
 }
 
 /// Builds the receivers' strategy (a strategy holds closures, so it is built, not cloned).
@@ -125,6 +135,8 @@ impl Default for StreamingContextBuilder {
                 Duration::from_secs(5),
             )),
             receiver_strategy: None,
+            checkpoint_dir: None,
+            wal: None,
         }
     }
 }
@@ -203,6 +215,21 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Where the driver keeps its metadata log and checkpoints (and the write-ahead log, when
+    /// enabled). A directory used before is recovered at `start` (see
+    /// [`StreamingContext::get_or_create`]).
+    pub fn checkpoint_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
+    /// Turns on the write-ahead log (in the checkpoint directory): every block is appended and
+    /// synced per `config` before it is acknowledged. Requires `checkpoint_dir`.
+    pub fn write_ahead_log(mut self, config: WalConfig) -> Self {
+        self.wal = Some(config);
+        self
+    }
+
     /// Checks every setting; the error names the setting and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.batch_interval.is_zero() {
@@ -273,6 +300,24 @@ impl StreamingContextBuilder {
         if let Some(make) = &self.receiver_strategy {
             (make.0)().validate()?;
         }
+        if self.wal.is_some() && self.checkpoint_dir.is_none() {
+            return Err(ConfigError::new(
+                "write_ahead_log",
+                "requires checkpoint_dir: the log is kept in the checkpoint directory",
+            ));
+        }
+        if let Some(w) = &self.wal {
+            if w.segment_bytes == 0 || w.segment_age.is_zero() {
+                return Err(ConfigError::new(
+                    "write_ahead_log",
+                    "segment_bytes and segment_age must be greater than zero",
+                ));
+            }
+        }
+        if let Some(dir) = &self.checkpoint_dir {
+            crate::checkpoint::check_usable(dir)
+                .map_err(|e| ConfigError::new("checkpoint_dir", e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -288,6 +333,7 @@ impl StreamingContextBuilder {
                 running: Mutex::new(None),
                 batches: Mutex::new(Some(batches)),
                 termination,
+                recovery: Mutex::new(None),
             }),
         })
     }
@@ -297,6 +343,7 @@ type Starter = Box<
     dyn FnOnce(
             SupervisorHandle,
             Arc<BlockGenerator>,
+            Arc<Durability>,
         ) -> BoxFuture<'static, Result<(), SupervisorError>>
         + Send,
 >;
@@ -323,6 +370,7 @@ struct Running {
     background: Vec<JoinHandle<()>>,
     drain: Option<tokio::sync::oneshot::Sender<()>>,
     runner: Option<JoinHandle<()>>,
+    durabilities: Vec<Arc<Durability>>,
 }
 
 struct Inner {
@@ -332,6 +380,59 @@ struct Inner {
     /// Taken (closed) when the context terminates, so subscribers see the end of the stream.
     batches: Mutex<Option<broadcast::Sender<BatchInfo>>>,
     termination: watch::Sender<Option<Result<(), ContextError>>>,
+    recovery: Mutex<Option<RecoveryReport>>,
+}
+
+/// What a context found in its checkpoint directory at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Batches that were allocated but not completed; they run again with the same ids and
+    /// the same blocks before any new batch.
+    pub rerun_batches: Vec<BatchId>,
+    /// Unprocessed blocks recovered from the write-ahead log.
+    pub recovered_blocks: usize,
+    /// Records in them.
+    pub recovered_records: u64,
+    /// Unprocessed blocks that were only in memory (no write-ahead log) and are gone.
+    pub lost_blocks: usize,
+    /// Records in them.
+    pub lost_records: u64,
+    /// Write-ahead log segments whose torn tail was truncated, with the bytes cut.
+    pub truncated_segments: Vec<(String, u64)>,
+}
+
+/// The durable side of a running context: metadata log and write-ahead logs.
+#[derive(Clone, Default)]
+struct Persistence {
+    meta: Option<Arc<Mutex<MetadataLog>>>,
+    wals: Arc<std::collections::HashMap<u32, Arc<Wal>>>,
+}
+
+impl Persistence {
+    async fn log<F>(&self, f: F) -> Result<(), String>
+    where
+        F: FnOnce(&mut MetadataLog) -> std::io::Result<()> + Send + 'static,
+    {
+        let Some(meta) = self.meta.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || f(&mut lock(&meta)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("metadata log: {e}"))
+    }
+
+    fn processed(&self, ids: &[BlockId]) {
+        let mut per: std::collections::HashMap<u32, Vec<BlockId>> = Default::default();
+        for id in ids {
+            per.entry(id.stream).or_default().push(*id);
+        }
+        for (stream, ids) in per {
+            if let Some(w) = self.wals.get(&stream) {
+                w.processed(ids);
+            }
+        }
+    }
 }
 
 impl OutputRegistry for Inner {
@@ -419,10 +520,15 @@ impl StreamingContext {
         let backoff = self.inner.config.receiver_backoff;
         let spawn_name = name.clone();
         let start: Starter = Box::new(
-            move |sup: SupervisorHandle, generator: Arc<BlockGenerator>| {
+            move |sup: SupervisorHandle,
+                  generator: Arc<BlockGenerator>,
+                  durability: Arc<Durability>| {
                 async move {
-                    let mut spec =
-                        ReceiverSpec::new(spawn_name, receiver, Store::blocks(generator));
+                    let mut spec = ReceiverSpec::new(
+                        spawn_name,
+                        receiver,
+                        Store::blocks(generator, durability),
+                    );
                     if let Some(b) = backoff {
                         spec = spec.backoff(b);
                     }
@@ -438,6 +544,46 @@ impl StreamingContext {
         });
         drop(d);
         Ok(DStream::source(stream, self.inner.clone()))
+    }
+
+    /// Builds a context whose state survives the process: `define` gets a builder with the
+    /// checkpoint directory `dir` set, adds its settings and streams (the same ones every time:
+    /// closures cannot be stored, so the job is defined again by code, as with Spark's
+    /// `getOrCreate`), and returns the context. On an empty directory this is a new job; on a
+    /// directory used before, `start` recovers: batches allocated but not completed run again
+    /// with the same ids and blocks, unprocessed blocks come back from the write-ahead log, and
+    /// [`StreamingContext::recovery_report`] says what was found.
+    ///
+    /// A foreign, incompatible or unwritable directory is an error here, before anything runs.
+    pub fn get_or_create<F>(
+        dir: impl AsRef<std::path::Path>,
+        define: F,
+    ) -> Result<StreamingContext, ContextError>
+    where
+        F: FnOnce(StreamingContextBuilder) -> Result<StreamingContext, ContextError>,
+    {
+        let dir = dir.as_ref();
+        let ctx = define(StreamingContext::builder().checkpoint_dir(dir))?;
+        if ctx.inner.config.checkpoint_dir.as_deref() != Some(dir) {
+            return Err(ConfigError::new(
+                "checkpoint_dir",
+                "get_or_create's directory must be kept by the builder it passes to `define`",
+            )
+            .into());
+        }
+        let names: Vec<String> = lock(&ctx.inner.defined)
+            .receivers
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        crate::checkpoint::load(dir, &names)?;
+        Ok(ctx)
+    }
+
+    /// What `start` recovered from the checkpoint directory (`None` for a new job or without
+    /// a checkpoint directory).
+    pub fn recovery_report(&self) -> Option<RecoveryReport> {
+        lock(&self.inner.recovery).clone()
     }
 
     /// Subscribes to per-batch reports (records, delays, losses, failures).
@@ -479,6 +625,9 @@ impl StreamingContext {
             what: what.to_string(),
             error: e.to_string(),
         };
+        let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
+        let streams: Vec<u32> = receivers.iter().map(|r| r.stream).collect();
+        let (persistence, recovered) = open_persistence(cfg, &names, &streams)?;
         let (blocks, cluster_events) =
             BlockManager::start(cfg.workers, cfg.replication, cfg.memory_bytes)
                 .await
@@ -522,24 +671,52 @@ impl StreamingContext {
             .await
             .map_err(|e| start_err("receivers", &e))?;
         let acked: Arc<Mutex<Vec<(BlockId, u32)>>> = Arc::default();
+        let (rerun, first_seq, last_batch, report) =
+            restore(recovered, &blocks, &acked, cfg.workers).await;
+        if let Some(r) = &report {
+            tracing::info!(
+                rerun_batches = r.rerun_batches.len(),
+                recovered_blocks = r.recovered_blocks,
+                recovered_records = r.recovered_records,
+                lost_blocks = r.lost_blocks,
+                lost_records = r.lost_records,
+                "recovered from the checkpoint directory"
+            );
+            if r.lost_blocks > 0 {
+                metrics::counter!(crate::telemetry::BLOCKS_LOST_TOTAL)
+                    .increment(r.lost_blocks as u64);
+                metrics::counter!(crate::telemetry::RECORDS_LOST_TOTAL).increment(r.lost_records);
+                tracing::error!(
+                    lost_blocks = r.lost_blocks,
+                    lost_records = r.lost_records,
+                    "unprocessed blocks were only in memory when the driver stopped: lost"
+                );
+            }
+        }
+        *lock(&self.inner.recovery) = report;
+        let mut durabilities = Vec::new();
         let mut generators = Vec::new();
         let mut pushers = Vec::new();
         let mut background = Vec::new();
         let mut homes = Vec::new();
         for pending in receivers {
-            let (generator, queue) = BlockGenerator::new(
+            let (generator, queue) = BlockGenerator::starting_at(
                 pending.stream,
+                first_seq.get(&pending.stream).copied().unwrap_or(0),
                 cfg.max_block_bytes,
                 cfg.block_queue,
                 cfg.rate_limit,
             );
             let generator = Arc::new(generator);
+            let durability = Arc::new(Durability::new());
             let home = Arc::new(AtomicUsize::new(pending.stream as usize % cfg.workers));
             pushers.push(tokio::spawn(push_blocks(
                 queue,
                 blocks.clone(),
                 home.clone(),
                 acked.clone(),
+                persistence.clone(),
+                durability.clone(),
             )));
             let g = generator.clone();
             let block_interval = cfg.block_interval;
@@ -554,11 +731,12 @@ impl StreamingContext {
                     }
                 }
             }));
-            (pending.start)(receivers_sup.clone(), generator.clone())
+            (pending.start)(receivers_sup.clone(), generator.clone(), durability.clone())
                 .await
                 .map_err(|e| start_err(&format!("receiver `{}`", pending.name), &e))?;
             homes.push((pending.name, home));
             generators.push(generator);
+            durabilities.push(durability);
         }
         background.push(tokio::spawn(watch_cluster(
             cluster_events,
@@ -570,11 +748,17 @@ impl StreamingContext {
         // Scheduler and runner.
         let (batch_tx, batch_rx) = mpsc::unbounded_channel();
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+        // Batches the previous run allocated but did not complete go first, unchanged.
+        for batch in rerun {
+            let _ = batch_tx.send(batch);
+        }
         background.push(tokio::spawn(schedule(
             cfg.batch_interval,
             acked,
             batch_tx,
             drain_rx,
+            last_batch,
+            persistence.clone(),
         )));
         let run = tokio::spawn(run_batches(
             batch_rx,
@@ -586,6 +770,7 @@ impl StreamingContext {
                 .unwrap_or_else(|| broadcast::channel(1).0),
             cfg.on_batch_failure,
             self.clone(),
+            persistence,
         ));
 
         // A failure escalated to the receivers' root ends the context.
@@ -608,6 +793,7 @@ impl StreamingContext {
             background,
             drain: Some(drain_tx),
             runner: Some(run),
+            durabilities,
         });
         tracing::info!(
             workers = cfg.workers,
@@ -632,6 +818,16 @@ impl StreamingContext {
             // Already stopping or stopped: keep the first outcome.
             return;
         };
+        if !graceful {
+            // Nothing more will be acknowledged: release receivers waiting in store_reliably
+            // (they must not ack their source), then stop them.
+            for p in running.pushers.drain(..) {
+                p.abort();
+            }
+            for d in &running.durabilities {
+                d.close();
+            }
+        }
         let _ = running.receivers.shutdown().await;
         if graceful {
             for g in &running.generators {
@@ -645,6 +841,9 @@ impl StreamingContext {
             }
             if let Some(runner) = running.runner.take() {
                 let _ = runner.await;
+            }
+            for d in &running.durabilities {
+                d.close();
             }
         } else {
             for g in &running.generators {
@@ -720,12 +919,15 @@ impl StreamingContext {
     }
 }
 
-/// Replicates each cut block and records it as acknowledged, in order.
+/// Replicates each cut block (and appends it to the write-ahead log, concurrently), logs it,
+/// records it as acknowledged, and settles its durability, in order.
 async fn push_blocks(
     mut queue: mpsc::Receiver<crate::block::Block>,
     blocks: BlockManager,
     home: Arc<AtomicUsize>,
     acked: Arc<Mutex<Vec<(BlockId, u32)>>>,
+    persistence: Persistence,
+    durability: Arc<Durability>,
 ) {
     while let Some(block) = queue.recv().await {
         let (id, records) = (block.id, block.records);
@@ -733,16 +935,196 @@ async fn push_blocks(
             Ok(p) => p,
             Err(_) => return,
         };
-        match blocks
-            .put(block, home.load(Ordering::Relaxed), Some(permit))
-            .await
-        {
-            Ok(_) => lock(&acked).push((id, records)),
+        let wal = persistence.wals.get(&id.stream).cloned();
+        let put = blocks.put(block.clone(), home.load(Ordering::Relaxed), Some(permit));
+        let (wal_result, put_result) = match wal {
+            Some(w) => {
+                let (a, b) = tokio::join!(w.append(block), put);
+                (a.map(|_| ()).map_err(|e| e.to_string()), b)
+            }
+            None => (Ok(()), put.await),
+        };
+        let outcome = match (wal_result, put_result) {
+            (Ok(()), Ok(_)) => persistence.log(move |m| m.added(id, records)).await,
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        match &outcome {
+            Ok(()) => lock(&acked).push((id, records)),
             Err(e) => {
-                tracing::error!(block = %id, records, error = %e, "block could not be stored")
+                tracing::error!(block = %id, records, error = %e, "block could not be made durable")
+            }
+        }
+        durability.settle(id.seq, outcome);
+    }
+}
+
+/// Opens the metadata log and the write-ahead logs, recovering what a previous run left.
+#[allow(clippy::type_complexity)]
+fn open_persistence(
+    cfg: &StreamingContextBuilder,
+    names: &[String],
+    streams: &[u32],
+) -> Result<
+    (
+        Persistence,
+        Option<(DriverState, Vec<crate::wal::Recovered>)>,
+    ),
+    ContextError,
+> {
+    let Some(dir) = &cfg.checkpoint_dir else {
+        return Ok((Persistence::default(), None));
+    };
+    let state = crate::checkpoint::load(dir, names)?;
+    let fresh = state.is_none();
+    let state = state.unwrap_or_default();
+    let mut wals = std::collections::HashMap::new();
+    let mut recovered = Vec::new();
+    if let Some(wcfg) = cfg.wal {
+        let storage: Arc<dyn Storage> = Arc::new(DirStorage::new(dir.join("wal")).map_err(
+            |e| CheckpointError::Unusable {
+                dir: dir.join("wal").display().to_string(),
+                reason: e.to_string(),
+            },
+        )?);
+        for &stream in streams {
+            let r = crate::wal::recover(storage.as_ref(), stream)?;
+            let live: Vec<(BlockId, Location)> = r
+                .blocks
+                .iter()
+                .filter(|(b, _)| !state.is_processed(b.id))
+                .map(|(b, l)| (b.id, l.clone()))
+                .collect();
+            let done: Vec<BlockId> = r
+                .blocks
+                .iter()
+                .filter(|(b, _)| state.is_processed(b.id))
+                .map(|(b, _)| b.id)
+                .collect();
+            let wal = Wal::open(storage.clone(), stream, wcfg, r.next_segment, &live);
+            if !done.is_empty() {
+                wal.processed(done);
+            }
+            wals.insert(stream, Arc::new(wal));
+            recovered.push(r);
+        }
+    }
+    let meta = MetadataLog::open(dir, names, state.clone())?;
+    let persistence = Persistence {
+        meta: Some(Arc::new(Mutex::new(meta))),
+        wals: Arc::new(wals),
+    };
+    Ok((persistence, (!fresh).then_some((state, recovered))))
+}
+
+type Rerun = Vec<(BatchId, SystemTime, BatchBlocks)>;
+
+/// Puts recovered blocks back on the workers; returns the batches to run again, the first
+/// block sequence number of each stream, the last batch id, and the report.
+async fn restore(
+    recovered: Option<(DriverState, Vec<crate::wal::Recovered>)>,
+    blocks: &BlockManager,
+    acked: &Arc<Mutex<Vec<(BlockId, u32)>>>,
+    workers: usize,
+) -> (
+    Rerun,
+    std::collections::HashMap<u32, u64>,
+    u64,
+    Option<RecoveryReport>,
+) {
+    let mut first_seq = std::collections::HashMap::new();
+    let Some((state, wal)) = recovered else {
+        return (Vec::new(), first_seq, 0, None);
+    };
+    let mut report = RecoveryReport::default();
+    let mut in_wal: std::collections::BTreeMap<BlockId, crate::block::Block> = Default::default();
+    for r in wal {
+        report.truncated_segments.extend(r.truncated);
+        for (b, _) in r.blocks {
+            let next = first_seq.entry(b.id.stream).or_insert(0);
+            *next = (*next).max(b.id.seq + 1);
+            if !state.is_processed(b.id) {
+                in_wal.insert(b.id, b);
             }
         }
     }
+    for (stream, seq) in &state.max_seq {
+        let next = first_seq.entry(*stream).or_insert(0);
+        *next = (*next).max(seq + 1);
+    }
+    for (stream, seq) in &state.processed_through {
+        let next = first_seq.entry(*stream).or_insert(0);
+        *next = (*next).max(seq + 1);
+    }
+    fn restore_one(
+        in_wal: &mut std::collections::BTreeMap<BlockId, crate::block::Block>,
+        id: BlockId,
+        records: u32,
+        report: &mut RecoveryReport,
+    ) -> Option<crate::block::Block> {
+        match in_wal.remove(&id) {
+            Some(block) => {
+                report.recovered_blocks += 1;
+                report.recovered_records += u64::from(records);
+                Some(block)
+            }
+            None => {
+                report.lost_blocks += 1;
+                report.lost_records += u64::from(records);
+                None
+            }
+        }
+    }
+    let mut rerun = Vec::new();
+    let mut to_put = Vec::new();
+    for (id, alloc) in &state.pending {
+        let mut bb = BatchBlocks::default();
+        for &(stream, seq, records) in &alloc.blocks {
+            let bid = BlockId { stream, seq };
+            if let Some(block) = restore_one(&mut in_wal, bid, records, &mut report) {
+                to_put.push(block);
+            }
+            bb.by_stream.entry(stream).or_default().push((bid, records));
+        }
+        report.rerun_batches.push(BatchId(*id));
+        rerun.push((
+            BatchId(*id),
+            UNIX_EPOCH + Duration::from_millis(alloc.time_ms),
+            bb,
+        ));
+    }
+    // Acknowledged but not allocated: from the log, and whatever else the WAL holds.
+    let mut unallocated: std::collections::BTreeMap<BlockId, u32> = state
+        .unallocated
+        .iter()
+        .map(|((stream, seq), records)| {
+            (
+                BlockId {
+                    stream: *stream,
+                    seq: *seq,
+                },
+                *records,
+            )
+        })
+        .collect();
+    for (id, b) in &in_wal {
+        unallocated.insert(*id, b.records);
+    }
+    for (id, records) in unallocated {
+        if let Some(block) = restore_one(&mut in_wal, id, records, &mut report) {
+            to_put.push(block);
+        }
+        // A lost block still goes into the next batch, which reports it lost and lets the
+        // log record it as processed.
+        lock(acked).push((id, records));
+    }
+    for block in to_put {
+        let home = block.id.stream as usize % workers.max(1);
+        if let Err(e) = blocks.put(block, home, None).await {
+            tracing::error!(error = %e, "could not restore a recovered block");
+        }
+    }
+    (rerun, first_seq, state.last_batch, Some(report))
 }
 
 /// Worker losses: re-place the receivers that were on the dead worker and restart them there.
@@ -782,8 +1164,11 @@ async fn schedule(
     acked: Arc<Mutex<Vec<(BlockId, u32)>>>,
     batches: mpsc::UnboundedSender<(BatchId, SystemTime, BatchBlocks)>,
     mut drain: tokio::sync::oneshot::Receiver<()>,
+    after_ms: u64,
+    persistence: Persistence,
 ) {
-    let start_sys = SystemTime::now();
+    // New batch ids come after every id a previous run used.
+    let start_sys = SystemTime::now().max(UNIX_EPOCH + Duration::from_millis(after_ms + 1));
     let start = tokio::time::Instant::now();
     let mut k: u32 = 0;
     loop {
@@ -810,13 +1195,30 @@ async fn schedule(
         for v in b.by_stream.values_mut() {
             v.sort_by_key(|(id, _)| id.seq);
         }
-        if batches.send((batch_id(time), time, b)).is_err() || draining {
+        let id = batch_id(time);
+        if b.len() > 0 {
+            let alloc = Allocation {
+                id: id.0,
+                time_ms: id.0,
+                blocks: b
+                    .by_stream
+                    .values()
+                    .flatten()
+                    .map(|(bid, r)| (bid.stream, bid.seq, *r))
+                    .collect(),
+            };
+            if let Err(e) = persistence.log(move |m| m.allocated(alloc)).await {
+                tracing::error!(%id, error = %e, "could not log the batch allocation");
+            }
+        }
+        if batches.send((id, time, b)).is_err() || draining {
             return;
         }
     }
 }
 
 /// Runs batches in order: every output operation, then frees the blocks and reports.
+#[allow(clippy::too_many_arguments)] // the runner's whole context, passed once at start
 async fn run_batches(
     mut batches: mpsc::UnboundedReceiver<(BatchId, SystemTime, BatchBlocks)>,
     outputs: Vec<OutputFn>,
@@ -825,6 +1227,7 @@ async fn run_batches(
     reports: broadcast::Sender<BatchInfo>,
     policy: OnBatchFailure,
     ctx: StreamingContext,
+    persistence: Persistence,
 ) {
     while let Some((id, time, batch)) = batches.recv().await {
         let started = SystemTime::now();
@@ -844,7 +1247,15 @@ async fn run_batches(
             }
         }
         let all = batch.all_ids();
+        if batch.len() > 0 {
+            // Completed (or failed and given up on): logged before its blocks are released,
+            // so that a crash in between re-runs it rather than losing it.
+            if let Err(e) = persistence.log(move |m| m.completed(id.0)).await {
+                tracing::error!(%id, error = %e, "could not log the batch completion");
+            }
+        }
         blocks.free(&all);
+        persistence.processed(&all);
         let ended = SystemTime::now();
         let stats = std::mem::take(&mut *lock(&run.stats));
         let lost_records: u64 = batch

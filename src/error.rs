@@ -139,6 +139,13 @@ pub enum StoreError {
         /// How many records of the call were not stored.
         unstored: usize,
     },
+    /// The records were stored but could not be made durable (a write-ahead log or
+    /// replication failure): do not acknowledge the source; it should send them again.
+    #[error("the records could not be made durable: {reason}")]
+    NotDurable {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Any Tributary error.

@@ -117,7 +117,7 @@ pub mod batch;
 pub mod block;
 mod block_generator;
 mod block_manager;
-#[allow(dead_code)] // wired into the context next
+
 pub mod checkpoint;
 mod context;
 mod error;

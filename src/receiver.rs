@@ -111,6 +111,16 @@ impl<R: Receiver> ReceiverContext<R> {
         self.store.store_many(records).await
     }
 
+    /// Stores records and resolves once they are durable (replicated `k` times and, with the
+    /// write-ahead log on, synced): only then acknowledge the source. See
+    /// [`Store::store_reliably`].
+    pub async fn store_reliably<I>(&self, records: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = R::Record>,
+    {
+        self.store.store_reliably(records).await
+    }
+
     /// The store handle itself, e.g. to give to a task that the receiver spawns.
     pub fn store_handle(&self) -> &Store<R::Record> {
         &self.store

@@ -38,11 +38,80 @@ pub struct Store<T> {
 #[derive(Debug)]
 enum Inner<T> {
     Channel(mpsc::Sender<T>),
-
     Blocks {
         generator: Arc<BlockGenerator>,
+        durability: Arc<Durability>,
         encode: fn(&T, &mut BytesMut),
     },
+}
+
+/// Which blocks of one stream are durable (acknowledged: replicated `k` times and, with the
+/// write-ahead log, synced). Blocks are acknowledged in sequence order.
+#[derive(Debug)]
+pub(crate) struct Durability {
+    closed: std::sync::atomic::AtomicBool,
+    through: tokio::sync::watch::Sender<Option<u64>>,
+    failed: std::sync::Mutex<std::collections::BTreeMap<u64, String>>,
+}
+
+impl Durability {
+    pub(crate) fn new() -> Self {
+        Durability {
+            closed: std::sync::atomic::AtomicBool::new(false),
+            through: tokio::sync::watch::channel(None).0,
+            failed: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Block `seq` was handled: durable (`Ok`) or not (`Err(reason)`).
+    pub(crate) fn settle(&self, seq: u64, outcome: Result<(), String>) {
+        if let Err(reason) = outcome {
+            if let Ok(mut f) = self.failed.lock() {
+                f.insert(seq, reason);
+                // Keep the map small: waiters look at recent blocks only.
+                while f.len() > 1024 {
+                    f.pop_first();
+                }
+            }
+        }
+        self.through
+            .send_modify(|t| *t = Some(t.map_or(seq, |x| x.max(seq))));
+    }
+
+    /// No more blocks will be settled (the pipeline stopped): waiters return an error.
+    pub(crate) fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.through.send_modify(|_| {});
+    }
+
+    /// Waits until blocks up to `seq` are settled; errors if any of the blocks from `from`
+    /// (which hold the caller's records) failed, or if the pipeline shuts down first.
+    pub(crate) async fn wait(&self, from: u64, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.through.subscribe();
+        let closed = &self.closed;
+        let settled = rx
+            .wait_for(|t| {
+                t.is_some_and(|t| t >= seq) || closed.load(std::sync::atomic::Ordering::Acquire)
+            })
+            .await
+            .map(|t| t.is_some_and(|t| t >= seq))
+            .unwrap_or(false);
+        if !settled {
+            return Err(StoreError::NotDurable {
+                reason: "the pipeline stopped before the records were acknowledged".into(),
+            });
+        }
+        let failed = self
+            .failed
+            .lock()
+            .ok()
+            .and_then(|f| f.range(from..=seq).next().map(|(_, r)| r.clone()));
+        match failed {
+            Some(reason) => Err(StoreError::NotDurable { reason }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<T> Clone for Store<T> {
@@ -50,8 +119,13 @@ impl<T> Clone for Store<T> {
         Store {
             inner: match &self.inner {
                 Inner::Channel(tx) => Inner::Channel(tx.clone()),
-                Inner::Blocks { generator, encode } => Inner::Blocks {
+                Inner::Blocks {
+                    generator,
+                    durability,
+                    encode,
+                } => Inner::Blocks {
                     generator: generator.clone(),
+                    durability: durability.clone(),
                     encode: *encode,
                 },
             },
@@ -61,10 +135,11 @@ impl<T> Clone for Store<T> {
 
 impl<T: Record> Store<T> {
     /// A store feeding a block generator (the streaming pipeline).
-    pub(crate) fn blocks(generator: Arc<BlockGenerator>) -> Store<T> {
+    pub(crate) fn blocks(generator: Arc<BlockGenerator>, durability: Arc<Durability>) -> Store<T> {
         Store {
             inner: Inner::Blocks {
                 generator,
+                durability,
                 encode: encode_framed::<T>,
             },
         }
@@ -93,7 +168,9 @@ impl<T: Send + 'static> Store<T> {
                 .send(record)
                 .await
                 .map_err(|_| StoreError::Closed { unstored: 1 }),
-            Inner::Blocks { generator, encode } => generator.store_iter([record], encode).await,
+            Inner::Blocks {
+                generator, encode, ..
+            } => generator.store_iter([record], encode).await,
         }
     }
 
@@ -115,7 +192,36 @@ impl<T: Send + 'static> Store<T> {
                 }
                 Ok(())
             }
-            Inner::Blocks { generator, encode } => generator.store_iter(records, encode).await,
+            Inner::Blocks {
+                generator, encode, ..
+            } => generator.store_iter(records, encode).await,
+        }
+    }
+
+    /// Stores `records` and resolves only once the block(s) holding them are durable:
+    /// replicated `k` times and, with the write-ahead log on, synced to disk. Only then may a
+    /// receiver acknowledge its source. Cuts the current block early (call it with many
+    /// records at once, not one by one).
+    ///
+    /// For a channel-backed store (no pipeline), resolves once the records are in the channel.
+    pub async fn store_reliably<I>(&self, records: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = T>,
+    {
+        match &self.inner {
+            Inner::Channel(_) => self.store_many(records).await,
+            Inner::Blocks {
+                generator,
+                durability,
+                encode,
+            } => {
+                let before = generator.cut_now().await?.map_or(0, |s| s + 1);
+                generator.store_iter(records, encode).await?;
+                match generator.cut_now().await? {
+                    Some(last) if last >= before => durability.wait(before, last).await,
+                    _ => Ok(()), // nothing was stored
+                }
+            }
         }
     }
 
