@@ -154,3 +154,35 @@ fn without_the_wal_the_loss_is_reported_not_hidden() {
     let conflicts = std::fs::read_dir(out.join("conflicts")).unwrap().count();
     assert_eq!(conflicts, 0);
 }
+
+#[test]
+fn a_graceful_stop_then_restart_loses_and_duplicates_nothing() {
+    let bin = child_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, out) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    for _ in 0..3 {
+        let status = spawn(&bin, &dir, &out, true, 0.7).wait().unwrap();
+        assert!(status.success());
+    }
+    let acked = acked(&out);
+    assert!(acked > 0);
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(out.join("batches")).unwrap() {
+        let path = entry.unwrap().path();
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            all.push(line.parse::<u64>().unwrap());
+        }
+    }
+    all.sort_unstable();
+    let unique = {
+        let mut u = all.clone();
+        u.dedup();
+        u
+    };
+    assert_eq!(all.len(), unique.len(), "no record in two batches");
+    assert_eq!(
+        unique,
+        (0..acked).collect::<Vec<_>>(),
+        "exactly the acknowledged records"
+    );
+}
