@@ -19,8 +19,9 @@
 //! supervision trees ([`Supervisor`], [`Strategy`], [`Directive`]) with restart limits, backoff
 //! and an event stream; and the in-process block pipeline: a [`StreamingContext`] cuts stored
 //! records into [`Block`]s, replicates them on `k` workers, and runs the user's [`DStream`]
-//! operations on supervised executors every batch interval. The write-ahead log and driver
-//! recovery are not built yet.
+//! operations on supervised executors every batch interval; with a checkpoint directory and the
+//! [`wal`] (write-ahead log), acknowledged records survive a killed process
+//! ([`StreamingContext::get_or_create`], [`Store::store_reliably`]).
 //!
 //! ## Directives
 //!
@@ -132,7 +133,9 @@ pub mod wal;
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, DecodeError, Record};
 pub use block_manager::BlockError;
-pub use context::{ContextError, OnBatchFailure, StreamingContext, StreamingContextBuilder};
+pub use context::{
+    ContextError, OnBatchFailure, RecoveryReport, StreamingContext, StreamingContextBuilder,
+};
 pub use error::{
     BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
 };

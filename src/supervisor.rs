@@ -10,7 +10,7 @@
 //! ```
 //!
 //! * A child's failure is decided by its supervisor's strategy, in the child (see
-//!   [`link`](self::link)): Resume and Restart happen in place, so the child's [`ReceiverRef`]
+//!   `link.rs`): Resume and Restart happen in place, so the child's [`ReceiverRef`]
 //!   and mailbox survive them.
 //! * **Escalate**: the child suspends (its new messages wait, in order) and sends its error to
 //!   the supervisor. The supervisor then fails with that same error: its own supervisor's

@@ -1,6 +1,6 @@
 //! Telemetry: metric names and the named events that write them.
 //!
-//! Every supervision decision is one [`SupervisionEvent`]; its [`SupervisionEvent::emit`] writes a
+//! Every supervision decision is one [`SupervisionEvent`]; its `emit` writes a
 //! `tracing` line, bumps the metrics below (through the `metrics` facade: install any recorder to
 //! collect them) and publishes the event on the tree's broadcast stream
 //! ([`SupervisorHandle::subscribe`](crate::SupervisorHandle::subscribe)). Events are emitted per
