@@ -815,7 +815,13 @@ impl StreamingContext {
 
     async fn finish(&self, outcome: Result<(), ContextError>, graceful: bool) {
         let Some(mut running) = lock(&self.inner.running).take() else {
-            // Already stopping or stopped: keep the first outcome.
+            // Never started: it ends here (and cannot be started any more). Otherwise it is
+            // already stopping or stopped: keep the first outcome.
+            let mut d = lock(&self.inner.defined);
+            if !d.started {
+                d.started = true;
+                self.inner.termination.send_replace(Some(outcome));
+            }
             return;
         };
         if !graceful {

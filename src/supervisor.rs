@@ -203,15 +203,7 @@ impl SupervisorHandle {
         let name = spec.name.clone();
         let spawn: SpawnFn = Box::new(move |cx: SpawnCx| {
             Box::pin(async move {
-                let path: Arc<str> = format!("{}/{}", cx.path, spec.name).into();
-                let link = ChildLink::new(
-                    cx.path.clone(),
-                    path.clone(),
-                    cx.strategy.clone(),
-                    cx.myself.clone(),
-                    spec.backoff,
-                    cx.bus.clone(),
-                );
+                let (path, link) = cx.link(&spec.name, spec.backoff);
                 let shared = link.shared.clone();
                 let args = HostArgs {
                     store: spec.store,
@@ -256,15 +248,7 @@ impl SupervisorHandle {
         let name = spec.name.clone();
         let spawn: SpawnFn = Box::new(move |cx: SpawnCx| {
             Box::pin(async move {
-                let path: Arc<str> = format!("{}/{}", cx.path, spec.name).into();
-                let link = ChildLink::new(
-                    cx.path.clone(),
-                    path.clone(),
-                    cx.strategy.clone(),
-                    cx.myself.clone(),
-                    spec.backoff,
-                    cx.bus.clone(),
-                );
+                let (path, link) = cx.link(&spec.name, spec.backoff);
                 let shared = link.shared.clone();
                 let (exit_tx, exit_rx) = watch::channel(None);
                 let args = SupArgs {
@@ -409,6 +393,22 @@ pub(crate) struct SpawnCx {
     path: Arc<str>,
     strategy: Arc<Strategy>,
     bus: EventBus,
+}
+
+impl SpawnCx {
+    /// The path and the link to this supervisor of a new child named `name`.
+    fn link(&self, name: &str, backoff: Option<Backoff>) -> (Arc<str>, ChildLink) {
+        let path: Arc<str> = format!("{}/{}", self.path, name).into();
+        let link = ChildLink::new(
+            self.path.clone(),
+            path.clone(),
+            self.strategy.clone(),
+            self.myself.clone(),
+            backoff,
+            self.bus.clone(),
+        );
+        (path, link)
+    }
 }
 
 /// Messages of the supervisor actor.

@@ -75,3 +75,18 @@ async fn streams_cannot_be_added_after_start_and_names_are_unique() {
     // Stopping twice is harmless and reports the same outcome.
     ctx.stop(true).await.unwrap();
 }
+
+#[tokio::test]
+async fn stopping_a_context_that_never_started_ends_it() {
+    let ctx = StreamingContext::builder().build().unwrap();
+    let s = ctx.receiver_stream("a", SyntheticReceiver::new()).unwrap();
+    s.count().for_each_batch(|_| {}).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ctx.stop(true))
+        .await
+        .expect("stop returns")
+        .unwrap();
+    assert!(matches!(
+        ctx.start().await,
+        Err(ContextError::AlreadyStarted)
+    ));
+}
