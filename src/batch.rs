@@ -110,6 +110,9 @@ pub(crate) enum AttemptError {
 pub(crate) enum ExecMsg {
     Run {
         block: BlockId,
+        /// Live workers holding a replica; the executor reads from its own worker when it is
+        /// one of them, from the first otherwise (a remote read).
+        locations: Vec<WorkerId>,
         work: TaskFn,
         reply: oneshot::Sender<Result<Box<dyn Any + Send>, AttemptError>>,
     },
@@ -136,8 +139,18 @@ impl Receiver for Executor {
         msg: ExecMsg,
         done: &mut u64,
     ) -> Result<(), BoxError> {
-        let ExecMsg::Run { block, work, reply } = msg;
-        let Some(block) = self.blocks.get_from(self.worker, block).await else {
+        let ExecMsg::Run {
+            block,
+            locations,
+            work,
+            reply,
+        } = msg;
+        let from = if locations.contains(&self.worker) || locations.is_empty() {
+            self.worker
+        } else {
+            locations[0]
+        };
+        let Some(block) = self.blocks.get_from(from, block).await else {
             let _ = reply.send(Err(AttemptError::NotLocal));
             return Ok(());
         };
@@ -157,6 +170,17 @@ pub(crate) struct TaskRunner {
     pub(crate) blocks: BlockManager,
     pub(crate) attempts: u32,
     next: Arc<AtomicUsize>,
+    /// Tasks sent to each executor and not answered yet.
+    in_flight: Arc<Vec<AtomicUsize>>,
+}
+
+/// Decrements an executor's in-flight count when the attempt ends, however it ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Output of running one stream's tasks over a batch.
@@ -173,8 +197,10 @@ impl TaskRunner {
         blocks: BlockManager,
         attempts: u32,
     ) -> Self {
+        let in_flight = Arc::new((0..executors.len()).map(|_| AtomicUsize::new(0)).collect());
         TaskRunner {
             executors: Arc::new(executors),
+            in_flight,
             blocks,
             attempts,
             next: Arc::new(AtomicUsize::new(0)),
@@ -218,13 +244,16 @@ impl TaskRunner {
             if locations.is_empty() {
                 return Ok((None, attempt));
             }
-            let Some(exec) = self.pick(&locations, &tried) else {
+            let Some(exec) = self.pick(&locations, &tried, attempt == 0) else {
                 return Err(BatchError::NoExecutor);
             };
             tried.push(exec);
+            self.in_flight[exec].fetch_add(1, Ordering::Relaxed);
+            let _in_flight = InFlight(&self.in_flight[exec]);
             let (tx, rx) = oneshot::channel();
             let msg = ExecMsg::Run {
                 block,
+                locations: locations.clone(),
                 work: work.clone(),
                 reply: tx,
             };
@@ -248,9 +277,11 @@ impl TaskRunner {
         })
     }
 
-    /// A running executor whose worker holds a replica, preferring ones not tried yet;
-    /// round-robin among equals.
-    fn pick(&self, locations: &[WorkerId], tried: &[usize]) -> Option<usize> {
+    /// The executor for an attempt. First attempt: the least busy running executor,
+    /// preferring one whose worker holds a replica (others read the block remotely), so that
+    /// every executor works even when all replicas sit on one worker (k = 1). Retries: a
+    /// running executor whose worker holds a replica, not tried yet if possible.
+    fn pick(&self, locations: &[WorkerId], tried: &[usize], first: bool) -> Option<usize> {
         let n = self.executors.len();
         if n == 0 {
             return None;
@@ -259,6 +290,12 @@ impl TaskRunner {
         let order = (0..n).map(|i| (start + i) % n);
         let running = |e: &usize| self.executors[*e].1.is_running();
         let local = |e: &usize| locations.contains(&self.executors[*e].0);
+        if first {
+            let load = |e: &usize| (self.in_flight[*e].load(Ordering::Relaxed), !local(e));
+            if let Some(e) = order.clone().filter(running).min_by_key(load) {
+                return Some(e);
+            }
+        }
         order
             .clone()
             .find(|e| running(e) && local(e) && !tried.contains(e))
