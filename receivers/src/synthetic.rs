@@ -114,19 +114,57 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
 }
 
 fn make_record(seq: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> String {
+    let mut head = Vec::with_capacity(31);
+    push_digits(&mut head, seq, 13);
+    head.push(b' ');
+    push_digits(&mut head, now_us, 16);
+    head.push(b' ');
+    record_with_head(&head, rng)
+}
+
+/// A record from its first 31 bytes (sequence, space, timestamp, space) and ten random words.
+fn record_with_head(head: &[u8], rng: &mut fastrand_lite::Rng) -> String {
     let mut s = Vec::with_capacity(RECORD_LEN);
-    push_digits(&mut s, seq, 13);
-    s.push(b' ');
-    push_digits(&mut s, now_us, 16);
-    for _ in 0..10 {
+    s.extend_from_slice(head);
+    for k in 0..10 {
         let i = rng.u8();
-        s.push(b' ');
+        if k > 0 {
+            s.push(b' ');
+        }
         s.extend_from_slice(PREFIX[(i >> 4) as usize].as_bytes());
         s.extend_from_slice(SUFFIX[(i & 15) as usize].as_bytes());
     }
     debug_assert_eq!(s.len(), RECORD_LEN);
     // Only ASCII digits, spaces and ASCII letters were written.
     String::from_utf8(s).unwrap_or_default()
+}
+
+/// Adds one to a run of ASCII decimal digits in place (wrapping to zeros past all nines).
+fn increment_digits(digits: &mut [u8]) {
+    for d in digits.iter_mut().rev() {
+        if *d == b'9' {
+            *d = b'0';
+        } else {
+            *d += 1;
+            return;
+        }
+    }
+}
+
+/// `n` records from sequence number `first`, all with creation time `now_us`: the header is
+/// formatted once and its sequence digits incremented in place.
+fn make_records(first: u64, n: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> Vec<String> {
+    let mut head = Vec::with_capacity(31);
+    push_digits(&mut head, first, 13);
+    head.push(b' ');
+    push_digits(&mut head, now_us, 16);
+    head.push(b' ');
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        out.push(record_with_head(&head, rng));
+        increment_digits(&mut head[..13]);
+    }
+    out
 }
 
 /// A tiny xorshift generator (deterministic per receiver; no dependency needed for this).
@@ -206,9 +244,7 @@ impl Receiver for SyntheticReceiver {
             .unwrap_or(0);
         let first = self.next_seq.load(Ordering::SeqCst);
         let mut rng = fastrand_lite::Rng::new(st.rng_state);
-        let records: Vec<String> = (first..first + n)
-            .map(|seq| make_record(seq, now_us, &mut rng))
-            .collect();
+        let records = make_records(first, n, now_us, &mut rng);
         st.rng_state = rng.0;
         match self.mode {
             StoreMode::Many => ctx.store_many(records).await?,
@@ -229,6 +265,19 @@ impl Receiver for SyntheticReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_generation_matches_one_by_one_generation() {
+        let (mut a, mut b) = (fastrand_lite::Rng::new(9), fastrand_lite::Rng::new(9));
+        let batch = make_records(99_998, 5, 1_732_482_000_123_456, &mut a);
+        for (i, r) in batch.iter().enumerate() {
+            assert_eq!(
+                r,
+                &make_record(99_998 + i as u64, 1_732_482_000_123_456, &mut b)
+            );
+        }
+        assert!(batch[2].starts_with("0000000100000 "), "{}", batch[2]);
+    }
 
     #[test]
     fn records_are_exactly_100_bytes_and_parse_back() {
