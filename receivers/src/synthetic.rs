@@ -113,6 +113,7 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     }
 }
 
+#[cfg(test)]
 fn make_record(seq: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> String {
     let mut head = Vec::with_capacity(31);
     push_digits(&mut head, seq, 13);
