@@ -74,10 +74,8 @@ async fn main() -> anyhow::Result<()> {
                 .on_when(
                     "bad line",
                     |e| {
-                        matches!(
-                            e.downcast_ref::<SocketError>(),
-                            Some(SocketError::LineTooLong { .. } | SocketError::InvalidUtf8 { .. })
-                        )
+                        e.downcast_ref::<SocketError>()
+                            .is_some_and(SocketError::is_bad_line)
                     },
                     Directive::Resume,
                 )

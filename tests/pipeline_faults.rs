@@ -35,6 +35,34 @@ fn drain(reports: &mut tokio::sync::broadcast::Receiver<BatchInfo>) -> Vec<Batch
     std::iter::from_fn(|| reports.try_recv().ok()).collect()
 }
 
+/// Starts a job with long (5 s) batches, generates `n` records, and returns once they are all
+/// acknowledged and none processed yet.
+async fn generate_then_hold(
+    workers: usize,
+    k: usize,
+    n: u64,
+) -> (
+    StreamingContext,
+    Seqs,
+    tokio::sync::broadcast::Receiver<BatchInfo>,
+) {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(5))
+        .block_interval(Duration::from_millis(20))
+        .workers(workers)
+        .replication(k)
+        .build()
+        .unwrap();
+    let source = SyntheticReceiver::new().limit(n).chunk(500);
+    let seqs = collect(&ctx, &source);
+    let reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    wait_until("all generated", || source.generated() >= n).await;
+    // Let the last blocks be cut and acknowledged.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (ctx, seqs, reports)
+}
+
 fn assert_exactly_once(seqs: &Seqs, n: u64) {
     let mut got = seqs.lock().unwrap().clone();
     assert_eq!(got.len() as u64, n, "count");
@@ -47,21 +75,8 @@ fn assert_exactly_once(seqs: &Seqs, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_loss_with_k2_loses_nothing_and_restores_k_replicas() {
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(5))
-        .block_interval(Duration::from_millis(20))
-        .workers(3)
-        .replication(2)
-        .build()
-        .unwrap();
     let n = 30_000;
-    let source = SyntheticReceiver::new().limit(n).chunk(500);
-    let seqs = collect(&ctx, &source);
-    let mut reports = ctx.subscribe_batches();
-    ctx.start().await.unwrap();
-    wait_until("all generated", || source.generated() >= n).await;
-    // Let the last blocks be cut and acknowledged.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (ctx, seqs, mut reports) = generate_then_hold(3, 2, n).await;
     let before = ctx.block_locations();
     assert!(
         before.iter().any(|(_, at)| at.contains(&0)),
@@ -85,21 +100,8 @@ async fn worker_loss_with_k2_loses_nothing_and_restores_k_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(5))
-        .block_interval(Duration::from_millis(20))
-        .workers(2)
-        .replication(1)
-        .build()
-        .unwrap();
     let n = 30_000;
-    let source = SyntheticReceiver::new().limit(n).chunk(500);
-    let seqs = collect(&ctx, &source);
-    let mut reports = ctx.subscribe_batches();
-    ctx.start().await.unwrap();
-    wait_until("all generated", || source.generated() >= n).await;
-    // Let the last blocks be cut and acknowledged.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (ctx, seqs, mut reports) = generate_then_hold(2, 1, n).await;
     let on_worker_0 = ctx
         .block_locations()
         .iter()

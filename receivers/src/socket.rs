@@ -59,6 +59,17 @@ pub enum SocketError {
     },
 }
 
+impl SocketError {
+    /// Whether this is about one bad line (too long, not UTF-8) rather than the connection:
+    /// such a line was skipped and the connection is fine, so Resume is the usual directive.
+    pub fn is_bad_line(&self) -> bool {
+        matches!(
+            self,
+            SocketError::LineTooLong { .. } | SocketError::InvalidUtf8 { .. }
+        )
+    }
+}
+
 /// Stores every line read from a TCP connection.
 #[derive(Debug, Clone)]
 pub struct SocketTextReceiver {

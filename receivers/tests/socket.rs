@@ -15,10 +15,8 @@ fn strategy() -> Strategy {
         .on_when(
             "bad line",
             |e| {
-                matches!(
-                    e.downcast_ref::<SocketError>(),
-                    Some(SocketError::LineTooLong { .. } | SocketError::InvalidUtf8 { .. })
-                )
+                e.downcast_ref::<SocketError>()
+                    .is_some_and(SocketError::is_bad_line)
             },
             Directive::Resume,
         )
