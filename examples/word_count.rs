@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{BatchId, Directive, Strategy, StreamingContext};
-use tributary_receivers::socket::{SocketError, SocketTextReceiver};
+use tributary::{BatchId, StreamingContext};
+use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
 #[derive(Parser, Debug)]
@@ -69,19 +69,7 @@ async fn main() -> anyhow::Result<()> {
         .workers(args.workers)
         .replication(args.replication)
         // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
-        .receiver_strategy(|| {
-            Strategy::one_for_one(10, Duration::from_secs(60))
-                .on_when(
-                    "bad line",
-                    |e| {
-                        e.downcast_ref::<SocketError>()
-                            .is_some_and(SocketError::is_bad_line)
-                    },
-                    Directive::Resume,
-                )
-                .otherwise(Directive::Restart)
-                .on_limit_exceeded(Directive::Escalate)
-        })
+        .receiver_strategy(recommended_strategy)
         .build()?;
 
     let words = match &args.socket {

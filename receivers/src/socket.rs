@@ -70,6 +70,25 @@ impl SocketError {
     }
 }
 
+/// The strategy this receiver is meant to run under: a bad line (too long, not UTF-8) is
+/// skipped (Resume), any other [`SocketError`] reconnects (Restart, with the spec's backoff),
+/// anything else escalates, as does exceeding 10 restarts per minute.
+pub fn recommended_strategy() -> tributary::Strategy {
+    use tributary::{Directive, Strategy};
+    Strategy::one_for_one(10, std::time::Duration::from_secs(60))
+        .on_when(
+            "bad line",
+            |e| {
+                e.downcast_ref::<SocketError>()
+                    .is_some_and(SocketError::is_bad_line)
+            },
+            Directive::Resume,
+        )
+        .on::<SocketError>(Directive::Restart)
+        .otherwise(Directive::Escalate)
+        .on_limit_exceeded(Directive::Escalate)
+}
+
 /// Stores every line read from a TCP connection.
 #[derive(Debug, Clone)]
 pub struct SocketTextReceiver {

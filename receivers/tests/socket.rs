@@ -6,22 +6,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tributary::testing::next_event;
 use tributary::{Backoff, Directive, EventKind, ReceiverSpec, Store, Strategy, Supervisor};
-use tributary_receivers::socket::{SocketError, SocketTextReceiver};
+use tributary_receivers::socket::{recommended_strategy, SocketError, SocketTextReceiver};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
 fn strategy() -> Strategy {
-    Strategy::one_for_one(10, Duration::from_secs(60))
-        .on_when(
-            "bad line",
-            |e| {
-                e.downcast_ref::<SocketError>()
-                    .is_some_and(SocketError::is_bad_line)
-            },
-            Directive::Resume,
-        )
-        .on::<SocketError>(Directive::Restart)
-        .otherwise(Directive::Escalate)
+    recommended_strategy()
 }
 
 async fn recv_n(rx: &mut tokio::sync::mpsc::Receiver<String>, n: usize) -> Vec<String> {
