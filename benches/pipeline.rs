@@ -4,7 +4,7 @@
 //! sequence number, 16-digit creation time in epoch µs, ten six-letter words from a 256-word
 //! vocabulary), from the synthetic receiver. The batch job is one pass (one task per block)
 //! that counts records, parses the sequence number and timestamp, and counts words, all as one
-//! `reduce_by_key` over small inline keys (no allocation per word).
+//! `reduce_by_key` over `u128` keys (no allocation per word).
 //!
 //! One JSON object per line:
 //! * `throughput_store_many_k1`, `throughput_store_many_k2`, `throughput_store_k2`: records
@@ -21,49 +21,52 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tributary::{BatchInfo, StreamingContext};
+use tributary::{BatchInfo, ByteString, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
-/// A word of up to 16 bytes, stored inline as one `u128` (no allocation per word; hashed and
-/// compared as one integer). Longer words are truncated, which the fixed vocabulary never needs.
+/// A key of the word-count job in one `u128` (hashed and compared as one integer, no
+/// allocation per word). A word of up to 16 ASCII bytes is stored as its bytes, little-endian,
+/// so bit 127 is clear (longer words are truncated, which the fixed vocabulary never needs);
+/// the job's other keys set bit 127.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Word(u128);
+struct Key(u128);
 
-impl Word {
-    fn new(s: &[u8]) -> Word {
-        let mut bytes = [0u8; 16];
-        let len = s.len().min(16);
-        bytes[..len].copy_from_slice(&s[..len]);
-        Word(u128::from_le_bytes(bytes))
+const TAG: u128 = 1 << 127;
+
+impl Key {
+    /// Every record adds 1 here.
+    const RECORDS: Key = Key(TAG);
+    /// Every record adds its sequence number plus its creation time here (so both are parsed
+    /// and used).
+    const SEQ_PLUS_TIME: Key = Key(TAG | 1);
+
+    fn word(w: &[u8]) -> Key {
+        // Built byte by byte: copying into a [u8; 16] and reading it back as one u128 makes the
+        // CPU stall on store forwarding, which cost more than the hash lookup itself.
+        let mut k = 0u128;
+        for (i, c) in w.iter().take(16).enumerate() {
+            k |= u128::from(*c) << (8 * i);
+        }
+        Key(k & !TAG)
+    }
+
+    /// Records created in millisecond `ms` (latency runs only).
+    fn created_ms(ms: u64) -> Key {
+        Key(TAG | (1 << 64) | u128::from(ms))
+    }
+
+    fn is_word(self) -> bool {
+        self.0 & TAG == 0
+    }
+
+    fn created(self) -> Option<u64> {
+        (self.0 & (TAG | (1 << 64)) == TAG | (1 << 64)).then_some(self.0 as u64)
     }
 }
 
 fn digits(s: &[u8]) -> u64 {
     s.iter()
         .fold(0u64, |n, d| n * 10 + u64::from(d.wrapping_sub(b'0')))
-}
-
-/// The keys of the one-pass job: every record adds to `Records` and `SeqSum` (so the sequence
-/// number is parsed and used), to `CreatedMs(ms)` when latency is tracked, and to one `Word`
-/// per word.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Key {
-    Records,
-    SeqSum,
-    CreatedMs(u64),
-    Word(Word),
-}
-
-impl std::hash::Hash for Key {
-    // One integer write per key: the derived impl would write the discriminant separately.
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        match self {
-            Key::Word(w) => h.write_u128(w.0),
-            Key::Records => h.write_u128(1 << 127),
-            Key::SeqSum => h.write_u128(2 << 126),
-            Key::CreatedMs(ms) => h.write_u128((3 << 126) | u128::from(*ms)),
-        }
-    }
 }
 
 fn secs() -> f64 {
@@ -112,7 +115,13 @@ async fn run(
         .workers(2)
         .replication(k)
         .executors(2)
-        .memory_limit(512 << 20)
+        .memory_limit(
+            std::env::var("BENCH_MEM_MB")
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(512)
+                << 20,
+        )
         .build()
         .unwrap();
     let mut source = SyntheticReceiver::new()
@@ -124,18 +133,19 @@ async fn run(
     let counts = ctx
         .receiver_stream("synthetic", source)
         .unwrap()
-        .flat_map_with(move |r: String, out| {
+        .flat_map_with(move |r: ByteString, out| {
             let b = r.as_bytes();
             if b.len() < 31 {
                 return;
             }
-            out((Key::Records, 1u64));
-            out((Key::SeqSum, digits(&b[0..13])));
+            let (seq, created_us) = (digits(&b[0..13]), digits(&b[14..30]));
+            out((Key::RECORDS, 1u64));
+            out((Key::SEQ_PLUS_TIME, seq.wrapping_add(created_us)));
             if track_latency {
-                out((Key::CreatedMs(digits(&b[14..30]) / 1000), 1));
+                out((Key::created_ms(created_us / 1000), 1));
             }
             for w in b[31..].split(|c| *c == b' ') {
-                out((Key::Word(Word::new(w)), 1));
+                out((Key::word(w), 1));
             }
         })
         .reduce_by_key(u64::wrapping_add);
@@ -149,17 +159,12 @@ async fn run(
             let done_ms = now_us() / 1000;
             let mut lat = lat.lock().unwrap();
             for (key, n) in batch.records {
-                match key {
-                    Key::Records => {
-                        rs.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Key::Word(_) => {
-                        w.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Key::CreatedMs(ms) => {
-                        lat.extend(std::iter::repeat_n(done_ms.saturating_sub(ms), n as usize))
-                    }
-                    Key::SeqSum => {}
+                if key == Key::RECORDS {
+                    rs.fetch_add(n, Ordering::Relaxed);
+                } else if key.is_word() {
+                    w.fetch_add(n, Ordering::Relaxed);
+                } else if let Some(ms) = key.created() {
+                    lat.extend(std::iter::repeat_n(done_ms.saturating_sub(ms), n as usize));
                 }
             }
         })
@@ -170,6 +175,14 @@ async fn run(
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     ctx.stop(false).await.unwrap();
     let infos: Vec<BatchInfo> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        for i in &infos {
+            eprintln!(
+                "batch records {} blocks {} proc {:?} sched {:?}",
+                i.records, i.blocks, i.processing_time, i.scheduling_delay
+            );
+        }
+    }
     let latency_ms = std::mem::take(&mut *latency.lock().unwrap());
     Run {
         infos,

@@ -41,6 +41,10 @@ struct Args {
     /// Records per second from the source.
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
+    /// Hold the output this long after writing each non-empty batch file (a crash test kills
+    /// the process there: the output applied, its completion not yet logged).
+    #[arg(long, default_value_t = 0)]
+    hold_output_ms: u64,
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -131,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         pause: Duration::from_secs_f64(per_message as f64 / args.rate.max(1) as f64),
     };
     let no_wal = args.no_wal;
+    let hold_output = Duration::from_millis(args.hold_output_ms);
     let out = args.out.clone();
     let ctx = StreamingContext::get_or_create(&args.dir, move |builder| {
         let mut builder = builder
@@ -168,6 +173,9 @@ async fn main() -> anyhow::Result<()> {
                 }
                 if let Err(e) = write_atomically(&file, body.as_bytes()) {
                     eprintln!("cannot write {}: {e}", file.display());
+                }
+                if !seqs.is_empty() {
+                    std::thread::sleep(hold_output);
                 }
             })?;
         Ok(ctx)

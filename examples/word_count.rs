@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{BatchId, StreamingContext};
+use tributary::{BatchId, ByteString, StreamingContext};
 use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             );
             ctx.receiver_stream("synthetic", source)?
-                .flat_map_with(|record: String, out| {
+                .flat_map_with(|record: ByteString, out| {
                     if let Some((_seq, _created, words)) = parse(&record) {
                         for w in words {
                             out((w.to_string(), 1u64));

@@ -309,6 +309,8 @@ impl TaskRunner {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BatchBlocks {
     pub(crate) by_stream: BTreeMap<u32, Vec<(BlockId, u32)>>,
+    /// A batch allocated before a driver restart, run again by recovery.
+    pub(crate) recovered: bool,
 }
 
 impl BatchBlocks {

@@ -15,6 +15,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
+pub use bytestring::ByteString;
 
 /// Identifies a block: the receiver's stream id and a per-receiver sequence number that never
 /// wraps.
@@ -56,11 +57,12 @@ impl Block {
         Payloads { rest: &self.data }
     }
 
-    /// Decodes every record.
+    /// Decodes every record (zero-copy for types that share the block's bytes, such as
+    /// [`Bytes`] and [`ByteString`]).
     pub fn decode<T: Record>(&self) -> Result<Vec<T>, DecodeError> {
         let mut out = Vec::with_capacity(self.records as usize);
         for payload in self.payloads() {
-            out.push(T::decode(payload?)?);
+            out.push(T::decode_shared(&self.data, payload?)?);
         }
         Ok(out)
     }
@@ -107,11 +109,50 @@ pub enum DecodeError {
 
 /// A type that can be stored in blocks. Encoding must be deterministic; `decode` must accept
 /// exactly what `encode` wrote and must not panic on other input.
+///
+/// ```
+/// use bytes::{BufMut, BytesMut};
+/// use tributary::{DecodeError, Record};
+///
+/// /// A reading: sensor id and value, 12 bytes.
+/// #[derive(Debug, PartialEq)]
+/// struct Reading { sensor: u32, value: f64 }
+///
+/// impl Record for Reading {
+///     fn encode(&self, out: &mut BytesMut) {
+///         out.put_u32_le(self.sensor);
+///         out.put_f64_le(self.value);
+///     }
+///     fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+///         let (id, value) = payload
+///             .split_first_chunk::<4>()
+///             .filter(|(_, v)| v.len() == 8)
+///             .ok_or_else(|| DecodeError::Invalid(format!("{} bytes, want 12", payload.len())))?;
+///         let value = f64::from_le_bytes(value.try_into().expect("8 bytes"));
+///         Ok(Reading { sensor: u32::from_le_bytes(*id), value })
+///     }
+/// }
+///
+/// let mut buf = BytesMut::new();
+/// Reading { sensor: 7, value: 0.5 }.encode(&mut buf);
+/// assert_eq!(Reading::decode(&buf), Ok(Reading { sensor: 7, value: 0.5 }));
+/// assert!(Reading::decode(&buf[..5]).is_err());
+/// ```
 pub trait Record: Send + Sized + 'static {
     /// Appends the encoded record to `out`.
     fn encode(&self, out: &mut BytesMut);
     /// Decodes a record from its payload.
     fn decode(payload: &[u8]) -> Result<Self, DecodeError>;
+    /// Decodes a record from `payload`, which lies inside `block` (the bytes of the block
+    /// being read). Types that can share those bytes instead of copying them override this
+    /// (as [`Bytes`] and [`ByteString`] do: a slice of the block, no allocation); the default
+    /// calls [`decode`](Record::decode).
+    ///
+    /// A record that shares its block keeps the block's buffer alive as long as it lives.
+    fn decode_shared(block: &Bytes, payload: &[u8]) -> Result<Self, DecodeError> {
+        let _ = block;
+        Self::decode(payload)
+    }
 }
 
 impl Record for String {
@@ -140,6 +181,40 @@ impl Record for Bytes {
     }
     fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         Ok(Bytes::copy_from_slice(payload))
+    }
+    fn decode_shared(block: &Bytes, payload: &[u8]) -> Result<Self, DecodeError> {
+        Ok(shared_slice(block, payload))
+    }
+}
+
+/// Immutable UTF-8 text backed by [`Bytes`] (re-exported from the `bytestring` crate): the
+/// cheapest text record. Decoding it from a block validates the UTF-8 and shares the block's
+/// bytes, with no allocation or copy per record, where a `String` is allocated and copied.
+/// It derefs to `str`, and `ByteString::from(string)` takes a `String` without copying.
+impl Record for ByteString {
+    fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(self.as_bytes());
+    }
+    fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        ByteString::try_from(payload).map_err(|e| DecodeError::Invalid(e.to_string()))
+    }
+    fn decode_shared(block: &Bytes, payload: &[u8]) -> Result<Self, DecodeError> {
+        ByteString::try_from(shared_slice(block, payload))
+            .map_err(|e| DecodeError::Invalid(e.to_string()))
+    }
+}
+
+/// `payload` as a slice of `block` sharing its buffer, or a copy if it is not inside `block`.
+fn shared_slice(block: &Bytes, payload: &[u8]) -> Bytes {
+    let (start, end) = (
+        block.as_ptr() as usize,
+        block.as_ptr() as usize + block.len(),
+    );
+    let at = payload.as_ptr() as usize;
+    if at >= start && at + payload.len() <= end {
+        block.slice_ref(payload)
+    } else {
+        Bytes::copy_from_slice(payload)
     }
 }
 
@@ -187,6 +262,36 @@ mod tests {
         assert_eq!(block_of(&lines).decode::<String>().unwrap(), lines);
         let nums = vec![0u64, 1, u64::MAX];
         assert_eq!(block_of(&nums).decode::<u64>().unwrap(), nums);
+    }
+
+    #[test]
+    fn byte_strings_and_bytes_share_the_block() {
+        let lines = vec![
+            ByteString::from("héllo"),
+            ByteString::from_static(""),
+            "x".into(),
+        ];
+        let block = block_of(&lines);
+        let got = block.decode::<ByteString>().unwrap();
+        assert_eq!(got, lines);
+        let inside = |p: *const u8| {
+            let start = block.data.as_ptr() as usize;
+            (start..start + block.data.len()).contains(&(p as usize))
+        };
+        assert!(
+            inside(got[0].as_ptr()),
+            "decoded text is a slice of the block"
+        );
+        let raw = block.decode::<Bytes>().unwrap();
+        assert!(inside(raw[2].as_ptr()));
+        assert_eq!(&raw[0][..], "héllo".as_bytes());
+        // Out of the block (a plain decode) it is copied.
+        assert_eq!(ByteString::decode(b"abc").unwrap(), "abc");
+        let bad = block_of(&[vec![0xffu8]]);
+        assert!(matches!(
+            bad.decode::<ByteString>(),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! pipeline has shut down, `store` fails with [`StoreError::Closed`]. An optional rate limit
 //! paces `store` to at most N records per second.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 
 use crate::block::{Block, BlockId};
+use crate::buffer_pool::BufferPool;
 use crate::error::StoreError;
 
 /// Buffered records of one receiver, and the queue of cut blocks.
@@ -26,8 +28,13 @@ pub(crate) struct BlockGenerator {
     stream: u32,
     max_block_bytes: usize,
     rate: Option<f64>,
+    pool: Arc<BufferPool>,
     state: Mutex<GenState>,
 }
+
+/// Room left in a block buffer past `max_block_bytes`: the record that crosses the cap goes in
+/// whole, so a buffer of this much more never has to grow for records up to this size.
+const BUFFER_SLACK: usize = 64 << 10;
 
 #[derive(Debug)]
 struct GenState {
@@ -48,7 +55,8 @@ impl BlockGenerator {
         queue_blocks: usize,
         rate: Option<f64>,
     ) -> (BlockGenerator, mpsc::Receiver<Block>) {
-        Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate)
+        let pool = BufferPool::new(1 << 20);
+        Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate, pool)
     }
 
     /// Like `new`, numbering blocks from `first_seq` (after a recovery).
@@ -58,20 +66,23 @@ impl BlockGenerator {
         max_block_bytes: usize,
         queue_blocks: usize,
         rate: Option<f64>,
+        pool: Arc<BufferPool>,
     ) -> (BlockGenerator, mpsc::Receiver<Block>) {
         let (tx, rx) = mpsc::channel(queue_blocks.max(1));
+        let max_block_bytes = max_block_bytes.max(64);
         let gen = BlockGenerator {
             stream,
-            max_block_bytes: max_block_bytes.max(64),
+            max_block_bytes,
             rate,
             state: Mutex::new(GenState {
-                buf: BytesMut::with_capacity(max_block_bytes.min(1 << 20)),
+                buf: pool.take(max_block_bytes + BUFFER_SLACK),
                 records: 0,
                 next_seq: first_seq,
                 tx: Some(tx),
                 started: Instant::now(),
                 stored_total: 0,
             }),
+            pool,
         };
         (gen, rx)
     }
@@ -148,7 +159,11 @@ impl BlockGenerator {
         if st.records == 0 {
             return Ok(());
         }
-        let data = st.buf.split().freeze();
+        let full = std::mem::replace(
+            &mut st.buf,
+            self.pool.take(self.max_block_bytes + BUFFER_SLACK),
+        );
+        let data = self.pool.seal(full);
         let records = std::mem::take(&mut st.records);
         let block = Block {
             id: BlockId {
@@ -167,7 +182,6 @@ impl BlockGenerator {
             st.tx = None;
             return Err(e.0.records as usize);
         }
-        st.buf.reserve(self.max_block_bytes.min(1 << 20));
         Ok(())
     }
 }

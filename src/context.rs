@@ -699,6 +699,7 @@ impl StreamingContext {
         let mut pushers = Vec::new();
         let mut background = Vec::new();
         let mut homes = Vec::new();
+        let pool = crate::buffer_pool::BufferPool::new(cfg.memory_bytes);
         for pending in receivers {
             let (generator, queue) = BlockGenerator::starting_at(
                 pending.stream,
@@ -706,6 +707,7 @@ impl StreamingContext {
                 cfg.max_block_bytes,
                 cfg.block_queue,
                 cfg.rate_limit,
+                pool.clone(),
             );
             let generator = Arc::new(generator);
             let durability = Arc::new(Durability::new());
@@ -1084,7 +1086,10 @@ async fn restore(
     let mut rerun = Vec::new();
     let mut to_put = Vec::new();
     for (id, alloc) in &state.pending {
-        let mut bb = BatchBlocks::default();
+        let mut bb = BatchBlocks {
+            recovered: true,
+            ..BatchBlocks::default()
+        };
         for &(stream, seq, records) in &alloc.blocks {
             let bid = BlockId { stream, seq };
             if let Some(block) = restore_one(&mut in_wal, bid, records, &mut report) {
@@ -1246,13 +1251,25 @@ async fn run_batches(
             stats: Arc::new(Mutex::new(RunStats::default())),
         };
         let mut failed = None;
-        for output in &outputs {
-            if let Err(e) = output(run.clone()).await {
-                failed = Some(e);
-                break;
+        let all = batch.all_ids();
+        // A recovered batch whose blocks were all lost (in memory only when the driver died)
+        // is not run again: it has nothing to compute, and its outputs may already have been
+        // applied before the crash, complete; running them again with no records would
+        // replace that result. It is reported with its losses like any other batch.
+        let all_lost = batch.recovered
+            && !all.is_empty()
+            && all.iter().all(|b| blocks.locations(*b).is_empty());
+        if all_lost {
+            lock(&run.stats).lost = all.clone();
+            tracing::warn!(%id, blocks = all.len(), "recovered batch lost all its blocks; outputs not re-run");
+        } else {
+            for output in &outputs {
+                if let Err(e) = output(run.clone()).await {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        let all = batch.all_ids();
         if batch.len() > 0 {
             // Completed (or failed and given up on): logged before its blocks are released,
             // so that a crash in between re-runs it rather than losing it.

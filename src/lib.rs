@@ -118,6 +118,7 @@ pub mod batch;
 pub mod block;
 mod block_generator;
 mod block_manager;
+mod buffer_pool;
 
 pub mod checkpoint;
 mod context;
@@ -131,7 +132,7 @@ pub mod testing;
 pub mod wal;
 
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
-pub use block::{Block, BlockId, DecodeError, Record};
+pub use block::{Block, BlockId, ByteString, DecodeError, Record};
 pub use block_manager::BlockError;
 pub use context::{
     ContextError, OnBatchFailure, RecoveryReport, StreamingContext, StreamingContextBuilder,

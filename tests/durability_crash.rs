@@ -30,7 +30,19 @@ fn child_binary() -> PathBuf {
 }
 
 fn spawn(bin: &Path, dir: &Path, out: &Path, wal: bool, seconds: f64) -> Child {
+    spawn_with(bin, dir, out, wal, seconds, &[])
+}
+
+fn spawn_with(
+    bin: &Path,
+    dir: &Path,
+    out: &Path,
+    wal: bool,
+    seconds: f64,
+    extra: &[&str],
+) -> Child {
     let mut cmd = Command::new(bin);
+    cmd.args(extra);
     cmd.arg("--dir")
         .arg(dir)
         .arg("--out")
@@ -153,6 +165,60 @@ fn without_the_wal_the_loss_is_reported_not_hidden() {
     );
     let conflicts = std::fs::read_dir(out.join("conflicts")).unwrap().count();
     assert_eq!(conflicts, 0);
+}
+
+/// A crash after a batch's output was applied but before its completion was logged: on
+/// restart the batch is pending, and without the WAL all its blocks are gone. It must be
+/// reported lost, not run again with no records (which would replace the applied output).
+#[test]
+fn without_the_wal_a_batch_applied_before_the_crash_is_not_replaced_by_an_empty_rerun() {
+    let bin = child_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, out) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let mut child = spawn_with(&bin, &dir, &out, false, 0.0, &["--hold-output-ms", "30000"]);
+    let nonempty = |out: &Path| -> Option<(PathBuf, String)> {
+        std::fs::read_dir(out.join("batches"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_none())
+            .find_map(|p| {
+                let body = std::fs::read_to_string(&p).ok()?;
+                (!body.is_empty()).then_some((p, body))
+            })
+    };
+    let start = Instant::now();
+    let (file, body) = loop {
+        if let Some(found) = nonempty(&out) {
+            break found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no batch output appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The output is now held after writing that file: kill the process there.
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+
+    let status = spawn(&bin, &dir, &out, false, 1.5).wait().unwrap();
+    assert!(status.success(), "the restarted job failed: {status}");
+    let now = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        now == body,
+        "the applied batch ({} lines) was replaced by {} lines",
+        body.lines().count(),
+        now.lines().count()
+    );
+    assert_eq!(std::fs::read_dir(out.join("conflicts")).unwrap().count(), 0);
+    let batch_id = file.file_name().unwrap().to_string_lossy().to_string();
+    let lost_log = std::fs::read_to_string(out.join("lost.log")).unwrap_or_default();
+    assert!(
+        lost_log
+            .lines()
+            .any(|l| l.starts_with(&format!("batch {batch_id} lost"))),
+        "the re-run batch's loss was not reported: {lost_log:?}"
+    );
 }
 
 #[test]

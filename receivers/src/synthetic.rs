@@ -8,13 +8,17 @@
 //!
 //! Sequence numbers continue across restarts (they live in the receiver's configuration, like
 //! a source offset), so a restarted receiver neither repeats nor skips a number.
+//!
+//! Records are [`ByteString`]s: each chunk is written into one buffer and every record is a
+//! slice of it, so generating a record allocates nothing (it derefs to `str`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
 use tokio::time::Instant;
-use tributary::{BoxError, Receiver, ReceiverContext};
+use tributary::{BoxError, ByteString, Receiver, ReceiverContext};
 
 /// Length of every record, in bytes.
 pub const RECORD_LEN: usize = 100;
@@ -120,24 +124,25 @@ fn make_record(seq: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> String {
     head.push(b' ');
     push_digits(&mut head, now_us, 16);
     head.push(b' ');
-    record_with_head(&head, rng)
+    let mut s = BytesMut::with_capacity(RECORD_LEN);
+    record_with_head(&head, rng, &mut s);
+    String::from_utf8(s.to_vec()).unwrap_or_default()
 }
 
-/// A record from its first 31 bytes (sequence, space, timestamp, space) and ten random words.
-fn record_with_head(head: &[u8], rng: &mut fastrand_lite::Rng) -> String {
-    let mut s = Vec::with_capacity(RECORD_LEN);
-    s.extend_from_slice(head);
+/// Appends a record: its first 31 bytes (sequence, space, timestamp, space) and ten random
+/// words. Only ASCII digits, spaces and letters are written.
+fn record_with_head(head: &[u8], rng: &mut fastrand_lite::Rng, out: &mut BytesMut) {
+    let start = out.len();
+    out.extend_from_slice(head);
     for k in 0..10 {
         let i = rng.u8();
         if k > 0 {
-            s.push(b' ');
+            out.extend_from_slice(b" ");
         }
-        s.extend_from_slice(PREFIX[(i >> 4) as usize].as_bytes());
-        s.extend_from_slice(SUFFIX[(i & 15) as usize].as_bytes());
+        out.extend_from_slice(PREFIX[(i >> 4) as usize].as_bytes());
+        out.extend_from_slice(SUFFIX[(i & 15) as usize].as_bytes());
     }
-    debug_assert_eq!(s.len(), RECORD_LEN);
-    // Only ASCII digits, spaces and ASCII letters were written.
-    String::from_utf8(s).unwrap_or_default()
+    debug_assert_eq!(out.len() - start, RECORD_LEN);
 }
 
 /// Adds one to a run of ASCII decimal digits in place (wrapping to zeros past all nines).
@@ -153,19 +158,35 @@ fn increment_digits(digits: &mut [u8]) {
 }
 
 /// `n` records from sequence number `first`, all with creation time `now_us`: the header is
-/// formatted once and its sequence digits incremented in place.
-fn make_records(first: u64, n: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> Vec<String> {
+/// formatted once and its sequence digits incremented in place. The records are slices of one
+/// chunk, written into `buf` (cleared first); the chunk is returned too, so that its buffer can
+/// be reused once the records are dropped.
+fn make_records(
+    first: u64,
+    n: u64,
+    now_us: u64,
+    rng: &mut fastrand_lite::Rng,
+    mut buf: BytesMut,
+) -> (ByteString, Vec<ByteString>) {
     let mut head = Vec::with_capacity(31);
     push_digits(&mut head, first, 13);
     head.push(b' ');
     push_digits(&mut head, now_us, 16);
     head.push(b' ');
-    let mut out = Vec::with_capacity(n as usize);
+    buf.clear();
+    buf.reserve(n as usize * RECORD_LEN);
     for _ in 0..n {
-        out.push(record_with_head(&head, rng));
+        record_with_head(&head, rng, &mut buf);
         increment_digits(&mut head[..13]);
     }
-    out
+    // Only ASCII was written, so this cannot fail.
+    let Ok(chunk) = ByteString::try_from(buf.freeze()) else {
+        return (ByteString::new(), Vec::new());
+    };
+    let records = (0..n as usize)
+        .map(|i| chunk.slice_ref(&chunk[i * RECORD_LEN..(i + 1) * RECORD_LEN]))
+        .collect();
+    (chunk, records)
 }
 
 /// A tiny xorshift generator (deterministic per receiver; no dependency needed for this).
@@ -190,6 +211,8 @@ pub struct SyntheticState {
     started: Instant,
     generated: u64,
     rng_state: u64,
+    /// The last chunk's buffer, for reuse (no allocation and no page faults per chunk).
+    spare: BytesMut,
 }
 
 /// Messages: the receiver sends itself `Generate` to keep going.
@@ -202,7 +225,7 @@ pub enum SyntheticMsg {
 impl Receiver for SyntheticReceiver {
     type Msg = SyntheticMsg;
     type State = SyntheticState;
-    type Record = String;
+    type Record = ByteString;
 
     async fn pre_start(&self, ctx: &ReceiverContext<Self>) -> Result<SyntheticState, BoxError> {
         let _ = ctx.myself().send(SyntheticMsg::Generate);
@@ -214,6 +237,7 @@ impl Receiver for SyntheticReceiver {
                 .load(Ordering::SeqCst)
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ 0xdead_beef,
+            spare: BytesMut::new(),
         })
     }
 
@@ -245,7 +269,8 @@ impl Receiver for SyntheticReceiver {
             .unwrap_or(0);
         let first = self.next_seq.load(Ordering::SeqCst);
         let mut rng = fastrand_lite::Rng::new(st.rng_state);
-        let records = make_records(first, n, now_us, &mut rng);
+        let spare = std::mem::take(&mut st.spare);
+        let (chunk, records) = make_records(first, n, now_us, &mut rng, spare);
         st.rng_state = rng.0;
         match self.mode {
             StoreMode::Many => ctx.store_many(records).await?,
@@ -254,6 +279,11 @@ impl Receiver for SyntheticReceiver {
                     ctx.store(r).await?;
                 }
             }
+        }
+        // The pipeline copied the records into its blocks: the chunk's buffer is free again
+        // unless something kept a record (then it stays with that record).
+        if let Ok(buf) = chunk.into_bytes().try_into_mut() {
+            st.spare = buf;
         }
         // Counted only once stored: a failure above repeats nothing and skips nothing.
         self.next_seq.store(first + n, Ordering::SeqCst);
@@ -270,7 +300,8 @@ mod tests {
     #[test]
     fn batch_generation_matches_one_by_one_generation() {
         let (mut a, mut b) = (fastrand_lite::Rng::new(9), fastrand_lite::Rng::new(9));
-        let batch = make_records(99_998, 5, 1_732_482_000_123_456, &mut a);
+        let (_, batch) = make_records(99_998, 5, 1_732_482_000_123_456, &mut a, BytesMut::new());
+        assert_eq!(batch.len(), 5);
         for (i, r) in batch.iter().enumerate() {
             assert_eq!(
                 r,
