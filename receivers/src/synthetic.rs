@@ -34,8 +34,25 @@ const SUFFIX: [&str; 16] = [
 
 /// The `i`-th word (0..256) of the fixed vocabulary.
 pub fn word(i: u8) -> String {
-    format!("{}{}", PREFIX[(i >> 4) as usize], SUFFIX[(i & 15) as usize])
+    String::from_utf8_lossy(&VOCABULARY[i as usize]).into_owned()
 }
+
+/// The 256 words, prefix `i >> 4` then suffix `i & 15`, built at compile time.
+const VOCABULARY: [[u8; 6]; 256] = {
+    let mut v = [[0u8; 6]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let (p, q) = (PREFIX[i >> 4].as_bytes(), SUFFIX[i & 15].as_bytes());
+        let mut j = 0;
+        while j < 3 {
+            v[i][j] = p[j];
+            v[i][j + 3] = q[j];
+            j += 1;
+        }
+        i += 1;
+    }
+    v
+};
 
 /// How the receiver stores what it generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,30 +136,21 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
 
 #[cfg(test)]
 fn make_record(seq: u64, now_us: u64, rng: &mut fastrand_lite::Rng) -> String {
-    let mut head = Vec::with_capacity(31);
-    push_digits(&mut head, seq, 13);
-    head.push(b' ');
-    push_digits(&mut head, now_us, 16);
-    head.push(b' ');
     let mut s = BytesMut::with_capacity(RECORD_LEN);
-    record_with_head(&head, rng, &mut s);
+    record_with_head(&header(seq, now_us), rng, &mut s);
     String::from_utf8(s.to_vec()).unwrap_or_default()
 }
 
 /// Appends a record: its first 31 bytes (sequence, space, timestamp, space) and ten random
 /// words. Only ASCII digits, spaces and letters are written.
-fn record_with_head(head: &[u8], rng: &mut fastrand_lite::Rng, out: &mut BytesMut) {
-    let start = out.len();
-    out.extend_from_slice(head);
+fn record_with_head(head: &[u8; 31], rng: &mut fastrand_lite::Rng, out: &mut BytesMut) {
+    let mut record = [b' '; RECORD_LEN];
+    record[..31].copy_from_slice(head);
     for k in 0..10 {
-        let i = rng.u8();
-        if k > 0 {
-            out.extend_from_slice(b" ");
-        }
-        out.extend_from_slice(PREFIX[(i >> 4) as usize].as_bytes());
-        out.extend_from_slice(SUFFIX[(i & 15) as usize].as_bytes());
+        let at = 31 + 7 * k;
+        record[at..at + 6].copy_from_slice(&VOCABULARY[rng.u8() as usize]);
     }
-    debug_assert_eq!(out.len() - start, RECORD_LEN);
+    out.extend_from_slice(&record);
 }
 
 /// Adds one to a run of ASCII decimal digits in place (wrapping to zeros past all nines).
@@ -157,22 +165,29 @@ fn increment_digits(digits: &mut [u8]) {
     }
 }
 
-/// `n` records from sequence number `first`, all with creation time `now_us`: the header is
-/// formatted once and its sequence digits incremented in place. The records are slices of one
-/// chunk, written into `buf` (cleared first); the chunk is returned too, so that its buffer can
-/// be reused once the records are dropped.
+/// The first 31 bytes of a record: sequence, space, creation time, space.
+fn header(seq: u64, now_us: u64) -> [u8; 31] {
+    let mut v = Vec::with_capacity(31);
+    push_digits(&mut v, seq, 13);
+    v.push(b' ');
+    push_digits(&mut v, now_us, 16);
+    v.push(b' ');
+    let mut head = [b' '; 31];
+    head.copy_from_slice(&v);
+    head
+}
+
+/// `n` records from sequence number `first`, all with creation time `now_us`, written one
+/// after the other into `buf` (cleared first): the header is formatted once and its sequence
+/// digits incremented in place. Split the chunk with [`records_of`].
 fn make_records(
     first: u64,
     n: u64,
     now_us: u64,
     rng: &mut fastrand_lite::Rng,
     mut buf: BytesMut,
-) -> (ByteString, Vec<ByteString>) {
-    let mut head = Vec::with_capacity(31);
-    push_digits(&mut head, first, 13);
-    head.push(b' ');
-    push_digits(&mut head, now_us, 16);
-    head.push(b' ');
+) -> ByteString {
+    let mut head = header(first, now_us);
     buf.clear();
     buf.reserve(n as usize * RECORD_LEN);
     for _ in 0..n {
@@ -180,13 +195,13 @@ fn make_records(
         increment_digits(&mut head[..13]);
     }
     // Only ASCII was written, so this cannot fail.
-    let Ok(chunk) = ByteString::try_from(buf.freeze()) else {
-        return (ByteString::new(), Vec::new());
-    };
-    let records = (0..n as usize)
-        .map(|i| chunk.slice_ref(&chunk[i * RECORD_LEN..(i + 1) * RECORD_LEN]))
-        .collect();
-    (chunk, records)
+    ByteString::try_from(buf.freeze()).unwrap_or_default()
+}
+
+/// The records of a chunk, each a slice of it (no copy, no allocation).
+fn records_of(chunk: &ByteString) -> impl Iterator<Item = ByteString> + '_ {
+    (0..chunk.len() / RECORD_LEN)
+        .map(move |i| chunk.slice_ref(&chunk[i * RECORD_LEN..(i + 1) * RECORD_LEN]))
 }
 
 /// A tiny xorshift generator (deterministic per receiver; no dependency needed for this).
@@ -270,12 +285,12 @@ impl Receiver for SyntheticReceiver {
         let first = self.next_seq.load(Ordering::SeqCst);
         let mut rng = fastrand_lite::Rng::new(st.rng_state);
         let spare = std::mem::take(&mut st.spare);
-        let (chunk, records) = make_records(first, n, now_us, &mut rng, spare);
+        let chunk = make_records(first, n, now_us, &mut rng, spare);
         st.rng_state = rng.0;
         match self.mode {
-            StoreMode::Many => ctx.store_many(records).await?,
+            StoreMode::Many => ctx.store_many(records_of(&chunk)).await?,
             StoreMode::Single => {
-                for r in records {
+                for r in records_of(&chunk) {
                     ctx.store(r).await?;
                 }
             }
@@ -300,7 +315,8 @@ mod tests {
     #[test]
     fn batch_generation_matches_one_by_one_generation() {
         let (mut a, mut b) = (fastrand_lite::Rng::new(9), fastrand_lite::Rng::new(9));
-        let (_, batch) = make_records(99_998, 5, 1_732_482_000_123_456, &mut a, BytesMut::new());
+        let chunk = make_records(99_998, 5, 1_732_482_000_123_456, &mut a, BytesMut::new());
+        let batch: Vec<ByteString> = records_of(&chunk).collect();
         assert_eq!(batch.len(), 5);
         for (i, r) in batch.iter().enumerate() {
             assert_eq!(
