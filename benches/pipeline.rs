@@ -11,6 +11,10 @@
 //!   per second completed at the batch executor (1 s batches, 200 ms blocks), measured over
 //!   the batches after the first two, with the run's max scheduling delay (the job keeps up
 //!   when it stays below the batch interval) and the peak RSS of the process;
+//!   Free-running, the source fills the budget, so batches alternate between large and small
+//!   (see `batch_records_min`/`max`); the rate is their average;
+//! * `steady_5500k_per_s_k2`: the same with the source limited to 5.5 M records/s, to show
+//!   that rate sustained batch after batch (every batch near 5.5 M records, keeping up);
 //! * `latency_1m_per_s`: record creation → batch function done, p50/p99/max, at a fixed
 //!   1,000,000 records/s with 50 ms batches and 10 ms blocks.
 //!
@@ -201,12 +205,12 @@ async fn run(
     }
 }
 
-async fn throughput(name: &str, k: usize, mode: StoreMode) {
+async fn throughput(name: &str, k: usize, mode: StoreMode, limit: Option<f64>) {
     let interval = Duration::from_secs(1);
     let r = run(
         k,
         mode,
-        None,
+        limit,
         interval,
         Duration::from_millis(200),
         secs(),
@@ -227,6 +231,7 @@ async fn throughput(name: &str, k: usize, mode: StoreMode) {
         json!({
             "name": name,
             "replication": k,
+            "source_rate_limit": limit,
             "records_per_s": rate.round(),
             "batches_measured": steady.len(),
             "batch_records_min": steady.iter().map(|i| i.records).min().unwrap_or(0),
@@ -280,10 +285,11 @@ async fn latency() {
 }
 
 /// The cases, each run in a process of its own (so that its peak RSS is its own).
-const CASES: [&str; 4] = [
+const CASES: [&str; 5] = [
     "throughput_store_many_k1",
     "throughput_store_many_k2",
     "throughput_store_k2",
+    "steady_5500k_per_s_k2",
     "latency_1m_per_s",
 ];
 
@@ -308,12 +314,18 @@ fn main() {
     rt.block_on(async {
         match only.as_str() {
             "throughput_store_many_k1" => {
-                throughput("throughput_store_many_k1", 1, StoreMode::Many).await
+                throughput("throughput_store_many_k1", 1, StoreMode::Many, None).await
             }
             "throughput_store_many_k2" => {
-                throughput("throughput_store_many_k2", 2, StoreMode::Many).await
+                throughput("throughput_store_many_k2", 2, StoreMode::Many, None).await
             }
-            "throughput_store_k2" => throughput("throughput_store_k2", 2, StoreMode::Single).await,
+            "throughput_store_k2" => {
+                throughput("throughput_store_k2", 2, StoreMode::Single, None).await
+            }
+            "steady_5500k_per_s_k2" => {
+                let name = "steady_5500k_per_s_k2";
+                throughput(name, 2, StoreMode::Many, Some(5_500_000.0)).await
+            }
             "latency_1m_per_s" => latency().await,
             other => panic!("unknown case {other}; cases: {CASES:?}"),
         }
