@@ -27,9 +27,44 @@ use crate::error::StoreError;
 pub(crate) struct BlockGenerator {
     stream: u32,
     max_block_bytes: usize,
-    rate: Option<f64>,
     pool: Arc<BufferPool>,
     state: Mutex<GenState>,
+}
+
+/// A token bucket: `rate` tokens per second, holding at most one second's worth (the burst
+/// allowed after a pause), full at start. Refilled from the clock only when it runs dry, so a
+/// store reads the clock once per burst rather than once per record.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate.max(1.0),
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long to wait before asking again.
+    fn take(&mut self) -> Result<(), Duration> {
+        if self.tokens < 1.0 {
+            let now = Instant::now();
+            let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + earned).min(self.rate.max(1.0));
+            self.refilled = now;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
 }
 
 /// Room left in a block buffer past `max_block_bytes`: the record that crosses the cap goes in
@@ -42,8 +77,7 @@ struct GenState {
     records: u32,
     next_seq: u64,
     tx: Option<mpsc::Sender<Block>>,
-    started: Instant,
-    stored_total: u64,
+    limit: Option<Bucket>,
 }
 
 impl BlockGenerator {
@@ -73,14 +107,12 @@ impl BlockGenerator {
         let gen = BlockGenerator {
             stream,
             max_block_bytes,
-            rate,
             state: Mutex::new(GenState {
                 buf: pool.take(max_block_bytes + BUFFER_SLACK),
                 records: 0,
                 next_seq: first_seq,
                 tx: Some(tx),
-                started: Instant::now(),
-                stored_total: 0,
+                limit: rate.filter(|r| *r > 0.0).map(Bucket::new),
             }),
             pool,
         };
@@ -102,17 +134,11 @@ impl BlockGenerator {
             });
         }
         while let Some(record) = records.next() {
-            if let Some(rate) = self.rate {
-                // Token bucket with a burst of one second's worth.
-                let allowed = (st.started.elapsed().as_secs_f64() + 1.0) * rate;
-                if st.stored_total as f64 >= allowed {
-                    let wait = (st.stored_total as f64 + 1.0 - allowed) / rate;
-                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-                }
+            while let Some(Err(wait)) = st.limit.as_mut().map(Bucket::take) {
+                tokio::time::sleep(wait).await;
             }
             encode(&record, &mut st.buf);
             st.records += 1;
-            st.stored_total += 1;
             if st.buf.len() >= self.max_block_bytes {
                 if let Err(lost) = self.cut_and_send(&mut st).await {
                     return Err(StoreError::Closed {
@@ -275,6 +301,24 @@ mod tests {
         assert!(
             took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100),
             "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_earns_at_most_one_second_of_burst() {
+        let (g, _rx) = BlockGenerator::new(0, 1 << 20, 4, Some(100.0));
+        for _ in 0..100 {
+            store_str(&g, "x").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await; // idle: the bucket refills, capped
+        let t0 = Instant::now();
+        for _ in 0..300 {
+            store_str(&g, "x").await.unwrap();
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100),
+            "ten idle seconds must not allow a ten-second burst: {took:?}"
         );
     }
 }
