@@ -289,35 +289,35 @@ mod tests {
         );
     }
 
+    /// Time (paused clock) to store `n` one-record items.
+    async fn time_to_store(g: &BlockGenerator, n: usize) -> Duration {
+        let t0 = Instant::now();
+        for _ in 0..n {
+            store_str(g, "x").await.unwrap();
+        }
+        t0.elapsed()
+    }
+
+    fn about_two_seconds(took: Duration) -> bool {
+        took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_rate_limit_paces_stores() {
         let (g, _rx) = BlockGenerator::new(0, 1 << 20, 4, Some(100.0));
-        let t0 = Instant::now();
-        for _ in 0..300 {
-            store_str(&g, "x").await.unwrap();
-        }
         // 100 of burst, then 200 more at 100/s.
-        let took = t0.elapsed();
-        assert!(
-            took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100),
-            "{took:?}"
-        );
+        let took = time_to_store(&g, 300).await;
+        assert!(about_two_seconds(took), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_earns_at_most_one_second_of_burst() {
         let (g, _rx) = BlockGenerator::new(0, 1 << 20, 4, Some(100.0));
-        for _ in 0..100 {
-            store_str(&g, "x").await.unwrap();
-        }
+        time_to_store(&g, 100).await; // the initial burst
         tokio::time::sleep(Duration::from_secs(10)).await; // idle: the bucket refills, capped
-        let t0 = Instant::now();
-        for _ in 0..300 {
-            store_str(&g, "x").await.unwrap();
-        }
-        let took = t0.elapsed();
+        let took = time_to_store(&g, 300).await;
         assert!(
-            took >= Duration::from_millis(1990) && took <= Duration::from_millis(2100),
+            about_two_seconds(took),
             "ten idle seconds must not allow a ten-second burst: {took:?}"
         );
     }

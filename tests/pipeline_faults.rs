@@ -2,66 +2,14 @@
 //! backpressure from a slow batch function.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tributary::{BatchInfo, StreamingContext};
+mod pipeline_support;
+
+use pipeline_support::{collect, drain, generate_then_hold, wait_until, Seqs};
+use tributary::StreamingContext;
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
-
-type Seqs = Arc<Mutex<Vec<u64>>>;
-
-fn collect(ctx: &StreamingContext, source: &SyntheticReceiver) -> Seqs {
-    let seqs: Seqs = Arc::default();
-    let s = seqs.clone();
-    ctx.receiver_stream("synthetic", source.clone())
-        .unwrap()
-        .map(|r| parse(&r).unwrap().0)
-        .for_each_batch(move |b| s.lock().unwrap().extend(b.records))
-        .unwrap();
-    seqs
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-fn drain(reports: &mut tokio::sync::broadcast::Receiver<BatchInfo>) -> Vec<BatchInfo> {
-    std::iter::from_fn(|| reports.try_recv().ok()).collect()
-}
-
-/// Starts a job with long (5 s) batches, generates `n` records, and returns once they are all
-/// acknowledged and none processed yet.
-async fn generate_then_hold(
-    workers: usize,
-    k: usize,
-    n: u64,
-) -> (
-    StreamingContext,
-    Seqs,
-    tokio::sync::broadcast::Receiver<BatchInfo>,
-) {
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(5))
-        .block_interval(Duration::from_millis(20))
-        .workers(workers)
-        .replication(k)
-        .build()
-        .unwrap();
-    let source = SyntheticReceiver::new().limit(n).chunk(500);
-    let seqs = collect(&ctx, &source);
-    let reports = ctx.subscribe_batches();
-    ctx.start().await.unwrap();
-    wait_until("all generated", || source.generated() >= n).await;
-    // Let the last blocks be cut and acknowledged.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    (ctx, seqs, reports)
-}
 
 fn assert_exactly_once(seqs: &Seqs, n: u64) {
     let mut got = seqs.lock().unwrap().clone();

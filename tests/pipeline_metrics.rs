@@ -5,14 +5,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use tributary::telemetry::{
     BATCHES_TOTAL, BLOCKS_LOST_TOTAL, RECORDS_LOST_TOTAL, WORKERS_LOST_TOTAL,
 };
-use tributary::{ByteString, StreamingContext};
-use tributary_receivers::synthetic::{parse, SyntheticReceiver};
+
+mod pipeline_support;
+
+use pipeline_support::{drain, generate_then_hold};
 
 /// Counters by name (labels summed); gauges and histograms ignored.
 #[derive(Default)]
@@ -56,33 +57,7 @@ async fn a_lost_worker_with_k1_is_counted_exactly_in_the_metrics() {
     metrics::set_global_recorder(counters).expect("the only recorder of this test binary");
 
     let n = 30_000;
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(5)) // the blocks wait in memory for the kill
-        .block_interval(Duration::from_millis(20))
-        .workers(2)
-        .replication(1)
-        .build()
-        .unwrap();
-    let source = SyntheticReceiver::new().limit(n).chunk(500);
-    let processed = Arc::new(AtomicU64::new(0));
-    let p = processed.clone();
-    ctx.receiver_stream("synthetic", source.clone())
-        .unwrap()
-        .filter(|r: &ByteString| parse(r).is_some())
-        .for_each_batch(move |b| {
-            p.fetch_add(b.records.len() as u64, Ordering::SeqCst);
-        })
-        .unwrap();
-    let mut reports = ctx.subscribe_batches();
-    ctx.start().await.unwrap();
-    for _ in 0..1000 {
-        if source.generated() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(source.generated() >= n, "the source did not finish in 10 s");
-    tokio::time::sleep(Duration::from_millis(100)).await; // last blocks cut and acknowledged
+    let (ctx, seqs, mut reports) = generate_then_hold(2, 1, n).await;
     let on_worker_0 = ctx
         .block_locations()
         .iter()
@@ -93,12 +68,12 @@ async fn a_lost_worker_with_k1_is_counted_exactly_in_the_metrics() {
     assert!(ctx.kill_worker(0));
     ctx.stop(true).await.unwrap();
 
-    let infos: Vec<_> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
+    let infos = drain(&mut reports);
     let lost_blocks: usize = infos.iter().map(|i| i.lost_blocks).sum();
     let lost_records: u64 = infos.iter().map(|i| i.lost_records).sum();
     assert_eq!(lost_blocks, on_worker_0);
     assert_eq!(
-        processed.load(Ordering::SeqCst) + lost_records,
+        seqs.lock().unwrap().len() as u64 + lost_records,
         n,
         "lost = exactly what was not processed"
     );
