@@ -13,28 +13,19 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 
+pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
-use crate::block_manager::{BlockManager, WorkerId};
+use crate::block_manager::WorkerId;
+use crate::driver::block_manager_master::BlockManagerMaster;
+pub use crate::error::BatchError;
 use crate::error::BoxError;
 use crate::receiver::{Receiver, ReceiverContext, ReceiverRef};
-
-/// A batch's id: its batch time, in milliseconds since the Unix epoch. Batch ids increase with
-/// time and never repeat within a context, so output keyed by batch id can be idempotent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BatchId(pub u64);
-
-impl fmt::Display for BatchId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "batch-{}", self.0)
-    }
-}
 
 /// The records of one batch, as given to [`DStream::for_each_batch`](crate::DStream::for_each_batch).
 #[derive(Debug, Clone, PartialEq)]
@@ -72,27 +63,6 @@ pub struct BatchInfo {
     pub failed: Option<String>,
 }
 
-/// Errors of a batch.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BatchError {
-    /// A task failed on every attempt.
-    #[error("task for {block} failed after {attempts} attempts: {last_error}")]
-    TaskFailed {
-        /// The block of the task.
-        block: BlockId,
-        /// Attempts made.
-        attempts: u32,
-        /// The last attempt's error.
-        last_error: String,
-    },
-    /// The output function failed or panicked.
-    #[error("output operation failed: {0}")]
-    Output(String),
-    /// No executor is running.
-    #[error("no executor is running")]
-    NoExecutor,
-}
-
 /// The work of one task: runs over a block and returns a partial result.
 pub(crate) type TaskFn = Arc<dyn Fn(&Block) -> Result<Box<dyn Any + Send>, BoxError> + Send + Sync>;
 
@@ -121,7 +91,7 @@ pub(crate) enum ExecMsg {
 /// An executor: runs tasks over blocks held by its worker.
 pub(crate) struct Executor {
     pub(crate) worker: WorkerId,
-    pub(crate) blocks: BlockManager,
+    pub(crate) blocks: BlockManagerMaster,
 }
 
 impl Receiver for Executor {
@@ -154,9 +124,15 @@ impl Receiver for Executor {
             let _ = reply.send(Err(AttemptError::NotLocal));
             return Ok(());
         };
-        // A panic in `work` unwinds through here: `reply` is dropped (the scheduler retries
-        // elsewhere) and the supervisor restarts this executor in place.
-        let result = work(&block).map_err(|e| AttemptError::Failed(e.to_string()));
+        // User code runs on the blocking pool, never on the runtime's worker threads, so a
+        // slow or blocking task cannot stall receivers, timers or supervision. A panic in
+        // `work` is re-raised here: `reply` is dropped (the scheduler retries elsewhere) and
+        // the supervisor restarts this executor in place.
+        let result = match tokio::task::spawn_blocking(move || work(&block)).await {
+            Ok(r) => r.map_err(|e| AttemptError::Failed(e.to_string())),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(AttemptError::Failed(e.to_string())),
+        };
         *done += 1;
         let _ = reply.send(result);
         Ok(())
@@ -167,7 +143,7 @@ impl Receiver for Executor {
 #[derive(Clone)]
 pub(crate) struct TaskRunner {
     pub(crate) executors: Arc<Vec<(WorkerId, ReceiverRef<ExecMsg>)>>,
-    pub(crate) blocks: BlockManager,
+    pub(crate) blocks: BlockManagerMaster,
     pub(crate) attempts: u32,
     next: Arc<AtomicUsize>,
     /// Tasks sent to each executor and not answered yet.
@@ -194,7 +170,7 @@ pub(crate) struct TaskOutputs {
 impl TaskRunner {
     pub(crate) fn new(
         executors: Vec<(WorkerId, ReceiverRef<ExecMsg>)>,
-        blocks: BlockManager,
+        blocks: BlockManagerMaster,
         attempts: u32,
     ) -> Self {
         let in_flight = Arc::new((0..executors.len()).map(|_| AtomicUsize::new(0)).collect());

@@ -239,6 +239,17 @@ pub(crate) fn encode_framed<T: Record>(record: &T, out: &mut BytesMut) {
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
+/// A batch's id: its batch time, in milliseconds since the Unix epoch. Batch ids increase with
+/// time and never repeat within a context, so output keyed by batch id can be idempotent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchId(pub u64);
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "batch-{}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

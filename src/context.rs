@@ -1,326 +1,49 @@
-//! The streaming context: configuration, lifecycle, and the driver-side loops.
+//! The streaming context: a thin lifecycle over the driver's stages.
 //!
 //! ```text
 //!  builder ──build()──► StreamingContext ──receiver_stream()──► DStream ──for_each_batch()──► output
-//!                              │ start()
+//!                              │ start(): the stages, in order
 //!                              ▼
-//!   receivers (supervised) ──store──► block generators ──► pushers ──put (k replicas)──► block manager
-//!                                                           │ acked blocks
-//!                                                           ▼
-//!   scheduler: every batch interval, acked blocks ──► batch ──► runner (in order) ──tasks──► executors
+//!   Recovery ─► BlockManagerMaster (+ workers) ─► executors ─► ReceiverTracker (+ receivers)
+//!            ─► JobScheduler
+//!                              │ stop(), a failure escalated by the receivers, or a batch that
+//!                              │ failed under OnBatchFailure::Stop
+//!                              ▼
+//!   the lifecycle task tears the stages down in reverse and publishes the outcome
 //! ```
+//!
+//! Phases: *defining* (streams and outputs are added) → *starting* → *running* → *ended*.
+//! Every path ends: a `start` that fails halfway tears down what it built and ends the context
+//! with its error; a `stop` during `start` makes `start` undo its work; `stop` and
+//! `await_termination` on an ended context return its outcome at once.
 //!
 //! Stopping gracefully stops the receivers (their stop hooks run), cuts what the block
 //! generators still buffer into blocks, waits until every block is acknowledged, runs the
-//! remaining batches, then stops executors and workers.
+//! remaining batches, then stops the tracker (logs closed), executors and workers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio::task::JoinHandle;
 
-use crate::batch::{
-    BatchBlocks, BatchError, BatchId, BatchInfo, BatchRun, Executor, RunStats, TaskRunner,
-};
+use crate::batch::{BatchInfo, Executor, TaskRunner};
 use crate::block::{BlockId, Record};
-use crate::block_generator::BlockGenerator;
-use crate::block_manager::{BlockManager, ClusterEvent, WorkerId};
-use crate::checkpoint::{Allocation, CheckpointError, DriverState, MetadataLog};
-use crate::error::{ConfigError, SupervisorError};
+use crate::config::StreamingContextBuilder;
+use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
+use crate::driver::receiver_tracker::{
+    PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerStart,
+};
+use crate::driver::recovery::{recover, RecoveryReport};
+use crate::error::{ConfigError, ContextError, SupervisorError};
 use crate::receiver::{Receiver, ReceiverSpec};
-use crate::store::{Durability, Store};
+use crate::store::Store;
 use crate::stream::{DStream, OutputFn, OutputRegistry};
-use crate::supervisor::{Backoff, Directive, Strategy, Supervisor, SupervisorHandle};
+use crate::supervisor::{Directive, RestartLimit, Strategy, Supervisor, SupervisorHandle};
 use crate::telemetry::SupervisionEvent;
-use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError};
-
-/// Errors of the streaming context.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ContextError {
-    /// Invalid configuration, refused at build time.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The operation needs a context that has not started yet (adding streams and outputs).
-    #[error("the context has already started; add streams and outputs before start()")]
-    AlreadyStarted,
-    /// The operation needs a running context.
-    #[error("the context is not running")]
-    NotRunning,
-    /// Starting a part of the pipeline failed.
-    #[error("could not start {what}: {error}")]
-    Start {
-        /// Which part.
-        what: String,
-        /// Why.
-        error: String,
-    },
-    /// A receiver failure escalated to the root of the receivers' supervision tree.
-    #[error("receivers failed: {0}")]
-    Receivers(SupervisorError),
-    /// The checkpoint directory is unusable, foreign, incompatible or damaged.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// The write-ahead log could not be recovered (e.g. corruption in the middle of a segment).
-    #[error(transparent)]
-    Wal(#[from] WalError),
-    /// A batch failed and the context is configured to stop on batch failure.
-    #[error("{id} failed: {error}")]
-    BatchFailed {
-        /// The batch.
-        id: BatchId,
-        /// Why.
-        error: BatchError,
-    },
-}
-
-/// What to do when a batch fails (a task failed on every attempt, or the output function failed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnBatchFailure {
-    /// Report it (in [`BatchInfo::failed`]) and go on with the next batch.
-    Continue,
-    /// Stop the context with [`ContextError::BatchFailed`].
-    Stop,
-}
-
-/// Configuration of a [`StreamingContext`]. Plain data with defaults; see each setter.
-#[derive(Debug, Clone)]
-pub struct StreamingContextBuilder {
-    batch_interval: Duration,
-    block_interval: Duration,
-    workers: usize,
-    replication: usize,
-    executors: usize,
-    rate_limit: Option<f64>,
-    max_block_bytes: usize,
-    block_queue: usize,
-    memory_bytes: usize,
-    task_attempts: u32,
-    on_batch_failure: OnBatchFailure,
-    receiver_backoff: Option<Backoff>,
-    receiver_strategy: Option<StrategyFactory>,
-    checkpoint_dir: Option<std::path::PathBuf>,
-    wal: Option<WalConfig>,
-}
-
-/// Builds the receivers' strategy (a strategy holds closures, so it is built, not cloned).
-#[derive(Clone)]
-struct StrategyFactory(Arc<dyn Fn() -> Strategy + Send + Sync>);
-
-impl std::fmt::Debug for StrategyFactory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("StrategyFactory").field(&(self.0)()).finish()
-    }
-}
-
-impl Default for StreamingContextBuilder {
-    fn default() -> Self {
-        StreamingContextBuilder {
-            batch_interval: Duration::from_secs(1),
-            block_interval: Duration::from_millis(200),
-            workers: 2,
-            replication: 2,
-            executors: 2,
-            rate_limit: None,
-            max_block_bytes: 8 << 20,
-            block_queue: 4,
-            memory_bytes: 1 << 30,
-            task_attempts: 4,
-            on_batch_failure: OnBatchFailure::Continue,
-            receiver_backoff: Some(Backoff::new(
-                Duration::from_millis(100),
-                Duration::from_secs(5),
-            )),
-            receiver_strategy: None,
-            checkpoint_dir: None,
-            wal: None,
-        }
-    }
-}
 
 impl StreamingContextBuilder {
-    /// Every `interval`, the blocks received in it form one batch (default 1 s).
-    pub fn batch_interval(mut self, interval: Duration) -> Self {
-        self.batch_interval = interval;
-        self
-    }
-    /// Receivers' records are cut into a block every `interval` (default 200 ms).
-    pub fn block_interval(mut self, interval: Duration) -> Self {
-        self.block_interval = interval;
-        self
-    }
-    /// In-process workers holding blocks (default 2).
-    pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
-        self
-    }
-    /// Replicas per block, `k` (default 2); a block is acknowledged once `k` workers hold it.
-    pub fn replication(mut self, k: usize) -> Self {
-        self.replication = k;
-        self
-    }
-    /// Executor actors running tasks (default 2).
-    pub fn executors(mut self, n: usize) -> Self {
-        self.executors = n;
-        self
-    }
-    /// At most `records_per_second` records stored per receiver (default: unlimited).
-    pub fn rate_limit(mut self, records_per_second: f64) -> Self {
-        self.rate_limit = Some(records_per_second);
-        self
-    }
-    /// A block is cut early when its encoded size reaches `bytes` (default 8 MiB).
-    pub fn max_block_bytes(mut self, bytes: usize) -> Self {
-        self.max_block_bytes = bytes;
-        self
-    }
-    /// Cut blocks waiting to be replicated, per receiver, before `store` waits (default 4).
-    pub fn block_queue(mut self, blocks: usize) -> Self {
-        self.block_queue = blocks;
-        self
-    }
-    /// Bytes of unprocessed blocks kept in memory before receivers are made to wait
-    /// (default 1 GiB; replicas in this process share memory, so this counts each block once).
-    pub fn memory_limit(mut self, bytes: usize) -> Self {
-        self.memory_bytes = bytes;
-        self
-    }
-    /// Attempts per task before the batch fails (default 4).
-    pub fn task_attempts(mut self, attempts: u32) -> Self {
-        self.task_attempts = attempts;
-        self
-    }
-    /// What a failed batch does to the context (default: continue).
-    pub fn on_batch_failure(mut self, policy: OnBatchFailure) -> Self {
-        self.on_batch_failure = policy;
-        self
-    }
-    /// Backoff between receiver restarts (default 100 ms doubling to 5 s; `None` for none).
-    pub fn receiver_backoff(mut self, backoff: Option<Backoff>) -> Self {
-        self.receiver_backoff = backoff;
-        self
-    }
-
-    /// The strategy of the supervisor that runs the receivers. Default: one-for-one, any
-    /// error or panic restarts the receiver (with the receiver backoff), at most 10 times per
-    /// minute; beyond that the failure escalates and stops the context.
-    pub fn receiver_strategy<F>(mut self, strategy: F) -> Self
-    where
-        F: Fn() -> Strategy + Send + Sync + 'static,
-    {
-        self.receiver_strategy = Some(StrategyFactory(Arc::new(strategy)));
-        self
-    }
-
-    /// Where the driver keeps its metadata log and checkpoints (and the write-ahead log, when
-    /// enabled). A directory used before is recovered at `start` (see
-    /// [`StreamingContext::get_or_create`]).
-    pub fn checkpoint_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
-        self.checkpoint_dir = Some(dir.into());
-        self
-    }
-
-    /// Turns on the write-ahead log (in the checkpoint directory): every block is appended and
-    /// synced per `config` before it is acknowledged. Requires `checkpoint_dir`.
-    pub fn write_ahead_log(mut self, config: WalConfig) -> Self {
-        self.wal = Some(config);
-        self
-    }
-
-    /// Checks every setting; the error names the setting and the fix.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.batch_interval.is_zero() {
-            return Err(ConfigError::new(
-                "batch_interval",
-                "must be longer than zero",
-            ));
-        }
-        if self.block_interval.is_zero() {
-            return Err(ConfigError::new(
-                "block_interval",
-                "must be longer than zero",
-            ));
-        }
-        if self.block_interval > self.batch_interval {
-            return Err(ConfigError::new(
-                "block_interval",
-                format!(
-                    "must not be longer than batch_interval ({:?} > {:?})",
-                    self.block_interval, self.batch_interval
-                ),
-            ));
-        }
-        if self.workers == 0 {
-            return Err(ConfigError::new("workers", "must be at least 1"));
-        }
-        if self.replication == 0 {
-            return Err(ConfigError::new("replication", "must be at least 1"));
-        }
-        if self.replication > self.workers {
-            return Err(ConfigError::new(
-                "replication",
-                format!(
-                    "({}) must not exceed workers ({}): raise workers or lower replication",
-                    self.replication, self.workers
-                ),
-            ));
-        }
-        if self.executors == 0 {
-            return Err(ConfigError::new("executors", "must be at least 1"));
-        }
-        if let Some(rate) = self.rate_limit {
-            if !(rate.is_finite() && rate > 0.0) {
-                return Err(ConfigError::new(
-                    "rate_limit",
-                    "must be a positive number of records per second",
-                ));
-            }
-        }
-        if self.max_block_bytes < 64 {
-            return Err(ConfigError::new("max_block_bytes", "must be at least 64"));
-        }
-        if self.block_queue == 0 {
-            return Err(ConfigError::new("block_queue", "must be at least 1"));
-        }
-        if self.memory_bytes < self.max_block_bytes {
-            return Err(ConfigError::new(
-                "memory_limit",
-                "must be at least max_block_bytes",
-            ));
-        }
-        if self.task_attempts == 0 {
-            return Err(ConfigError::new("task_attempts", "must be at least 1"));
-        }
-        if let Some(b) = &self.receiver_backoff {
-            b.validate()?;
-        }
-        if let Some(make) = &self.receiver_strategy {
-            (make.0)().validate()?;
-        }
-        if self.wal.is_some() && self.checkpoint_dir.is_none() {
-            return Err(ConfigError::new(
-                "write_ahead_log",
-                "requires checkpoint_dir: the log is kept in the checkpoint directory",
-            ));
-        }
-        if let Some(w) = &self.wal {
-            if w.segment_bytes == 0 || w.segment_age.is_zero() {
-                return Err(ConfigError::new(
-                    "write_ahead_log",
-                    "segment_bytes and segment_age must be greater than zero",
-                ));
-            }
-        }
-        if let Some(dir) = &self.checkpoint_dir {
-            crate::checkpoint::check_usable(dir)
-                .map_err(|e| ConfigError::new("checkpoint_dir", e.to_string()))?;
-        }
-        Ok(())
-    }
-
     /// Validates the configuration and builds a context (nothing runs until `start`).
     pub fn build(self) -> Result<StreamingContext, ConfigError> {
         self.validate()?;
@@ -330,7 +53,7 @@ impl StreamingContextBuilder {
             inner: Arc::new(Inner {
                 config: self,
                 defined: Mutex::new(Defined::default()),
-                running: Mutex::new(None),
+                phase: Mutex::new(Phase::Defining),
                 batches: Mutex::new(Some(batches)),
                 termination,
                 recovery: Mutex::new(None),
@@ -339,115 +62,154 @@ impl StreamingContextBuilder {
     }
 }
 
-type Starter = Box<
-    dyn FnOnce(
-            SupervisorHandle,
-            Arc<BlockGenerator>,
-            Arc<Durability>,
-        ) -> BoxFuture<'static, Result<(), SupervisorError>>
-        + Send,
->;
-
-struct PendingReceiver {
-    stream: u32,
-    name: String,
-    start: Starter,
-}
-
 #[derive(Default)]
 struct Defined {
     receivers: Vec<PendingReceiver>,
     outputs: Vec<OutputFn>,
-    started: bool,
 }
 
-struct Running {
-    blocks: BlockManager,
+/// Where the context is in its life.
+enum Phase {
+    /// Streams and outputs are being added.
+    Defining,
+    /// `start` is building the stages; `stop` records its request here.
+    Starting { stop: Option<bool> },
+    /// The lifecycle task owns the stages.
+    Running(Handles),
+    /// Terminated; the outcome is in `termination`.
+    Ended,
+}
+
+/// What the context keeps of a running job: the way to ask it to stop, and handles for the
+/// inspection and fault-injection calls.
+struct Handles {
+    stop: mpsc::UnboundedSender<bool>,
     receivers: SupervisorHandle,
-    executors: SupervisorHandle,
-    generators: Vec<Arc<BlockGenerator>>,
-    pushers: Vec<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
-    drain: Option<tokio::sync::oneshot::Sender<()>>,
-    runner: Option<JoinHandle<()>>,
-    durabilities: Vec<Arc<Durability>>,
+    blocks: BlockManagerMaster,
 }
 
 struct Inner {
     config: StreamingContextBuilder,
     defined: Mutex<Defined>,
-    running: Mutex<Option<Running>>,
+    phase: Mutex<Phase>,
     /// Taken (closed) when the context terminates, so subscribers see the end of the stream.
     batches: Mutex<Option<broadcast::Sender<BatchInfo>>>,
     termination: watch::Sender<Option<Result<(), ContextError>>>,
     recovery: Mutex<Option<RecoveryReport>>,
 }
 
-/// What a context found in its checkpoint directory at start.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// Batches that were allocated but not completed; they run again with the same ids and
-    /// the same blocks before any new batch.
-    pub rerun_batches: Vec<BatchId>,
-    /// Unprocessed blocks recovered from the write-ahead log.
-    pub recovered_blocks: usize,
-    /// Records in them.
-    pub recovered_records: u64,
-    /// Unprocessed blocks that were only in memory (no write-ahead log) and are gone.
-    pub lost_blocks: usize,
-    /// Records in them.
-    pub lost_records: u64,
-    /// Write-ahead log segments whose torn tail was truncated, with the bytes cut.
-    pub truncated_segments: Vec<(String, u64)>,
-}
-
-/// The durable side of a running context: metadata log and write-ahead logs.
-#[derive(Clone, Default)]
-struct Persistence {
-    meta: Option<Arc<Mutex<MetadataLog>>>,
-    wals: Arc<std::collections::HashMap<u32, Arc<Wal>>>,
-}
-
-impl Persistence {
-    async fn log<F>(&self, f: F) -> Result<(), String>
-    where
-        F: FnOnce(&mut MetadataLog) -> std::io::Result<()> + Send + 'static,
-    {
-        let Some(meta) = self.meta.clone() else {
-            return Ok(());
-        };
-        tokio::task::spawn_blocking(move || f(&mut lock(&meta)))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("metadata log: {e}"))
+impl Inner {
+    /// The context has terminated with `outcome` (the first outcome is kept).
+    fn end(&self, outcome: Result<(), ContextError>) {
+        *lock(&self.phase) = Phase::Ended;
+        lock(&self.batches).take();
+        self.termination.send_if_modified(|t| {
+            if t.is_none() {
+                *t = Some(outcome);
+                true
+            } else {
+                false
+            }
+        });
     }
 
-    fn processed(&self, ids: &[BlockId]) {
-        let mut per: std::collections::HashMap<u32, Vec<BlockId>> = Default::default();
-        for id in ids {
-            per.entry(id.stream).or_default().push(*id);
+    /// `Err(StoppedDuringStart)` if `stop` was called while starting.
+    fn check_stop(&self) -> Result<(), ContextError> {
+        match &*lock(&self.phase) {
+            Phase::Starting { stop: Some(_) } => Err(ContextError::StoppedDuringStart),
+            _ => Ok(()),
         }
-        for (stream, ids) in per {
-            if let Some(w) = self.wals.get(&stream) {
-                w.processed(ids);
-            }
+    }
+
+    fn running<T>(&self, f: impl FnOnce(&Handles) -> T) -> Option<T> {
+        match &*lock(&self.phase) {
+            Phase::Running(h) => Some(f(h)),
+            _ => None,
         }
     }
 }
 
 impl OutputRegistry for Inner {
     fn register(&self, output: OutputFn) -> Result<(), ContextError> {
-        let mut d = lock(&self.defined);
-        if d.started {
+        if !matches!(*lock(&self.phase), Phase::Defining) {
             return Err(ContextError::AlreadyStarted);
         }
-        d.outputs.push(output);
+        lock(&self.defined).outputs.push(output);
         Ok(())
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The stages of a running job, in the order they are built (each `None` until built).
+#[derive(Default)]
+struct Stages {
+    blocks: Option<BlockManagerMaster>,
+    executors: Option<SupervisorHandle>,
+    tracker: Option<ReceiverTracker>,
+    scheduler: Option<JobScheduler>,
+}
+
+impl Stages {
+    /// Tears down what was built, in reverse order.
+    async fn teardown(&mut self, graceful: bool) {
+        if let Some(t) = &mut self.tracker {
+            t.stop_receiving(graceful).await;
+        }
+        if let Some(s) = &mut self.scheduler {
+            if graceful {
+                s.drain().await;
+            } else {
+                s.abort().await;
+            }
+        }
+        if let Some(t) = &mut self.tracker {
+            t.close().await;
+        }
+        if let Some(e) = &self.executors {
+            let _ = e.shutdown().await;
+        }
+        if let Some(b) = &self.blocks {
+            b.shutdown();
+        }
+    }
+}
+
+/// Owns the running stages until something ends the job, then tears them down and
+/// publishes the outcome. It is never aborted: it is what ends the context.
+async fn lifecycle(inner: Arc<Inner>, mut stages: Stages, mut stop: mpsc::UnboundedReceiver<bool>) {
+    let receivers = stages.tracker.as_ref().map(|t| t.receivers().clone());
+    let escalated = async move {
+        if let Some(r) = receivers {
+            if let Err(e) = r.wait().await {
+                if !matches!(e, SupervisorError::Stopped { .. }) {
+                    return e;
+                }
+            }
+        }
+        std::future::pending().await
+    };
+    let (outcome, graceful) = {
+        let scheduler_failed = async {
+            match &mut stages.scheduler {
+                Some(s) => s.failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            g = stop.recv() => (Ok(()), g.unwrap_or(true)),
+            e = escalated => {
+                tracing::error!(error = %e, "a receiver failure escalated to the context: stopping");
+                (Err(ContextError::Receivers(e)), true)
+            }
+            e = scheduler_failed => (Err(e), false),
+        }
+    };
+    stages.teardown(graceful).await;
+    tracing::info!(graceful, ok = outcome.is_ok(), "streaming context stopped");
+    inner.end(outcome);
 }
 
 /// A streaming job: receivers, the block pipeline, and the batches computed from it.
@@ -505,10 +267,10 @@ impl StreamingContext {
         R::Record: Record,
     {
         let name = name.into();
-        let mut d = lock(&self.inner.defined);
-        if d.started {
+        if !matches!(*lock(&self.inner.phase), Phase::Defining) {
             return Err(ContextError::AlreadyStarted);
         }
+        let mut d = lock(&self.inner.defined);
         if d.receivers.iter().any(|r| r.name == name) {
             return Err(ConfigError::new(
                 "receiver name",
@@ -519,24 +281,17 @@ impl StreamingContext {
         let stream = u32::try_from(d.receivers.len()).unwrap_or(u32::MAX);
         let backoff = self.inner.config.receiver_backoff;
         let spawn_name = name.clone();
-        let start: Starter = Box::new(
-            move |sup: SupervisorHandle,
-                  generator: Arc<BlockGenerator>,
-                  durability: Arc<Durability>| {
-                async move {
-                    let mut spec = ReceiverSpec::new(
-                        spawn_name,
-                        receiver,
-                        Store::blocks(generator, durability),
-                    );
-                    if let Some(b) = backoff {
-                        spec = spec.backoff(b);
-                    }
-                    sup.spawn_receiver(spec).await.map(|_| ())
+        let start: Starter = Box::new(move |sup, generator, durability| {
+            async move {
+                let mut spec =
+                    ReceiverSpec::new(spawn_name, receiver, Store::blocks(generator, durability));
+                if let Some(b) = backoff {
+                    spec = spec.backoff(b);
                 }
-                .boxed()
-            },
-        );
+                sup.spawn_receiver(spec).await.map(|_| ())
+            }
+            .boxed()
+        });
         d.receivers.push(PendingReceiver {
             stream,
             name,
@@ -601,48 +356,130 @@ impl StreamingContext {
     pub fn supervision_events(
         &self,
     ) -> Result<broadcast::Receiver<SupervisionEvent>, ContextError> {
-        lock(&self.inner.running)
-            .as_ref()
-            .map(|r| r.receivers.subscribe())
+        self.inner
+            .running(|h| h.receivers.subscribe())
             .ok_or(ContextError::NotRunning)
     }
 
-    /// Starts workers, executors, receivers and the batch scheduler.
+    /// Starts the stages in order: recovery, workers, executors, receivers, the scheduler.
+    ///
+    /// If a stage fails, what was built is torn down (nothing keeps running), the error is
+    /// returned, and the context has ended with it: `stop` and `await_termination` return it
+    /// at once. A `stop` called meanwhile makes `start` undo its work and return
+    /// [`ContextError::StoppedDuringStart`].
     pub async fn start(&self) -> Result<(), ContextError> {
         let (receivers, outputs) = {
-            let mut d = lock(&self.inner.defined);
-            if d.started {
+            let mut phase = lock(&self.inner.phase);
+            if !matches!(*phase, Phase::Defining) {
                 return Err(ContextError::AlreadyStarted);
             }
-            d.started = true;
+            *phase = Phase::Starting { stop: None };
+            let mut d = lock(&self.inner.defined);
             (
                 std::mem::take(&mut d.receivers),
                 std::mem::take(&mut d.outputs),
             )
         };
+        let mut stages = Stages::default();
+        let built = self.build_stages(&mut stages, receivers, outputs).await;
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let requested = {
+            let mut phase = lock(&self.inner.phase);
+            match (&built, &*phase) {
+                (Ok(()), Phase::Starting { stop: None }) => {
+                    *phase = Phase::Running(Handles {
+                        stop: stop_tx,
+                        receivers: stages
+                            .tracker
+                            .as_ref()
+                            .map(|t| t.receivers().clone())
+                            .expect("built"),
+                        blocks: stages.blocks.clone().expect("built"),
+                    });
+                    None
+                }
+                (_, Phase::Starting { stop: Some(g) }) => Some(*g),
+                _ => None,
+            }
+        };
+        match (built, requested) {
+            (_, Some(graceful)) => {
+                stages.teardown(graceful).await;
+                tracing::info!("stopped while starting");
+                self.inner.end(Ok(()));
+                Err(ContextError::StoppedDuringStart)
+            }
+            (Err(e), None) => {
+                tracing::error!(error = %e, "start failed; stopping what had started");
+                stages.teardown(false).await;
+                self.inner.end(Err(e.clone()));
+                Err(e)
+            }
+            (Ok(()), None) => {
+                tokio::spawn(lifecycle(self.inner.clone(), stages, stop_rx));
+                let cfg = &self.inner.config;
+                tracing::info!(
+                    workers = cfg.workers,
+                    replication = cfg.replication,
+                    executors = cfg.executors,
+                    batch_interval = ?cfg.batch_interval,
+                    "streaming context started"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn build_stages(
+        &self,
+        stages: &mut Stages,
+        receivers: Vec<PendingReceiver>,
+        outputs: Vec<OutputFn>,
+    ) -> Result<(), ContextError> {
         let cfg = &self.inner.config;
         let start_err = |what: &str, e: &dyn std::fmt::Display| ContextError::Start {
             what: what.to_string(),
             error: e.to_string(),
         };
+
+        // Recovery: file I/O only, on the blocking pool.
         let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
         let streams: Vec<u32> = receivers.iter().map(|r| r.stream).collect();
-        let (persistence, recovered) = open_persistence(cfg, &names, &streams)?;
-        let (blocks, cluster_events) =
-            BlockManager::start(cfg.workers, cfg.replication, cfg.memory_bytes)
+        let (dir, wal) = (cfg.checkpoint_dir.clone(), cfg.wal);
+        let recovered =
+            tokio::task::spawn_blocking(move || recover(dir.as_deref(), wal, &names, &streams))
+                .await
+                .map_err(|e| start_err("recovery", &e))??;
+        if let Some(r) = &recovered.report {
+            report_recovery(r);
+        }
+        *lock(&self.inner.recovery) = recovered.report.clone();
+        self.inner.check_stop()?;
+
+        // Workers and the BlockManagerMaster, with the recovered blocks put back.
+        let (blocks, cluster) =
+            BlockManagerMaster::start(cfg.workers, cfg.replication, cfg.memory_bytes)
                 .await
                 .map_err(|e| start_err("workers", &e))?;
+        stages.blocks = Some(blocks.clone());
+        for block in recovered.blocks {
+            let home = block.id.stream as usize % cfg.workers;
+            if let Err(e) = blocks.put(block, home, None).await {
+                tracing::error!(error = %e, "could not restore a recovered block");
+            }
+        }
 
         // Executors: Restart on any failure (a panicking task restarts its executor in place).
         // No cap: the failures come from user code in tasks, which `task_attempts` already
         // bounds per task; capping would shrink the pool for good after ten bad records.
         let exec_strategy = Strategy::one_for_one(10, Duration::from_secs(60))
-            .limit(crate::supervisor::RestartLimit::Unlimited)
+            .limit(RestartLimit::Unlimited)
             .on_panic(Directive::Restart)
             .otherwise(Directive::Restart);
-        let executors_sup = Supervisor::start("executors", exec_strategy)
+        let executors = Supervisor::start("executors", exec_strategy)
             .await
             .map_err(|e| start_err("executors", &e))?;
+        stages.executors = Some(executors.clone());
         let mut execs = Vec::with_capacity(cfg.executors);
         for i in 0..cfg.executors {
             let worker = i % cfg.workers;
@@ -651,227 +488,83 @@ impl StreamingContext {
                 worker,
                 blocks: blocks.clone(),
             };
-            let r = executors_sup
+            let r = executors
                 .spawn_receiver(ReceiverSpec::new(format!("executor-{i}"), exec, store))
                 .await
                 .map_err(|e| start_err("executors", &e))?;
             execs.push((worker, r));
         }
         let runner = TaskRunner::new(execs, blocks.clone(), cfg.task_attempts);
+        self.inner.check_stop()?;
 
-        // Receivers.
-        let strategy = match &cfg.receiver_strategy {
-            Some(make) => (make.0)(),
-            None => Strategy::one_for_one(10, Duration::from_secs(60))
-                .on_panic(Directive::Restart)
-                .otherwise(Directive::Restart)
-                .on_limit_exceeded(Directive::Escalate),
-        };
-        let receivers_sup = Supervisor::start("receivers", strategy)
-            .await
-            .map_err(|e| start_err("receivers", &e))?;
-        let acked: Arc<Mutex<Vec<(BlockId, u32)>>> = Arc::default();
-        let (rerun, first_seq, last_batch, report) =
-            restore(recovered, &blocks, &acked, cfg.workers).await;
-        if let Some(r) = &report {
-            tracing::info!(
-                rerun_batches = r.rerun_batches.len(),
-                recovered_blocks = r.recovered_blocks,
-                recovered_records = r.recovered_records,
-                lost_blocks = r.lost_blocks,
-                lost_records = r.lost_records,
-                "recovered from the checkpoint directory"
-            );
-            if r.lost_blocks > 0 {
-                metrics::counter!(crate::telemetry::BLOCKS_LOST_TOTAL)
-                    .increment(r.lost_blocks as u64);
-                metrics::counter!(crate::telemetry::RECORDS_LOST_TOTAL).increment(r.lost_records);
-                tracing::error!(
-                    lost_blocks = r.lost_blocks,
-                    lost_records = r.lost_records,
-                    "unprocessed blocks were only in memory when the driver stopped: lost"
-                );
-            }
-        }
-        *lock(&self.inner.recovery) = report;
-        let mut durabilities = Vec::new();
-        let mut generators = Vec::new();
-        let mut pushers = Vec::new();
-        let mut background = Vec::new();
-        let mut homes = Vec::new();
-        let pool = crate::buffer_pool::BufferPool::new(cfg.memory_bytes);
-        for pending in receivers {
-            let (generator, queue) = BlockGenerator::starting_at(
-                pending.stream,
-                first_seq.get(&pending.stream).copied().unwrap_or(0),
-                cfg.max_block_bytes,
-                cfg.block_queue,
-                cfg.rate_limit,
-                pool.clone(),
-            );
-            let generator = Arc::new(generator);
-            let durability = Arc::new(Durability::new());
-            let home = Arc::new(AtomicUsize::new(pending.stream as usize % cfg.workers));
-            pushers.push(tokio::spawn(push_blocks(
-                queue,
-                blocks.clone(),
-                home.clone(),
-                acked.clone(),
-                persistence.clone(),
-                durability.clone(),
-            )));
-            let g = generator.clone();
-            let block_interval = cfg.block_interval;
-            background.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(block_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    if !g.flush().await {
-                        break;
-                    }
-                }
-            }));
-            (pending.start)(receivers_sup.clone(), generator.clone(), durability.clone())
-                .await
-                .map_err(|e| start_err(&format!("receiver `{}`", pending.name), &e))?;
-            homes.push((pending.name, home));
-            generators.push(generator);
-            durabilities.push(durability);
-        }
-        background.push(tokio::spawn(watch_cluster(
-            cluster_events,
+        // The ReceiverTracker and the receivers.
+        let tracker = ReceiverTracker::start(
+            TrackerConfig {
+                workers: cfg.workers,
+                max_block_bytes: cfg.max_block_bytes,
+                block_queue: cfg.block_queue,
+                rate_limit: cfg.rate_limit,
+                memory_bytes: cfg.memory_bytes,
+                block_interval: cfg.block_interval,
+                strategy: cfg.receivers_strategy(),
+            },
+            receivers,
             blocks.clone(),
-            receivers_sup.clone(),
-            homes,
-        )));
+            cluster,
+            TrackerStart {
+                meta: recovered.meta,
+                wals: recovered.wals,
+                unallocated: recovered.unallocated,
+                first_seq: recovered.first_seq,
+            },
+        )
+        .await?;
+        let handle = tracker.handle();
+        stages.tracker = Some(tracker);
+        self.inner.check_stop()?;
 
-        // Scheduler and runner.
-        let (batch_tx, batch_rx) = mpsc::unbounded_channel();
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
-        // Batches the previous run allocated but did not complete go first, unchanged.
-        for batch in rerun {
-            let _ = batch_tx.send(batch);
-        }
-        background.push(tokio::spawn(schedule(
-            cfg.batch_interval,
-            acked,
-            batch_tx,
-            drain_rx,
-            last_batch,
-            persistence.clone(),
-        )));
-        let run = tokio::spawn(run_batches(
-            batch_rx,
+        // The JobScheduler.
+        stages.scheduler = Some(JobScheduler::start(SchedulerParts {
+            interval: cfg.batch_interval,
+            policy: cfg.on_batch_failure,
+            rerun: recovered.rerun,
+            last_batch: recovered.last_batch,
+            tracker: handle,
             outputs,
             runner,
-            blocks.clone(),
-            lock(&self.inner.batches)
+            blocks,
+            reports: lock(&self.inner.batches)
                 .clone()
                 .unwrap_or_else(|| broadcast::channel(1).0),
-            cfg.on_batch_failure,
-            self.clone(),
-            persistence,
-        ));
-
-        // A failure escalated to the receivers' root ends the context.
-        let ctx = self.clone();
-        let sup = receivers_sup.clone();
-        background.push(tokio::spawn(async move {
-            if let Err(e) = sup.wait().await {
-                if !matches!(e, SupervisorError::Stopped { .. }) {
-                    ctx.finish(Err(ContextError::Receivers(e)), true).await;
-                }
-            }
         }));
-
-        *lock(&self.inner.running) = Some(Running {
-            blocks,
-            receivers: receivers_sup,
-            executors: executors_sup,
-            generators,
-            pushers,
-            background,
-            drain: Some(drain_tx),
-            runner: Some(run),
-            durabilities,
-        });
-        tracing::info!(
-            workers = cfg.workers,
-            replication = cfg.replication,
-            executors = cfg.executors,
-            batch_interval = ?cfg.batch_interval,
-            "streaming context started"
-        );
         Ok(())
     }
 
-    /// Stops the context. Graceful: receivers stop, buffered records are cut into blocks and
-    /// acknowledged, the remaining batches run, then everything stops. Not graceful: stops now;
-    /// unprocessed blocks are dropped.
+    /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records
+    /// are cut into blocks and acknowledged, the remaining batches run, then everything stops.
+    /// Not graceful: stops now; unprocessed blocks are dropped. Before `start`, the context
+    /// just ends; during `start`, `start` undoes its work; after the end, this returns the
+    /// outcome at once.
     pub async fn stop(&self, graceful: bool) -> Result<(), ContextError> {
-        self.finish(Ok(()), graceful).await;
-        self.await_termination().await
-    }
-
-    async fn finish(&self, outcome: Result<(), ContextError>, graceful: bool) {
-        let Some(mut running) = lock(&self.inner.running).take() else {
-            // Never started: it ends here (and cannot be started any more). Otherwise it is
-            // already stopping or stopped: keep the first outcome.
-            let mut d = lock(&self.inner.defined);
-            if !d.started {
-                d.started = true;
-                self.inner.termination.send_replace(Some(outcome));
+        let never_started = {
+            let mut phase = lock(&self.inner.phase);
+            match &mut *phase {
+                Phase::Defining => true,
+                Phase::Starting { stop } => {
+                    stop.get_or_insert(graceful);
+                    false
+                }
+                Phase::Running(h) => {
+                    let _ = h.stop.send(graceful);
+                    false
+                }
+                Phase::Ended => false,
             }
-            return;
         };
-        if !graceful {
-            // Nothing more will be acknowledged: release receivers waiting in store_reliably
-            // (they must not ack their source), then stop them.
-            for p in running.pushers.drain(..) {
-                p.abort();
-            }
-            for d in &running.durabilities {
-                d.close();
-            }
+        if never_started {
+            self.inner.end(Ok(()));
         }
-        let _ = running.receivers.shutdown().await;
-        if graceful {
-            for g in &running.generators {
-                g.close().await;
-            }
-            for p in running.pushers.drain(..) {
-                let _ = p.await;
-            }
-            if let Some(drain) = running.drain.take() {
-                let _ = drain.send(());
-            }
-            if let Some(runner) = running.runner.take() {
-                let _ = runner.await;
-            }
-            for d in &running.durabilities {
-                d.close();
-            }
-        } else {
-            for g in &running.generators {
-                g.close().await;
-            }
-            for p in running.pushers.drain(..) {
-                p.abort();
-            }
-            if let Some(runner) = running.runner.take() {
-                runner.abort();
-            }
-        }
-        for task in running.background.drain(..) {
-            task.abort();
-        }
-        let _ = running.executors.shutdown().await;
-        running.blocks.shutdown();
-        tracing::info!(graceful, ok = outcome.is_ok(), "streaming context stopped");
-        lock(&self.inner.batches).take();
-        self.inner.termination.send_replace(Some(outcome));
+        self.await_termination().await
     }
 
     /// Waits until the context has stopped, and returns why: `Ok` after `stop`, an error if a
@@ -889,435 +582,56 @@ impl StreamingContext {
     /// replicas are re-replicated and receivers placed on it restart on another worker.
     /// For fault-injection tests and demos. Returns whether the worker was alive.
     pub fn kill_worker(&self, w: usize) -> bool {
-        lock(&self.inner.running)
-            .as_ref()
-            .is_some_and(|r| r.blocks.kill_worker(w))
+        self.inner
+            .running(|h| h.blocks.kill_worker(w))
+            .unwrap_or(false)
     }
 
     /// Workers still alive.
     pub fn live_workers(&self) -> Vec<usize> {
-        lock(&self.inner.running)
-            .as_ref()
-            .map(|r| r.blocks.live_workers())
+        self.inner
+            .running(|h| h.blocks.live_workers())
             .unwrap_or_default()
     }
 
     /// Blocks acknowledged but not yet freed (their batch has not completed).
     pub fn pending_blocks(&self) -> usize {
-        lock(&self.inner.running)
-            .as_ref()
-            .map(|r| r.blocks.tracked_blocks())
+        self.inner
+            .running(|h| h.blocks.tracked_blocks())
             .unwrap_or(0)
     }
 
     /// Blocks held by worker `w` right now (`None` if it is dead or the context is not running).
     pub async fn worker_block_count(&self, w: usize) -> Option<usize> {
-        let blocks = lock(&self.inner.running)
-            .as_ref()
-            .map(|r| r.blocks.clone())?;
+        let blocks = self.inner.running(|h| h.blocks.clone())?;
         blocks.worker_block_count(w).await
     }
 
     /// Replica locations of every block not yet processed (for tests and status output).
     pub fn block_locations(&self) -> Vec<(BlockId, Vec<usize>)> {
-        lock(&self.inner.running)
-            .as_ref()
-            .map(|r| r.blocks.all_locations())
+        self.inner
+            .running(|h| h.blocks.all_locations())
             .unwrap_or_default()
     }
 }
 
-/// Replicates each cut block (and appends it to the write-ahead log, concurrently), logs it,
-/// records it as acknowledged, and settles its durability, in order.
-async fn push_blocks(
-    mut queue: mpsc::Receiver<crate::block::Block>,
-    blocks: BlockManager,
-    home: Arc<AtomicUsize>,
-    acked: Arc<Mutex<Vec<(BlockId, u32)>>>,
-    persistence: Persistence,
-    durability: Arc<Durability>,
-) {
-    while let Some(block) = queue.recv().await {
-        let (id, records) = (block.id, block.records);
-        let permit = match blocks.reserve(block.len_bytes()).await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let wal = persistence.wals.get(&id.stream).cloned();
-        let put = blocks.put(block.clone(), home.load(Ordering::Relaxed), Some(permit));
-        let (wal_result, put_result) = match wal {
-            Some(w) => {
-                let (a, b) = tokio::join!(w.append(block), put);
-                (a.map(|_| ()).map_err(|e| e.to_string()), b)
-            }
-            None => (Ok(()), put.await),
-        };
-        let outcome = match (wal_result, put_result) {
-            (Ok(()), Ok(_)) => persistence.log(move |m| m.added(id, records)).await,
-            (Err(e), _) => Err(e),
-            (_, Err(e)) => Err(e.to_string()),
-        };
-        match &outcome {
-            Ok(()) => lock(&acked).push((id, records)),
-            Err(e) => {
-                tracing::error!(block = %id, records, error = %e, "block could not be made durable")
-            }
-        }
-        durability.settle(id.seq, outcome);
-    }
-}
-
-/// Opens the metadata log and the write-ahead logs, recovering what a previous run left.
-#[allow(clippy::type_complexity)]
-fn open_persistence(
-    cfg: &StreamingContextBuilder,
-    names: &[String],
-    streams: &[u32],
-) -> Result<
-    (
-        Persistence,
-        Option<(DriverState, Vec<crate::wal::Recovered>)>,
-    ),
-    ContextError,
-> {
-    let Some(dir) = &cfg.checkpoint_dir else {
-        return Ok((Persistence::default(), None));
-    };
-    let state = crate::checkpoint::load(dir, names)?;
-    let fresh = state.is_none();
-    let state = state.unwrap_or_default();
-    let mut wals = std::collections::HashMap::new();
-    let mut recovered = Vec::new();
-    if let Some(wcfg) = cfg.wal {
-        let storage: Arc<dyn Storage> = Arc::new(DirStorage::new(dir.join("wal")).map_err(
-            |e| CheckpointError::Unusable {
-                dir: dir.join("wal").display().to_string(),
-                reason: e.to_string(),
-            },
-        )?);
-        for &stream in streams {
-            let r = crate::wal::recover(storage.as_ref(), stream)?;
-            let live: Vec<(BlockId, Location)> = r
-                .blocks
-                .iter()
-                .filter(|(b, _)| !state.is_processed(b.id))
-                .map(|(b, l)| (b.id, l.clone()))
-                .collect();
-            let done: Vec<BlockId> = r
-                .blocks
-                .iter()
-                .filter(|(b, _)| state.is_processed(b.id))
-                .map(|(b, _)| b.id)
-                .collect();
-            let wal = Wal::open(storage.clone(), stream, wcfg, r.next_segment, &live);
-            if !done.is_empty() {
-                wal.processed(done);
-            }
-            wals.insert(stream, Arc::new(wal));
-            recovered.push(r);
-        }
-    }
-    let meta = MetadataLog::open(dir, names, state.clone())?;
-    let persistence = Persistence {
-        meta: Some(Arc::new(Mutex::new(meta))),
-        wals: Arc::new(wals),
-    };
-    Ok((persistence, (!fresh).then_some((state, recovered))))
-}
-
-type Rerun = Vec<(BatchId, SystemTime, BatchBlocks)>;
-
-/// Puts recovered blocks back on the workers; returns the batches to run again, the first
-/// block sequence number of each stream, the last batch id, and the report.
-async fn restore(
-    recovered: Option<(DriverState, Vec<crate::wal::Recovered>)>,
-    blocks: &BlockManager,
-    acked: &Arc<Mutex<Vec<(BlockId, u32)>>>,
-    workers: usize,
-) -> (
-    Rerun,
-    std::collections::HashMap<u32, u64>,
-    u64,
-    Option<RecoveryReport>,
-) {
-    let mut first_seq = std::collections::HashMap::new();
-    let Some((state, wal)) = recovered else {
-        return (Vec::new(), first_seq, 0, None);
-    };
-    let mut report = RecoveryReport::default();
-    let mut in_wal: std::collections::BTreeMap<BlockId, crate::block::Block> = Default::default();
-    for r in wal {
-        report.truncated_segments.extend(r.truncated);
-        for (b, _) in r.blocks {
-            let next = first_seq.entry(b.id.stream).or_insert(0);
-            *next = (*next).max(b.id.seq + 1);
-            if !state.is_processed(b.id) {
-                in_wal.insert(b.id, b);
-            }
-        }
-    }
-    for (stream, seq) in &state.max_seq {
-        let next = first_seq.entry(*stream).or_insert(0);
-        *next = (*next).max(seq + 1);
-    }
-    for (stream, seq) in &state.processed_through {
-        let next = first_seq.entry(*stream).or_insert(0);
-        *next = (*next).max(seq + 1);
-    }
-    fn restore_one(
-        in_wal: &mut std::collections::BTreeMap<BlockId, crate::block::Block>,
-        id: BlockId,
-        records: u32,
-        report: &mut RecoveryReport,
-    ) -> Option<crate::block::Block> {
-        match in_wal.remove(&id) {
-            Some(block) => {
-                report.recovered_blocks += 1;
-                report.recovered_records += u64::from(records);
-                Some(block)
-            }
-            None => {
-                report.lost_blocks += 1;
-                report.lost_records += u64::from(records);
-                None
-            }
-        }
-    }
-    let mut rerun = Vec::new();
-    let mut to_put = Vec::new();
-    for (id, alloc) in &state.pending {
-        let mut bb = BatchBlocks {
-            recovered: true,
-            ..BatchBlocks::default()
-        };
-        for &(stream, seq, records) in &alloc.blocks {
-            let bid = BlockId { stream, seq };
-            if let Some(block) = restore_one(&mut in_wal, bid, records, &mut report) {
-                to_put.push(block);
-            }
-            bb.by_stream.entry(stream).or_default().push((bid, records));
-        }
-        report.rerun_batches.push(BatchId(*id));
-        rerun.push((
-            BatchId(*id),
-            UNIX_EPOCH + Duration::from_millis(alloc.time_ms),
-            bb,
-        ));
-    }
-    // Acknowledged but not allocated: from the log, and whatever else the WAL holds.
-    let mut unallocated: std::collections::BTreeMap<BlockId, u32> = state
-        .unallocated
-        .iter()
-        .map(|((stream, seq), records)| {
-            (
-                BlockId {
-                    stream: *stream,
-                    seq: *seq,
-                },
-                *records,
-            )
-        })
-        .collect();
-    for (id, b) in &in_wal {
-        unallocated.insert(*id, b.records);
-    }
-    for (id, records) in unallocated {
-        if let Some(block) = restore_one(&mut in_wal, id, records, &mut report) {
-            to_put.push(block);
-        }
-        // A lost block still goes into the next batch, which reports it lost and lets the
-        // log record it as processed.
-        lock(acked).push((id, records));
-    }
-    for block in to_put {
-        let home = block.id.stream as usize % workers.max(1);
-        if let Err(e) = blocks.put(block, home, None).await {
-            tracing::error!(error = %e, "could not restore a recovered block");
-        }
-    }
-    (rerun, first_seq, state.last_batch, Some(report))
-}
-
-/// Worker losses: re-place the receivers that were on the dead worker and restart them there.
-async fn watch_cluster(
-    mut events: mpsc::UnboundedReceiver<ClusterEvent>,
-    blocks: BlockManager,
-    receivers: SupervisorHandle,
-    homes: Vec<(String, Arc<AtomicUsize>)>,
-) {
-    while let Some(event) = events.recv().await {
-        if let ClusterEvent::WorkerLost(dead) = event {
-            let live = blocks.live_workers();
-            for (i, (name, home)) in homes.iter().enumerate() {
-                if home.load(Ordering::Relaxed) != dead || live.is_empty() {
-                    continue;
-                }
-                let new_home: WorkerId = live[i % live.len()];
-                home.store(new_home, Ordering::Relaxed);
-                tracing::warn!(receiver = %name, from = dead, to = new_home, "worker lost: restarting receiver on another worker");
-                let _ = receivers.restart_child(name).await;
-            }
-        }
-    }
-}
-
-fn batch_id(t: SystemTime) -> BatchId {
-    BatchId(
-        t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    )
-}
-
-/// Every batch interval, the blocks acknowledged since the last batch become one batch.
-async fn schedule(
-    interval: Duration,
-    acked: Arc<Mutex<Vec<(BlockId, u32)>>>,
-    batches: mpsc::UnboundedSender<(BatchId, SystemTime, BatchBlocks)>,
-    mut drain: tokio::sync::oneshot::Receiver<()>,
-    after_ms: u64,
-    persistence: Persistence,
-) {
-    // New batch ids come after every id a previous run used.
-    let start_sys = SystemTime::now().max(UNIX_EPOCH + Duration::from_millis(after_ms + 1));
-    let start = tokio::time::Instant::now();
-    let mut k: u32 = 0;
-    loop {
-        k += 1;
-        let due = start + interval * k;
-        let draining = tokio::select! {
-            _ = tokio::time::sleep_until(due) => false,
-            _ = &mut drain => true,
-        };
-        // The final (drain) batch is cut now rather than at the next boundary.
-        let time = if draining {
-            SystemTime::now().max(start_sys + interval * (k - 1) + Duration::from_millis(1))
-        } else {
-            start_sys + interval * k
-        };
-        let taken = std::mem::take(&mut *lock(&acked));
-        let mut b = BatchBlocks::default();
-        for (id, records) in taken {
-            b.by_stream
-                .entry(id.stream)
-                .or_default()
-                .push((id, records));
-        }
-        for v in b.by_stream.values_mut() {
-            v.sort_by_key(|(id, _)| id.seq);
-        }
-        let id = batch_id(time);
-        if b.len() > 0 {
-            let alloc = Allocation {
-                id: id.0,
-                time_ms: id.0,
-                blocks: b
-                    .by_stream
-                    .values()
-                    .flatten()
-                    .map(|(bid, r)| (bid.stream, bid.seq, *r))
-                    .collect(),
-            };
-            if let Err(e) = persistence.log(move |m| m.allocated(alloc)).await {
-                tracing::error!(%id, error = %e, "could not log the batch allocation");
-            }
-        }
-        if batches.send((id, time, b)).is_err() || draining {
-            return;
-        }
-    }
-}
-
-/// Runs batches in order: every output operation, then frees the blocks and reports.
-#[allow(clippy::too_many_arguments)] // the runner's whole context, passed once at start
-async fn run_batches(
-    mut batches: mpsc::UnboundedReceiver<(BatchId, SystemTime, BatchBlocks)>,
-    outputs: Vec<OutputFn>,
-    runner: TaskRunner,
-    blocks: BlockManager,
-    reports: broadcast::Sender<BatchInfo>,
-    policy: OnBatchFailure,
-    ctx: StreamingContext,
-    persistence: Persistence,
-) {
-    while let Some((id, time, batch)) = batches.recv().await {
-        let started = SystemTime::now();
-        let batch = Arc::new(batch);
-        let run = BatchRun {
-            id,
-            time,
-            blocks: batch.clone(),
-            runner: runner.clone(),
-            stats: Arc::new(Mutex::new(RunStats::default())),
-        };
-        let mut failed = None;
-        let all = batch.all_ids();
-        // A recovered batch whose blocks were all lost (in memory only when the driver died)
-        // is not run again: it has nothing to compute, and its outputs may already have been
-        // applied before the crash, complete; running them again with no records would
-        // replace that result. It is reported with its losses like any other batch.
-        let all_lost = batch.recovered
-            && !all.is_empty()
-            && all.iter().all(|b| blocks.locations(*b).is_empty());
-        if all_lost {
-            lock(&run.stats).lost = all.clone();
-            tracing::warn!(%id, blocks = all.len(), "recovered batch lost all its blocks; outputs not re-run");
-        } else {
-            for output in &outputs {
-                if let Err(e) = output(run.clone()).await {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if batch.len() > 0 {
-            // Completed (or failed and given up on): logged before its blocks are released,
-            // so that a crash in between re-runs it rather than losing it.
-            if let Err(e) = persistence.log(move |m| m.completed(id.0)).await {
-                tracing::error!(%id, error = %e, "could not log the batch completion");
-            }
-        }
-        blocks.free(&all);
-        persistence.processed(&all);
-        let ended = SystemTime::now();
-        let stats = std::mem::take(&mut *lock(&run.stats));
-        let lost_records: u64 = batch
-            .by_stream
-            .values()
-            .flatten()
-            .filter(|(id, _)| stats.lost.contains(id))
-            .map(|(_, r)| u64::from(*r))
-            .sum();
-        let info = BatchInfo {
-            id,
-            records: batch.records(),
-            blocks: batch.len(),
-            lost_blocks: stats.lost.len(),
-            lost_records,
-            scheduling_delay: started.duration_since(time).unwrap_or_default(),
-            processing_time: ended.duration_since(started).unwrap_or_default(),
-            total_delay: ended.duration_since(time).unwrap_or_default(),
-            task_retries: stats.retries,
-            failed: failed.as_ref().map(|e| e.to_string()),
-        };
-        if info.lost_blocks > 0 {
-            tracing::error!(%id, lost_blocks = info.lost_blocks, lost_records, "batch lost blocks");
-        }
-        metrics::counter!(crate::telemetry::BATCHES_TOTAL).increment(1);
-        metrics::counter!(crate::telemetry::BATCH_RECORDS_TOTAL).increment(info.records);
-        tracing::debug!(%id, records = info.records, processing = ?info.processing_time, "batch done");
-        let _ = reports.send(info);
-        if let Some(error) = failed {
-            tracing::error!(%id, %error, "batch failed");
-            metrics::counter!(crate::telemetry::BATCHES_FAILED_TOTAL).increment(1);
-            if policy == OnBatchFailure::Stop {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    ctx.finish(Err(ContextError::BatchFailed { id, error }), false)
-                        .await
-                });
-                return;
-            }
-        }
+/// Logs (and counts, for losses) what recovery found.
+fn report_recovery(r: &RecoveryReport) {
+    tracing::info!(
+        rerun_batches = r.rerun_batches.len(),
+        recovered_blocks = r.recovered_blocks,
+        recovered_records = r.recovered_records,
+        lost_blocks = r.lost_blocks,
+        lost_records = r.lost_records,
+        "recovered from the checkpoint directory"
+    );
+    if r.lost_blocks > 0 {
+        metrics::counter!(crate::telemetry::BLOCKS_LOST_TOTAL).increment(r.lost_blocks as u64);
+        metrics::counter!(crate::telemetry::RECORDS_LOST_TOTAL).increment(r.lost_records);
+        tracing::error!(
+            lost_blocks = r.lost_blocks,
+            lost_records = r.lost_records,
+            "unprocessed blocks were only in memory when the driver stopped: lost"
+        );
     }
 }

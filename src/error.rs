@@ -164,3 +164,67 @@ pub enum Error {
 
 /// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the streaming context.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ContextError {
+    /// Invalid configuration, refused at build time.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The operation needs a context that has not started yet (adding streams and outputs).
+    #[error("the context has already started; add streams and outputs before start()")]
+    AlreadyStarted,
+    /// The operation needs a running context.
+    #[error("the context is not running")]
+    NotRunning,
+    /// `stop` was called while `start` was still building the pipeline: `start` undid what it
+    /// had built and the context ended (as stopped).
+    #[error("the context was stopped before it finished starting")]
+    StoppedDuringStart,
+    /// Starting a part of the pipeline failed.
+    #[error("could not start {what}: {error}")]
+    Start {
+        /// Which part.
+        what: String,
+        /// Why.
+        error: String,
+    },
+    /// A receiver failure escalated to the root of the receivers' supervision tree.
+    #[error("receivers failed: {0}")]
+    Receivers(SupervisorError),
+    /// The checkpoint directory is unusable, foreign, incompatible or damaged.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The write-ahead log could not be recovered (e.g. corruption in the middle of a segment).
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
+    /// A batch failed and the context is configured to stop on batch failure.
+    #[error("{id} failed: {error}")]
+    BatchFailed {
+        /// The batch.
+        id: crate::block::BatchId,
+        /// Why.
+        error: BatchError,
+    },
+}
+
+/// Errors of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// A task failed on every attempt.
+    #[error("task for {block} failed after {attempts} attempts: {last_error}")]
+    TaskFailed {
+        /// The block of the task.
+        block: crate::block::BlockId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last_error: String,
+    },
+    /// The output function failed or panicked.
+    #[error("output operation failed: {0}")]
+    Output(String),
+    /// No executor is running.
+    #[error("no executor is running")]
+    NoExecutor,
+}

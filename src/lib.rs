@@ -121,7 +121,9 @@ mod block_manager;
 mod buffer_pool;
 
 pub mod checkpoint;
+mod config;
 mod context;
+mod driver;
 mod error;
 mod receiver;
 mod store;
@@ -134,11 +136,12 @@ pub mod wal;
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, ByteString, DecodeError, Record};
 pub use block_manager::BlockError;
-pub use context::{
-    ContextError, OnBatchFailure, RecoveryReport, StreamingContext, StreamingContextBuilder,
-};
+pub use config::StreamingContextBuilder;
+pub use context::StreamingContext;
+pub use driver::{OnBatchFailure, RecoveryReport};
 pub use error::{
-    BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
+    BoxError, ConfigError, ContextError, Error, PanicError, Result, SharedError, StoreError,
+    SupervisorError,
 };
 pub use receiver::{Receiver, ReceiverContext, ReceiverRef, ReceiverSpec, SendError};
 pub use store::Store;

@@ -25,7 +25,7 @@ use ractor::{ActorCell, ActorRef};
 
 use crate::error::{BoxError, StoreError};
 use crate::store::Store;
-use crate::supervisor::Backoff;
+use crate::supervisor::backoff::Backoff;
 
 pub(crate) mod host;
 

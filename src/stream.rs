@@ -11,7 +11,6 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -46,7 +45,7 @@ pub(crate) type OutputFn =
 
 /// Where a stream registers its output operations.
 pub(crate) trait OutputRegistry: Send + Sync {
-    fn register(&self, output: OutputFn) -> Result<(), crate::context::ContextError>;
+    fn register(&self, output: OutputFn) -> Result<(), crate::error::ContextError>;
 }
 
 /// A stream of records, computed batch by batch. Cheap to clone.
@@ -81,6 +80,22 @@ impl<T> std::fmt::Debug for DStream<T> {
 
 fn panic_message(p: Box<dyn Any + Send>) -> String {
     crate::error::PanicError::from_payload(p).to_string()
+}
+
+/// Runs user code (a batch function, a merge, a per-batch map) on the blocking pool, so that a
+/// slow or blocking function cannot stall the runtime. A panic fails the batch.
+async fn off_runtime<R, F>(f: F) -> Result<R, BatchError>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        BatchError::Output(if e.is_panic() {
+            panic_message(e.into_panic())
+        } else {
+            e.to_string()
+        })
+    })
 }
 
 impl<T: Send + 'static> DStream<T> {
@@ -166,11 +181,15 @@ impl<T: Send + 'static> DStream<T> {
                     let parent = parent.clone();
                     let f = f.clone();
                     async move {
-                        let mut out = Vec::new();
-                        for t in parent(run).await? {
-                            f(t, &mut |u| out.push(u));
-                        }
-                        Ok(out)
+                        let ts = parent(run).await?;
+                        off_runtime(move || {
+                            let mut out = Vec::new();
+                            for t in ts {
+                                f(t, &mut |u| out.push(u));
+                            }
+                            out
+                        })
+                        .await
                     }
                     .boxed()
                 })))
@@ -202,13 +221,16 @@ impl<T: Send + 'static> DStream<T> {
                     let (work, init, merge) = (work.clone(), init.clone(), merge.clone());
                     async move {
                         let parts = run.tasks(stream, work).await?;
-                        let mut acc = init();
-                        for p in parts {
-                            if let Ok(p) = p.downcast::<A>() {
-                                acc = merge(acc, *p);
+                        off_runtime(move || {
+                            let mut acc = init();
+                            for p in parts {
+                                if let Ok(p) = p.downcast::<A>() {
+                                    acc = merge(acc, *p);
+                                }
                             }
-                        }
-                        Ok(vec![acc])
+                            vec![acc]
+                        })
+                        .await
                     }
                     .boxed()
                 })))
@@ -218,11 +240,15 @@ impl<T: Send + 'static> DStream<T> {
                 self.with_plan(Plan::Whole(Arc::new(move |run| {
                     let (parent, init, fold) = (parent.clone(), init.clone(), fold.clone());
                     async move {
-                        let mut acc = init();
-                        for t in parent(run).await? {
-                            fold(&mut acc, t);
-                        }
-                        Ok(vec![acc])
+                        let ts = parent(run).await?;
+                        off_runtime(move || {
+                            let mut acc = init();
+                            for t in ts {
+                                fold(&mut acc, t);
+                            }
+                            vec![acc]
+                        })
+                        .await
                     }
                     .boxed()
                 })))
@@ -237,9 +263,10 @@ impl<T: Send + 'static> DStream<T> {
 
     /// Computes each batch's records and calls `f` with them, once per batch, in batch order.
     ///
-    /// `f` runs on the driver. If it panics, the batch is reported failed (see
+    /// `f` runs on the driver, on the blocking thread pool (never on the async runtime's
+    /// threads, so it may block). If it panics, the batch is reported failed (see
     /// [`BatchInfo::failed`](crate::BatchInfo::failed)).
-    pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::context::ContextError>
+    pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::error::ContextError>
     where
         F: FnMut(Batch<T>) + Send + 'static,
     {
@@ -272,9 +299,11 @@ impl<T: Send + 'static> DStream<T> {
                     time: run.time,
                     records,
                 };
-                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-                std::panic::catch_unwind(AssertUnwindSafe(|| (*f)(batch)))
-                    .map_err(|p| BatchError::Output(panic_message(p)))
+                off_runtime(move || {
+                    let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                    (*f)(batch)
+                })
+                .await
             }
             .boxed()
         });

@@ -40,8 +40,8 @@ use crate::receiver::host::{self, HostArgs, ReceiverHost};
 use crate::receiver::{Receiver, ReceiverRef, ReceiverSpec};
 use crate::telemetry::{EventBus, EventKind, SupervisionEvent};
 
-mod backoff;
-mod decider;
+pub(crate) mod backoff;
+pub(crate) mod decider;
 pub(crate) mod link;
 mod restart_budget;
 

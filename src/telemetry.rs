@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::supervisor::Directive;
+use crate::supervisor::decider::Directive;
 
 /// Counter: supervision decisions, labelled `directive`.
 pub const SUPERVISOR_DECISIONS_TOTAL: &str = "tributary_supervisor_decisions_total";

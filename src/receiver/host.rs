@@ -28,8 +28,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::error::{BoxError, PanicError};
 use crate::receiver::{Receiver, ReceiverContext, ReceiverRef};
 use crate::store::Store;
+use crate::supervisor::decider::Directive;
 use crate::supervisor::link::{send_after, ChildLink, Control};
-use crate::supervisor::Directive;
 
 /// What travels in a receiver host's mailbox.
 #[derive(Debug)]

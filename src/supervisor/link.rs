@@ -13,8 +13,10 @@ use std::time::Duration;
 use ractor::{ActorCell, ActorRef};
 
 use crate::error::BoxError;
+use crate::supervisor::backoff::Backoff;
+use crate::supervisor::decider::{Directive, Strategy, StrategyKind};
 use crate::supervisor::restart_budget::RestartBudget;
-use crate::supervisor::{Backoff, Directive, Strategy, StrategyKind, SupervisorMsg};
+use crate::supervisor::SupervisorMsg;
 use crate::telemetry::{EventBus, EventKind, SupervisionEvent};
 
 /// Control messages from a supervisor to a child (receiver host or nested supervisor). They

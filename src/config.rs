@@ -1,0 +1,259 @@
+//! The configuration of a streaming context: plain data with defaults, validated before
+//! anything runs ([`StreamingContextBuilder::validate`]); [`StreamingContextBuilder::build`]
+//! turns it into a [`StreamingContext`](crate::StreamingContext).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::driver::OnBatchFailure;
+use crate::error::ConfigError;
+use crate::supervisor::{Backoff, Directive, Strategy};
+use crate::wal::WalConfig;
+
+/// Configuration of a [`StreamingContext`]. Plain data with defaults; see each setter.
+#[derive(Debug, Clone)]
+pub struct StreamingContextBuilder {
+    pub(crate) batch_interval: Duration,
+    pub(crate) block_interval: Duration,
+    pub(crate) workers: usize,
+    pub(crate) replication: usize,
+    pub(crate) executors: usize,
+    pub(crate) rate_limit: Option<f64>,
+    pub(crate) max_block_bytes: usize,
+    pub(crate) block_queue: usize,
+    pub(crate) memory_bytes: usize,
+    pub(crate) task_attempts: u32,
+    pub(crate) on_batch_failure: OnBatchFailure,
+    pub(crate) receiver_backoff: Option<Backoff>,
+    pub(crate) receiver_strategy: Option<StrategyFactory>,
+    pub(crate) checkpoint_dir: Option<std::path::PathBuf>,
+    pub(crate) wal: Option<WalConfig>,
+}
+
+/// Builds the receivers' strategy (a strategy holds closures, so it is built, not cloned).
+#[derive(Clone)]
+pub(crate) struct StrategyFactory(Arc<dyn Fn() -> Strategy + Send + Sync>);
+
+impl std::fmt::Debug for StrategyFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StrategyFactory").field(&(self.0)()).finish()
+    }
+}
+
+impl Default for StreamingContextBuilder {
+    fn default() -> Self {
+        StreamingContextBuilder {
+            batch_interval: Duration::from_secs(1),
+            block_interval: Duration::from_millis(200),
+            workers: 2,
+            replication: 2,
+            executors: 2,
+            rate_limit: None,
+            max_block_bytes: 8 << 20,
+            block_queue: 4,
+            memory_bytes: 1 << 30,
+            task_attempts: 4,
+            on_batch_failure: OnBatchFailure::Continue,
+            receiver_backoff: Some(Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+            )),
+            receiver_strategy: None,
+            checkpoint_dir: None,
+            wal: None,
+        }
+    }
+}
+
+impl StreamingContextBuilder {
+    /// Every `interval`, the blocks received in it form one batch (default 1 s).
+    pub fn batch_interval(mut self, interval: Duration) -> Self {
+        self.batch_interval = interval;
+        self
+    }
+    /// Receivers' records are cut into a block every `interval` (default 200 ms).
+    pub fn block_interval(mut self, interval: Duration) -> Self {
+        self.block_interval = interval;
+        self
+    }
+    /// In-process workers holding blocks (default 2).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+    /// Replicas per block, `k` (default 2); a block is acknowledged once `k` workers hold it.
+    pub fn replication(mut self, k: usize) -> Self {
+        self.replication = k;
+        self
+    }
+    /// Executor actors running tasks (default 2).
+    pub fn executors(mut self, n: usize) -> Self {
+        self.executors = n;
+        self
+    }
+    /// At most `records_per_second` records stored per receiver (default: unlimited).
+    pub fn rate_limit(mut self, records_per_second: f64) -> Self {
+        self.rate_limit = Some(records_per_second);
+        self
+    }
+    /// A block is cut early when its encoded size reaches `bytes` (default 8 MiB).
+    pub fn max_block_bytes(mut self, bytes: usize) -> Self {
+        self.max_block_bytes = bytes;
+        self
+    }
+    /// Cut blocks waiting to be replicated, per receiver, before `store` waits (default 4).
+    pub fn block_queue(mut self, blocks: usize) -> Self {
+        self.block_queue = blocks;
+        self
+    }
+    /// Bytes of unprocessed blocks kept in memory before receivers are made to wait
+    /// (default 1 GiB; replicas in this process share memory, so this counts each block once).
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+    /// Attempts per task before the batch fails (default 4).
+    pub fn task_attempts(mut self, attempts: u32) -> Self {
+        self.task_attempts = attempts;
+        self
+    }
+    /// What a failed batch does to the context (default: continue).
+    pub fn on_batch_failure(mut self, policy: OnBatchFailure) -> Self {
+        self.on_batch_failure = policy;
+        self
+    }
+    /// Backoff between receiver restarts (default 100 ms doubling to 5 s; `None` for none).
+    pub fn receiver_backoff(mut self, backoff: Option<Backoff>) -> Self {
+        self.receiver_backoff = backoff;
+        self
+    }
+
+    /// The strategy of the supervisor that runs the receivers. Default: one-for-one, any
+    /// error or panic restarts the receiver (with the receiver backoff), at most 10 times per
+    /// minute; beyond that the failure escalates and stops the context.
+    pub fn receiver_strategy<F>(mut self, strategy: F) -> Self
+    where
+        F: Fn() -> Strategy + Send + Sync + 'static,
+    {
+        self.receiver_strategy = Some(StrategyFactory(Arc::new(strategy)));
+        self
+    }
+
+    /// Where the driver keeps its metadata log and checkpoints (and the write-ahead log, when
+    /// enabled). A directory used before is recovered at `start` (see
+    /// [`StreamingContext::get_or_create`]).
+    pub fn checkpoint_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
+    /// Turns on the write-ahead log (in the checkpoint directory): every block is appended and
+    /// synced per `config` before it is acknowledged. Requires `checkpoint_dir`.
+    pub fn write_ahead_log(mut self, config: WalConfig) -> Self {
+        self.wal = Some(config);
+        self
+    }
+
+    /// Checks every setting; the error names the setting and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch_interval.is_zero() {
+            return Err(ConfigError::new(
+                "batch_interval",
+                "must be longer than zero",
+            ));
+        }
+        if self.block_interval.is_zero() {
+            return Err(ConfigError::new(
+                "block_interval",
+                "must be longer than zero",
+            ));
+        }
+        if self.block_interval > self.batch_interval {
+            return Err(ConfigError::new(
+                "block_interval",
+                format!(
+                    "must not be longer than batch_interval ({:?} > {:?})",
+                    self.block_interval, self.batch_interval
+                ),
+            ));
+        }
+        if self.workers == 0 {
+            return Err(ConfigError::new("workers", "must be at least 1"));
+        }
+        if self.replication == 0 {
+            return Err(ConfigError::new("replication", "must be at least 1"));
+        }
+        if self.replication > self.workers {
+            return Err(ConfigError::new(
+                "replication",
+                format!(
+                    "({}) must not exceed workers ({}): raise workers or lower replication",
+                    self.replication, self.workers
+                ),
+            ));
+        }
+        if self.executors == 0 {
+            return Err(ConfigError::new("executors", "must be at least 1"));
+        }
+        if let Some(rate) = self.rate_limit {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::new(
+                    "rate_limit",
+                    "must be a positive number of records per second",
+                ));
+            }
+        }
+        if self.max_block_bytes < 64 {
+            return Err(ConfigError::new("max_block_bytes", "must be at least 64"));
+        }
+        if self.block_queue == 0 {
+            return Err(ConfigError::new("block_queue", "must be at least 1"));
+        }
+        if self.memory_bytes < self.max_block_bytes {
+            return Err(ConfigError::new(
+                "memory_limit",
+                "must be at least max_block_bytes",
+            ));
+        }
+        if self.task_attempts == 0 {
+            return Err(ConfigError::new("task_attempts", "must be at least 1"));
+        }
+        if let Some(b) = &self.receiver_backoff {
+            b.validate()?;
+        }
+        if let Some(make) = &self.receiver_strategy {
+            (make.0)().validate()?;
+        }
+        if self.wal.is_some() && self.checkpoint_dir.is_none() {
+            return Err(ConfigError::new(
+                "write_ahead_log",
+                "requires checkpoint_dir: the log is kept in the checkpoint directory",
+            ));
+        }
+        if let Some(w) = &self.wal {
+            if w.segment_bytes == 0 || w.segment_age.is_zero() {
+                return Err(ConfigError::new(
+                    "write_ahead_log",
+                    "segment_bytes and segment_age must be greater than zero",
+                ));
+            }
+        }
+        if let Some(dir) = &self.checkpoint_dir {
+            crate::checkpoint::check_usable(dir)
+                .map_err(|e| ConfigError::new("checkpoint_dir", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The receivers' strategy: the configured one, or the default (one-for-one, restart on
+    /// any error or panic, at most 10 times per minute, then escalate).
+    pub(crate) fn receivers_strategy(&self) -> Strategy {
+        match &self.receiver_strategy {
+            Some(make) => (make.0)(),
+            None => Strategy::one_for_one(10, Duration::from_secs(60))
+                .on_panic(Directive::Restart)
+                .otherwise(Directive::Restart)
+                .on_limit_exceeded(Directive::Escalate),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The driver: the stages that run a streaming job, each owning its state.
+//!
+//! ```text
+//!  Recovery ─────────► the state the others start from (checkpoint directory, WAL)
+//!  BlockManagerMaster  where each block lives; k replicas on workers; re-replication; losses
+//!  ReceiverTracker ──► receivers and their placement, acknowledged blocks, durability,
+//!                      metadata log and write-ahead logs
+//!  JobScheduler ─────► batch cuts, allocation (asked of the tracker), ordered batch runs;
+//!                      reports its own end on a channel
+//! ```
+//!
+//! The context ([`StreamingContext`](crate::StreamingContext)) builds them in this order and
+//! tears them down in reverse. Stages talk through messages and handles; what reaches the
+//! workers (block stores, executors) is plain data: ids, names and blocks of bytes.
+
+pub(crate) mod block_manager_master;
+pub(crate) mod job_scheduler;
+pub(crate) mod receiver_tracker;
+pub(crate) mod recovery;
+
+pub use job_scheduler::OnBatchFailure;
+pub use recovery::RecoveryReport;

@@ -1,0 +1,267 @@
+//! The JobScheduler: batch cuts, allocation, and ordered batch runs.
+//!
+//! ```text
+//!  timer task: every batch interval ──Allocate(batch id)──► ReceiverTracker ──blocks──┐
+//!     (recovered batches first, unchanged)                                            │
+//!                                                                                     ▼
+//!  runner task: batches in order ──► every output operation (tasks on the executors)
+//!     ──Completed(batch, blocks)──► ReceiverTracker (logged, freed) ──► BatchInfo report
+//!     a failed batch under OnBatchFailure::Stop ──► `ended` channel (the context stops)
+//! ```
+//!
+//! Batch ids are batch times (ms since the epoch) and come after every id a previous run used.
+//! The timer never waits for the runner: a slow batch delays the batches after it (scheduling
+//! delay), never the cuts. The scheduler reports its own end on a channel; it never calls
+//! back into the context.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
+use crate::block::BatchId;
+use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::receiver_tracker::TrackerHandle;
+use crate::driver::recovery::ScheduledBatch;
+use crate::error::ContextError;
+use crate::stream::OutputFn;
+
+/// What to do when a batch fails (a task failed on every attempt, or the output function failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBatchFailure {
+    /// Report it (in [`BatchInfo::failed`]) and go on with the next batch.
+    Continue,
+    /// Stop the context with [`ContextError::BatchFailed`].
+    Stop,
+}
+
+/// What the scheduler runs and where it reports.
+pub(crate) struct SchedulerParts {
+    pub(crate) interval: Duration,
+    pub(crate) policy: OnBatchFailure,
+    /// Batches a previous run allocated and did not complete.
+    pub(crate) rerun: Vec<ScheduledBatch>,
+    /// The last batch id a previous run used.
+    pub(crate) last_batch: u64,
+    pub(crate) tracker: TrackerHandle,
+    pub(crate) outputs: Vec<OutputFn>,
+    pub(crate) runner: TaskRunner,
+    pub(crate) blocks: BlockManagerMaster,
+    pub(crate) reports: broadcast::Sender<BatchInfo>,
+}
+
+/// The running scheduler: its timer and runner tasks and its end channel.
+#[derive(Debug)]
+pub(crate) struct JobScheduler {
+    drain: Option<oneshot::Sender<()>>,
+    timer: Option<JoinHandle<()>>,
+    runner: Option<JoinHandle<()>>,
+    ended: Option<oneshot::Receiver<Result<(), ContextError>>>,
+}
+
+impl JobScheduler {
+    /// Starts the timer and the runner.
+    pub(crate) fn start(parts: SchedulerParts) -> JobScheduler {
+        let (batch_tx, batch_rx) = mpsc::unbounded_channel();
+        let (drain_tx, drain_rx) = oneshot::channel();
+        let (ended_tx, ended_rx) = oneshot::channel();
+        // Batches the previous run allocated but did not complete go first, unchanged.
+        for batch in parts.rerun {
+            let _ = batch_tx.send(batch);
+        }
+        let timer = tokio::spawn(cut_batches(
+            parts.interval,
+            parts.tracker.clone(),
+            batch_tx,
+            drain_rx,
+            parts.last_batch,
+        ));
+        let runner = Runner {
+            outputs: parts.outputs,
+            runner: parts.runner,
+            blocks: parts.blocks,
+            tracker: parts.tracker,
+            reports: parts.reports,
+            policy: parts.policy,
+        };
+        let runner = tokio::spawn(async move {
+            let outcome = runner.run(batch_rx).await;
+            let _ = ended_tx.send(outcome);
+        });
+        JobScheduler {
+            drain: Some(drain_tx),
+            timer: Some(timer),
+            runner: Some(runner),
+            ended: Some(ended_rx),
+        }
+    }
+
+    /// Resolves when the scheduler ended by itself with an error (a failed batch under
+    /// [`OnBatchFailure::Stop`]); pending otherwise. Cancel-safe.
+    pub(crate) async fn failed(&mut self) -> ContextError {
+        if let Some(rx) = &mut self.ended {
+            if let Ok(Err(e)) = rx.await {
+                self.ended = None;
+                return e;
+            }
+            self.ended = None;
+        }
+        std::future::pending().await
+    }
+
+    /// Cuts the final batch now, runs every batch still queued, and returns when done.
+    pub(crate) async fn drain(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.send(());
+        }
+        if let Some(t) = self.timer.take() {
+            let _ = t.await;
+        }
+        if let Some(r) = self.runner.take() {
+            let _ = r.await;
+        }
+    }
+
+    /// Stops now: queued batches are not run.
+    pub(crate) async fn abort(&mut self) {
+        for t in [self.timer.take(), self.runner.take()]
+            .into_iter()
+            .flatten()
+        {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+fn batch_id(t: SystemTime) -> BatchId {
+    BatchId(
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
+}
+
+/// Every batch interval, the blocks acknowledged since the last batch become one batch.
+async fn cut_batches(
+    interval: Duration,
+    tracker: TrackerHandle,
+    batches: mpsc::UnboundedSender<ScheduledBatch>,
+    mut drain: oneshot::Receiver<()>,
+    after_ms: u64,
+) {
+    // New batch ids come after every id a previous run used.
+    let start_sys = SystemTime::now().max(UNIX_EPOCH + Duration::from_millis(after_ms + 1));
+    let start = tokio::time::Instant::now();
+    let mut k: u32 = 0;
+    loop {
+        k += 1;
+        let due = start + interval * k;
+        let draining = tokio::select! {
+            _ = tokio::time::sleep_until(due) => false,
+            _ = &mut drain => true,
+        };
+        // The final (drain) batch is cut now rather than at the next boundary.
+        let time = if draining {
+            SystemTime::now().max(start_sys + interval * (k - 1) + Duration::from_millis(1))
+        } else {
+            start_sys + interval * k
+        };
+        let id = batch_id(time);
+        let Some(blocks) = tracker.allocate(id).await else {
+            return;
+        };
+        if batches.send((id, time, blocks)).is_err() || draining {
+            return;
+        }
+    }
+}
+
+/// Runs batches in order.
+struct Runner {
+    outputs: Vec<OutputFn>,
+    runner: TaskRunner,
+    blocks: BlockManagerMaster,
+    tracker: TrackerHandle,
+    reports: broadcast::Sender<BatchInfo>,
+    policy: OnBatchFailure,
+}
+
+impl Runner {
+    /// Until the batch channel closes (`Ok`) or a batch fails under the Stop policy.
+    async fn run(
+        self,
+        mut batches: mpsc::UnboundedReceiver<ScheduledBatch>,
+    ) -> Result<(), ContextError> {
+        while let Some((id, time, batch)) = batches.recv().await {
+            let started = SystemTime::now();
+            let batch = Arc::new(batch);
+            let run = BatchRun {
+                id,
+                time,
+                blocks: batch.clone(),
+                runner: self.runner.clone(),
+                stats: Arc::new(Mutex::new(RunStats::default())),
+            };
+            let mut failed = None;
+            let all = batch.all_ids();
+            // A recovered batch whose blocks were all lost (in memory only when the driver
+            // died) is not run again: it has nothing to compute, and its outputs may already
+            // have been applied before the crash, complete; running them again with no records
+            // would replace that result. It is reported with its losses like any other batch.
+            let all_lost = batch.recovered
+                && !all.is_empty()
+                && all.iter().all(|b| self.blocks.locations(*b).is_empty());
+            if all_lost {
+                run.stats.lock().unwrap_or_else(|p| p.into_inner()).lost = all.clone();
+                tracing::warn!(%id, blocks = all.len(), "recovered batch lost all its blocks; outputs not re-run");
+            } else {
+                for output in &self.outputs {
+                    if let Err(e) = output(run.clone()).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            self.tracker.completed(id, all).await;
+            let ended = SystemTime::now();
+            let stats = std::mem::take(&mut *run.stats.lock().unwrap_or_else(|p| p.into_inner()));
+            let lost_records: u64 = batch
+                .by_stream
+                .values()
+                .flatten()
+                .filter(|(id, _)| stats.lost.contains(id))
+                .map(|(_, r)| u64::from(*r))
+                .sum();
+            let info = BatchInfo {
+                id,
+                records: batch.records(),
+                blocks: batch.len(),
+                lost_blocks: stats.lost.len(),
+                lost_records,
+                scheduling_delay: started.duration_since(time).unwrap_or_default(),
+                processing_time: ended.duration_since(started).unwrap_or_default(),
+                total_delay: ended.duration_since(time).unwrap_or_default(),
+                task_retries: stats.retries,
+                failed: failed.as_ref().map(|e| e.to_string()),
+            };
+            if info.lost_blocks > 0 {
+                tracing::error!(%id, lost_blocks = info.lost_blocks, lost_records, "batch lost blocks");
+            }
+            metrics::counter!(crate::telemetry::BATCHES_TOTAL).increment(1);
+            metrics::counter!(crate::telemetry::BATCH_RECORDS_TOTAL).increment(info.records);
+            tracing::debug!(%id, records = info.records, processing = ?info.processing_time, "batch done");
+            let _ = self.reports.send(info);
+            if let Some(error) = failed {
+                tracing::error!(%id, %error, "batch failed");
+                metrics::counter!(crate::telemetry::BATCHES_FAILED_TOTAL).increment(1);
+                if self.policy == OnBatchFailure::Stop {
+                    return Err(ContextError::BatchFailed { id, error });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,472 @@
+//! The ReceiverTracker: receivers, where they run, the blocks they produced, and durability.
+//!
+//! ```text
+//!  receiver ──store──► block generator ──cut──► pusher ──put (k replicas)──► BlockManagerMaster
+//!   (supervised)         (per receiver)            └──append──► write-ahead log (optional)
+//!                                                  │ both done
+//!                                                  ▼
+//!  tracker task ◄──Added(id, records)── pusher     logs "added", queues the block, and only
+//!     │                                            then the pusher settles the block's durability
+//!     │ ◄──Allocate(batch)── JobScheduler          (store_reliably resolves; the source may ack)
+//!     │ ◄──Completed(batch, blocks)── JobScheduler logs "done", frees the blocks, lets the WAL
+//!     │                                            delete segments
+//!     └ ◄── worker lost ── BlockManagerMaster      receivers placed there restart on a survivor
+//! ```
+//!
+//! The tracker task owns the queue of acknowledged blocks not yet allocated, the metadata log
+//! and the write-ahead logs, and each receiver's placement; everything else reaches that state
+//! through messages ([`TrackerHandle`]). What the messages carry is plain data (ids, counts).
+//! Metadata log writes are fsynced, so they run on the blocking pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::batch::BatchBlocks;
+use crate::block::{BatchId, Block, BlockId};
+use crate::block_generator::BlockGenerator;
+use crate::block_manager::WorkerId;
+use crate::buffer_pool::BufferPool;
+use crate::checkpoint::{Allocation, MetadataLog};
+use crate::driver::block_manager_master::{BlockManagerMaster, ClusterEvent};
+use crate::error::{ContextError, SupervisorError};
+use crate::store::Durability;
+use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
+use crate::wal::Wal;
+
+/// Spawns one receiver under the receivers' supervisor, storing into its generator.
+pub(crate) type Starter = Box<
+    dyn FnOnce(
+            SupervisorHandle,
+            Arc<BlockGenerator>,
+            Arc<Durability>,
+        ) -> BoxFuture<'static, Result<(), SupervisorError>>
+        + Send,
+>;
+
+/// A receiver defined by the job, not started yet.
+pub(crate) struct PendingReceiver {
+    pub(crate) stream: u32,
+    pub(crate) name: String,
+    pub(crate) start: Starter,
+}
+
+/// The tracker's settings (from the context's configuration).
+#[derive(Debug)]
+pub(crate) struct TrackerConfig {
+    pub(crate) workers: usize,
+    pub(crate) max_block_bytes: usize,
+    pub(crate) block_queue: usize,
+    pub(crate) rate_limit: Option<f64>,
+    pub(crate) memory_bytes: usize,
+    pub(crate) block_interval: Duration,
+    pub(crate) strategy: Strategy,
+}
+
+/// What recovery hands the tracker.
+#[derive(Default)]
+pub(crate) struct TrackerStart {
+    pub(crate) meta: Option<MetadataLog>,
+    pub(crate) wals: HashMap<u32, Arc<Wal>>,
+    pub(crate) unallocated: Vec<(BlockId, u32)>,
+    pub(crate) first_seq: HashMap<u32, u64>,
+}
+
+enum Command {
+    Added {
+        id: BlockId,
+        records: u32,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Allocate {
+        id: BatchId,
+        reply: oneshot::Sender<BatchBlocks>,
+    },
+    Completed {
+        id: BatchId,
+        blocks: Vec<BlockId>,
+        reply: oneshot::Sender<()>,
+    },
+    Close,
+}
+
+/// How the other stages reach the tracker. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct TrackerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl TrackerHandle {
+    /// Block `id` is replicated (and in the WAL): log it and queue it for the next batch.
+    async fn added(&self, id: BlockId, records: u32) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Added { id, records, reply })
+            .map_err(|_| "the receiver tracker has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the receiver tracker has stopped".to_string())?
+    }
+
+    /// The blocks acknowledged since the last allocation become batch `id` (logged first).
+    /// `None` once the tracker has stopped.
+    pub(crate) async fn allocate(&self, id: BatchId) -> Option<BatchBlocks> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Allocate { id, reply }).ok()?;
+        rx.await.ok()
+    }
+
+    /// Batch `id` completed (or was given up on): logged, then its blocks are freed.
+    pub(crate) async fn completed(&self, id: BatchId, blocks: Vec<BlockId>) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Completed { id, blocks, reply })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One receiver's path into the pipeline.
+struct Feed {
+    generator: Arc<BlockGenerator>,
+    durability: Arc<Durability>,
+    pusher: Option<JoinHandle<()>>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+/// The running tracker: its task, the receivers' supervisor and the receivers' feeds.
+pub(crate) struct ReceiverTracker {
+    handle: TrackerHandle,
+    receivers: SupervisorHandle,
+    feeds: Vec<Feed>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReceiverTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverTracker")
+            .field("receivers", &self.feeds.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverTracker {
+    /// Starts the tracker task, then each receiver with its generator and pusher. If a
+    /// receiver fails to start, everything started so far is stopped before the error returns.
+    pub(crate) async fn start(
+        cfg: TrackerConfig,
+        pending: Vec<PendingReceiver>,
+        blocks: BlockManagerMaster,
+        cluster: mpsc::UnboundedReceiver<ClusterEvent>,
+        from: TrackerStart,
+    ) -> Result<ReceiverTracker, ContextError> {
+        let receivers = Supervisor::start("receivers", cfg.strategy)
+            .await
+            .map_err(|e| ContextError::Start {
+                what: "receivers".into(),
+                error: e.to_string(),
+            })?;
+        let pool = BufferPool::new(cfg.memory_bytes);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = TrackerHandle { tx };
+        let mut homes = Vec::with_capacity(pending.len());
+        let mut prepared = Vec::with_capacity(pending.len());
+        for p in pending {
+            let (generator, queue) = BlockGenerator::starting_at(
+                p.stream,
+                from.first_seq.get(&p.stream).copied().unwrap_or(0),
+                cfg.max_block_bytes,
+                cfg.block_queue,
+                cfg.rate_limit,
+                pool.clone(),
+            );
+            let (home_tx, home_rx) = watch::channel(p.stream as usize % cfg.workers.max(1));
+            homes.push((p.name.clone(), home_tx));
+            prepared.push((p, Arc::new(generator), queue, home_rx));
+        }
+        let wals = from.wals;
+        let state = TrackerState {
+            acked: from.unallocated,
+            meta: from.meta.map(|m| Arc::new(Mutex::new(m))),
+            wals: wals.clone(),
+            homes,
+            receivers: receivers.clone(),
+            blocks: blocks.clone(),
+        };
+        let task = tokio::spawn(state.run(rx, cluster));
+        let mut tracker = ReceiverTracker {
+            handle: handle.clone(),
+            receivers: receivers.clone(),
+            feeds: Vec::new(),
+            task: Some(task),
+        };
+        for (p, generator, queue, home) in prepared {
+            let durability = Arc::new(Durability::new());
+            let pusher = tokio::spawn(push_blocks(
+                queue,
+                blocks.clone(),
+                home,
+                wals.get(&p.stream).cloned(),
+                handle.clone(),
+                durability.clone(),
+            ));
+            let flusher = tokio::spawn(flush_every(generator.clone(), cfg.block_interval));
+            tracker.feeds.push(Feed {
+                generator: generator.clone(),
+                durability: durability.clone(),
+                pusher: Some(pusher),
+                flusher: Some(flusher),
+            });
+            if let Err(e) = (p.start)(receivers.clone(), generator, durability).await {
+                tracing::error!(receiver = %p.name, error = %e, "receiver failed to start; stopping what started");
+                tracker.stop_receiving(false).await;
+                tracker.close().await;
+                return Err(ContextError::Start {
+                    what: format!("receiver `{}`", p.name),
+                    error: e.to_string(),
+                });
+            }
+        }
+        Ok(tracker)
+    }
+
+    /// How the scheduler reaches the tracker.
+    pub(crate) fn handle(&self) -> TrackerHandle {
+        self.handle.clone()
+    }
+
+    /// The receivers' supervisor (its `wait` ends when a failure escalates to it).
+    pub(crate) fn receivers(&self) -> &SupervisorHandle {
+        &self.receivers
+    }
+
+    /// Stops the receivers (their stop hooks run). Graceful: what the generators still buffer
+    /// is cut into blocks and every block is acknowledged before this returns. Not graceful:
+    /// nothing more is acknowledged (receivers waiting in `store_reliably` are released with
+    /// an error, so they do not ack their source).
+    pub(crate) async fn stop_receiving(&mut self, graceful: bool) {
+        if !graceful {
+            for f in &mut self.feeds {
+                if let Some(p) = &f.pusher {
+                    p.abort();
+                }
+                f.durability.close();
+            }
+        }
+        let _ = self.receivers.shutdown().await;
+        for f in &self.feeds {
+            f.generator.close().await;
+        }
+        for f in &mut self.feeds {
+            if let Some(p) = f.pusher.take() {
+                if !graceful {
+                    p.abort();
+                }
+                let _ = p.await;
+            }
+            if let Some(t) = f.flusher.take() {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+    }
+
+    /// Ends the tracker: durability waiters are released, the metadata log and the
+    /// write-ahead logs are closed (their writer threads joined). Call after `stop_receiving`
+    /// and after the scheduler ended.
+    pub(crate) async fn close(&mut self) {
+        for f in &self.feeds {
+            f.durability.close();
+        }
+        let _ = self.handle.tx.send(Command::Close);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Cuts a block every block interval until the generator closes.
+async fn flush_every(generator: Arc<BlockGenerator>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if !generator.flush().await {
+            break;
+        }
+    }
+}
+
+/// Replicates each cut block (and appends it to the write-ahead log, concurrently), has the
+/// tracker log and queue it, and settles its durability, in order.
+async fn push_blocks(
+    mut queue: mpsc::Receiver<Block>,
+    blocks: BlockManagerMaster,
+    home: watch::Receiver<WorkerId>,
+    wal: Option<Arc<Wal>>,
+    tracker: TrackerHandle,
+    durability: Arc<Durability>,
+) {
+    while let Some(block) = queue.recv().await {
+        let (id, records) = (block.id, block.records);
+        let permit = match blocks.reserve(block.len_bytes()).await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let put = blocks.put(block.clone(), *home.borrow(), Some(permit));
+        let (wal_result, put_result) = match &wal {
+            Some(w) => {
+                let (a, b) = tokio::join!(w.append(block), put);
+                (a.map(|_| ()).map_err(|e| e.to_string()), b)
+            }
+            None => (Ok(()), put.await),
+        };
+        let outcome = match (wal_result, put_result) {
+            (Ok(()), Ok(_)) => tracker.added(id, records).await,
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        if let Err(e) = &outcome {
+            tracing::error!(block = %id, records, error = %e, "block could not be made durable");
+        }
+        durability.settle(id.seq, outcome);
+    }
+}
+
+/// The state the tracker task owns.
+struct TrackerState {
+    /// Acknowledged blocks not allocated to a batch yet, in acknowledgement order.
+    acked: Vec<(BlockId, u32)>,
+    meta: Option<Arc<Mutex<MetadataLog>>>,
+    wals: HashMap<u32, Arc<Wal>>,
+    /// Each receiver's name and the worker its blocks go to first.
+    homes: Vec<(String, watch::Sender<WorkerId>)>,
+    receivers: SupervisorHandle,
+    blocks: BlockManagerMaster,
+}
+
+impl TrackerState {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut cluster: mpsc::UnboundedReceiver<ClusterEvent>,
+    ) {
+        let mut cluster_open = true;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Close) => break,
+                    Some(cmd) => self.command(cmd).await,
+                },
+                event = cluster.recv(), if cluster_open => match event {
+                    Some(ClusterEvent::WorkerLost(dead)) => self.worker_lost(dead).await,
+                    Some(ClusterEvent::BlockLost { .. }) => {}
+                    None => cluster_open = false,
+                },
+            }
+        }
+        // Closing a write-ahead log joins its writer thread: do it off the runtime.
+        let wals = std::mem::take(&mut self.wals);
+        let meta = self.meta.take();
+        let _ = tokio::task::spawn_blocking(move || drop((wals, meta))).await;
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Added { id, records, reply } => {
+                let r = self.log(move |m| m.added(id, records)).await;
+                if r.is_ok() {
+                    self.acked.push((id, records));
+                }
+                let _ = reply.send(r);
+            }
+            Command::Allocate { id, reply } => {
+                let mut b = BatchBlocks::default();
+                for (bid, records) in std::mem::take(&mut self.acked) {
+                    b.by_stream
+                        .entry(bid.stream)
+                        .or_default()
+                        .push((bid, records));
+                }
+                for v in b.by_stream.values_mut() {
+                    v.sort_by_key(|(bid, _)| bid.seq);
+                }
+                if b.len() > 0 {
+                    let alloc = Allocation {
+                        id: id.0,
+                        time_ms: id.0,
+                        blocks: b
+                            .by_stream
+                            .values()
+                            .flatten()
+                            .map(|(bid, r)| (bid.stream, bid.seq, *r))
+                            .collect(),
+                    };
+                    if let Err(e) = self.log(move |m| m.allocated(alloc)).await {
+                        tracing::error!(%id, error = %e, "could not log the batch allocation");
+                    }
+                }
+                let _ = reply.send(b);
+            }
+            Command::Completed { id, blocks, reply } => {
+                if !blocks.is_empty() {
+                    // Logged before the blocks are released, so that a crash in between
+                    // re-runs the batch rather than losing it.
+                    if let Err(e) = self.log(move |m| m.completed(id.0)).await {
+                        tracing::error!(%id, error = %e, "could not log the batch completion");
+                    }
+                }
+                self.blocks.free(&blocks);
+                let mut per: HashMap<u32, Vec<BlockId>> = HashMap::new();
+                for b in blocks {
+                    per.entry(b.stream).or_default().push(b);
+                }
+                for (stream, ids) in per {
+                    if let Some(w) = self.wals.get(&stream) {
+                        w.processed(ids);
+                    }
+                }
+                let _ = reply.send(());
+            }
+            Command::Close => {}
+        }
+    }
+
+    /// Writes to the metadata log (fsynced) on the blocking pool.
+    async fn log<F>(&self, f: F) -> Result<(), String>
+    where
+        F: FnOnce(&mut MetadataLog) -> std::io::Result<()> + Send + 'static,
+    {
+        let Some(meta) = self.meta.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || f(&mut meta.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("metadata log: {e}"))
+    }
+
+    /// Re-places the receivers that were on the dead worker and restarts them there.
+    async fn worker_lost(&mut self, dead: WorkerId) {
+        let live = self.blocks.live_workers();
+        if live.is_empty() {
+            return;
+        }
+        for (i, (name, home)) in self.homes.iter().enumerate() {
+            if *home.borrow() != dead {
+                continue;
+            }
+            let to = live[i % live.len()];
+            home.send_replace(to);
+            tracing::warn!(receiver = %name, from = dead, to, "worker lost: restarting receiver on another worker");
+            let _ = self.receivers.restart_child(name).await;
+        }
+    }
+}

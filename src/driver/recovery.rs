@@ -1,0 +1,211 @@
+//! Recovery: reads the checkpoint directory into the state the other stages start from.
+//!
+//! ```text
+//!  dir/tributary.json, checkpoint.json, metadata.log ──► DriverState (what was decided)
+//!  dir/wal/<stream>-*.log ──────────────────────────────► blocks still unprocessed
+//!                                   │
+//!                                   ▼
+//!  Recovered: batches to run again (same ids, same blocks), blocks to put back on workers,
+//!             blocks acknowledged but never allocated, next sequence numbers, last batch id,
+//!             the opened metadata log and write-ahead logs, and a report of what was found
+//! ```
+//!
+//! This stage does file I/O only and no async work: the context runs it on the blocking pool.
+//! Nothing it opens keeps running if it fails: a write-ahead log opened before a later one
+//! fails to recover is closed (its writer thread joined) when the partial result is dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::batch::BatchBlocks;
+use crate::block::{BatchId, Block, BlockId};
+use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
+use crate::error::ContextError;
+use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig};
+
+/// What a context found in its checkpoint directory at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Batches that were allocated but not completed; they run again with the same ids and
+    /// the same blocks before any new batch.
+    pub rerun_batches: Vec<BatchId>,
+    /// Unprocessed blocks recovered from the write-ahead log.
+    pub recovered_blocks: usize,
+    /// Records in them.
+    pub recovered_records: u64,
+    /// Unprocessed blocks that were only in memory (no write-ahead log) and are gone.
+    pub lost_blocks: usize,
+    /// Records in them.
+    pub lost_records: u64,
+    /// Write-ahead log segments whose torn tail was truncated, with the bytes cut.
+    pub truncated_segments: Vec<(String, u64)>,
+}
+
+/// A batch to run: its id, its batch time and its blocks.
+pub(crate) type ScheduledBatch = (BatchId, SystemTime, BatchBlocks);
+
+/// The state the stages start from. Empty for a job without a checkpoint directory.
+#[derive(Default)]
+pub(crate) struct Recovered {
+    /// The driver's decisions log (with a checkpoint directory).
+    pub(crate) meta: Option<MetadataLog>,
+    /// Write-ahead logs per stream (when enabled).
+    pub(crate) wals: HashMap<u32, Arc<Wal>>,
+    /// Batches allocated but not completed, in id order: they run first, unchanged.
+    pub(crate) rerun: Vec<ScheduledBatch>,
+    /// Recovered blocks to put back on the workers.
+    pub(crate) blocks: Vec<Block>,
+    /// Blocks acknowledged but not allocated (lost ones too: the next batch reports them).
+    pub(crate) unallocated: Vec<(BlockId, u32)>,
+    /// Per stream, the first sequence number to use.
+    pub(crate) first_seq: HashMap<u32, u64>,
+    /// The last batch id a previous run used (new ids come after it).
+    pub(crate) last_batch: u64,
+    /// What was found (`None` for a new job).
+    pub(crate) report: Option<RecoveryReport>,
+}
+
+impl std::fmt::Debug for Recovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recovered")
+            .field("rerun", &self.rerun.len())
+            .field("blocks", &self.blocks.len())
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads `dir` (if any) for a job with these streams: opens the metadata log and the
+/// write-ahead logs and works out what to run again.
+pub(crate) fn recover(
+    dir: Option<&Path>,
+    wal: Option<WalConfig>,
+    names: &[String],
+    streams: &[u32],
+) -> Result<Recovered, ContextError> {
+    let Some(dir) = dir else {
+        return Ok(Recovered::default());
+    };
+    let state = crate::checkpoint::load(dir, names)?;
+    let fresh = state.is_none();
+    let state = state.unwrap_or_default();
+    let mut wals = HashMap::new();
+    let mut from_wal = Vec::new();
+    if let Some(wcfg) = wal {
+        let wal_dir = dir.join("wal");
+        let storage: Arc<dyn Storage> =
+            Arc::new(
+                DirStorage::new(&wal_dir).map_err(|e| CheckpointError::Unusable {
+                    dir: wal_dir.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            );
+        for &stream in streams {
+            let r = crate::wal::recover(storage.as_ref(), stream)?;
+            let live: Vec<(BlockId, Location)> = r
+                .blocks
+                .iter()
+                .filter(|(b, _)| !state.is_processed(b.id))
+                .map(|(b, l)| (b.id, l.clone()))
+                .collect();
+            let done: Vec<BlockId> = r
+                .blocks
+                .iter()
+                .filter(|(b, _)| state.is_processed(b.id))
+                .map(|(b, _)| b.id)
+                .collect();
+            let wal = Wal::open(storage.clone(), stream, wcfg, r.next_segment, &live);
+            if !done.is_empty() {
+                wal.processed(done);
+            }
+            wals.insert(stream, Arc::new(wal));
+            from_wal.push(r);
+        }
+    }
+    let meta = MetadataLog::open(dir, names, state.clone())?;
+    let mut recovered = Recovered {
+        meta: Some(meta),
+        wals,
+        ..Recovered::default()
+    };
+    if !fresh {
+        plan(&mut recovered, state, from_wal);
+    }
+    Ok(recovered)
+}
+
+/// Works out the batches to run again and the blocks to restore from the decisions log and
+/// what the write-ahead logs still hold.
+fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>) {
+    let mut report = RecoveryReport::default();
+    let first_seq = &mut out.first_seq;
+    let mut in_wal: BTreeMap<BlockId, Block> = BTreeMap::new();
+    for r in wal {
+        report.truncated_segments.extend(r.truncated);
+        for (b, _) in r.blocks {
+            let next = first_seq.entry(b.id.stream).or_insert(0);
+            *next = (*next).max(b.id.seq + 1);
+            if !state.is_processed(b.id) {
+                in_wal.insert(b.id, b);
+            }
+        }
+    }
+    for (stream, seq) in state.max_seq.iter().chain(&state.processed_through) {
+        let next = first_seq.entry(*stream).or_insert(0);
+        *next = (*next).max(seq + 1);
+    }
+    fn restore_one(
+        in_wal: &mut BTreeMap<BlockId, Block>,
+        to_put: &mut Vec<Block>,
+        (id, records): (BlockId, u32),
+        report: &mut RecoveryReport,
+    ) {
+        match in_wal.remove(&id) {
+            Some(block) => {
+                report.recovered_blocks += 1;
+                report.recovered_records += u64::from(records);
+                to_put.push(block);
+            }
+            None => {
+                report.lost_blocks += 1;
+                report.lost_records += u64::from(records);
+            }
+        }
+    }
+    for (id, alloc) in &state.pending {
+        let mut bb = BatchBlocks {
+            recovered: true,
+            ..BatchBlocks::default()
+        };
+        for &(stream, seq, records) in &alloc.blocks {
+            let bid = BlockId { stream, seq };
+            restore_one(&mut in_wal, &mut out.blocks, (bid, records), &mut report);
+            bb.by_stream.entry(stream).or_default().push((bid, records));
+        }
+        report.rerun_batches.push(BatchId(*id));
+        out.rerun.push((
+            BatchId(*id),
+            UNIX_EPOCH + Duration::from_millis(alloc.time_ms),
+            bb,
+        ));
+    }
+    // Acknowledged but not allocated: from the log, and whatever else the WAL holds.
+    let mut unallocated: BTreeMap<BlockId, u32> = state
+        .unallocated
+        .iter()
+        .map(|(&(stream, seq), &records)| (BlockId { stream, seq }, records))
+        .collect();
+    for (id, b) in &in_wal {
+        unallocated.insert(*id, b.records);
+    }
+    for (id, records) in unallocated {
+        restore_one(&mut in_wal, &mut out.blocks, (id, records), &mut report);
+        // A lost block still goes into the next batch, which reports it lost and lets the
+        // log record it as processed.
+        out.unallocated.push((id, records));
+    }
+    out.last_batch = state.last_batch;
+    out.report = Some(report);
+}
