@@ -66,6 +66,26 @@ pub struct BatchInfo {
 /// The work of one task: runs over a block and returns a partial result.
 pub(crate) type TaskFn = Arc<dyn Fn(&Block) -> Result<Box<dyn Any + Send>, BoxError> + Send + Sync>;
 
+/// Names a task's work in the job's [`TaskRegistry`]: executors are sent this id, never a
+/// closure, so what crosses to a worker stays plain data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TaskId(pub(crate) u32);
+
+/// The job's task functions, built from its definition before it starts, indexed by
+/// [`TaskId`].
+#[derive(Clone, Default)]
+pub(crate) struct TaskRegistry(Arc<Vec<TaskFn>>);
+
+impl TaskRegistry {
+    pub(crate) fn new(tasks: Vec<TaskFn>) -> Self {
+        TaskRegistry(Arc::new(tasks))
+    }
+
+    fn get(&self, id: TaskId) -> Option<&TaskFn> {
+        self.0.get(id.0 as usize)
+    }
+}
+
 /// Why a task attempt did not produce a result.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AttemptError {
@@ -83,7 +103,7 @@ pub(crate) enum ExecMsg {
         /// Live workers holding a replica; the executor reads from its own worker when it is
         /// one of them, from the first otherwise (a remote read).
         locations: Vec<WorkerId>,
-        work: TaskFn,
+        task: TaskId,
         reply: oneshot::Sender<Result<Box<dyn Any + Send>, AttemptError>>,
     },
 }
@@ -92,6 +112,7 @@ pub(crate) enum ExecMsg {
 pub(crate) struct Executor {
     pub(crate) worker: WorkerId,
     pub(crate) blocks: BlockManagerMaster,
+    pub(crate) tasks: TaskRegistry,
 }
 
 impl Receiver for Executor {
@@ -112,9 +133,13 @@ impl Receiver for Executor {
         let ExecMsg::Run {
             block,
             locations,
-            work,
+            task,
             reply,
         } = msg;
+        let Some(work) = self.tasks.get(task).cloned() else {
+            let _ = reply.send(Err(AttemptError::Failed(format!("unknown task {task:?}"))));
+            return Ok(());
+        };
         let from = if locations.contains(&self.worker) || locations.is_empty() {
             self.worker
         } else {
@@ -183,13 +208,13 @@ impl TaskRunner {
         }
     }
 
-    /// Runs `work` over every block (concurrently across executors).
+    /// Runs `task` over every block (concurrently across executors).
     pub(crate) async fn run(
         &self,
         blocks: &[BlockId],
-        work: TaskFn,
+        task: TaskId,
     ) -> Result<TaskOutputs, BatchError> {
-        let futures = blocks.iter().map(|b| self.run_one(*b, work.clone()));
+        let futures = blocks.iter().map(|b| self.run_one(*b, task));
         let results = futures::future::join_all(futures).await;
         let mut out = TaskOutputs {
             parts: Vec::with_capacity(blocks.len()),
@@ -211,7 +236,7 @@ impl TaskRunner {
     async fn run_one(
         &self,
         block: BlockId,
-        work: TaskFn,
+        task: TaskId,
     ) -> Result<(Option<Box<dyn Any + Send>>, u32), BatchError> {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("not attempted");
@@ -230,7 +255,7 @@ impl TaskRunner {
             let msg = ExecMsg::Run {
                 block,
                 locations: locations.clone(),
-                work: work.clone(),
+                task,
                 reply: tx,
             };
             if self.executors[exec].1.send(msg).is_err() {
@@ -336,14 +361,14 @@ pub(crate) struct RunStats {
 }
 
 impl BatchRun {
-    /// Runs `work` over the blocks of `stream`, recording lost blocks and retries.
+    /// Runs `task` over the blocks of `stream`, recording lost blocks and retries.
     pub(crate) async fn tasks(
         &self,
         stream: u32,
-        work: TaskFn,
+        task: TaskId,
     ) -> Result<Vec<Box<dyn Any + Send>>, BatchError> {
         let ids = self.blocks.ids(stream);
-        let out = self.runner.run(&ids, work).await?;
+        let out = self.runner.run(&ids, task).await?;
         if let Ok(mut s) = self.stats.lock() {
             for id in out.lost {
                 if !s.lost.contains(&id) {

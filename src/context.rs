@@ -27,7 +27,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::batch::{BatchInfo, Executor, TaskRunner};
+use crate::batch::{BatchInfo, Executor, TaskFn, TaskId, TaskRegistry, TaskRunner};
 use crate::block::{BlockId, Record};
 use crate::config::StreamingContextBuilder;
 use crate::driver::block_manager_master::BlockManagerMaster;
@@ -36,12 +36,15 @@ use crate::driver::receiver_tracker::{
     PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerStart,
 };
 use crate::driver::recovery::{recover, RecoveryReport};
-use crate::error::{ConfigError, ContextError, SupervisorError};
+use crate::error::{ConfigError, SupervisorError};
+
+pub(crate) mod error;
 use crate::receiver::{Receiver, ReceiverSpec};
 use crate::store::Store;
 use crate::stream::{DStream, OutputFn, OutputRegistry};
 use crate::supervisor::{Directive, RestartLimit, Strategy, Supervisor, SupervisorHandle};
 use crate::telemetry::SupervisionEvent;
+pub use error::ContextError;
 
 impl StreamingContextBuilder {
     /// Validates the configuration and builds a context (nothing runs until `start`).
@@ -66,6 +69,7 @@ impl StreamingContextBuilder {
 struct Defined {
     receivers: Vec<PendingReceiver>,
     outputs: Vec<OutputFn>,
+    tasks: Vec<TaskFn>,
 }
 
 /// Where the context is in its life.
@@ -136,6 +140,14 @@ impl OutputRegistry for Inner {
         }
         lock(&self.defined).outputs.push(output);
         Ok(())
+    }
+
+    fn register_task(&self, work: TaskFn) -> TaskId {
+        // Registered after start (a stream derived too late), it is never run: its output
+        // cannot be registered any more.
+        let mut d = lock(&self.defined);
+        d.tasks.push(work);
+        TaskId(u32::try_from(d.tasks.len() - 1).unwrap_or(u32::MAX))
     }
 }
 
@@ -368,7 +380,7 @@ impl StreamingContext {
     /// at once. A `stop` called meanwhile makes `start` undo its work and return
     /// [`ContextError::StoppedDuringStart`].
     pub async fn start(&self) -> Result<(), ContextError> {
-        let (receivers, outputs) = {
+        let (receivers, outputs, tasks) = {
             let mut phase = lock(&self.inner.phase);
             if !matches!(*phase, Phase::Defining) {
                 return Err(ContextError::AlreadyStarted);
@@ -378,23 +390,22 @@ impl StreamingContext {
             (
                 std::mem::take(&mut d.receivers),
                 std::mem::take(&mut d.outputs),
+                TaskRegistry::new(std::mem::take(&mut d.tasks)),
             )
         };
         let mut stages = Stages::default();
-        let built = self.build_stages(&mut stages, receivers, outputs).await;
+        let built = self
+            .build_stages(&mut stages, receivers, outputs, tasks)
+            .await;
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let requested = {
             let mut phase = lock(&self.inner.phase);
             match (&built, &*phase) {
-                (Ok(()), Phase::Starting { stop: None }) => {
+                (Ok((receivers, blocks)), Phase::Starting { stop: None }) => {
                     *phase = Phase::Running(Handles {
                         stop: stop_tx,
-                        receivers: stages
-                            .tracker
-                            .as_ref()
-                            .map(|t| t.receivers().clone())
-                            .expect("built"),
-                        blocks: stages.blocks.clone().expect("built"),
+                        receivers: receivers.clone(),
+                        blocks: blocks.clone(),
                     });
                     None
                 }
@@ -415,7 +426,7 @@ impl StreamingContext {
                 self.inner.end(Err(e.clone()));
                 Err(e)
             }
-            (Ok(()), None) => {
+            (Ok(_), None) => {
                 tokio::spawn(lifecycle(self.inner.clone(), stages, stop_rx));
                 let cfg = &self.inner.config;
                 tracing::info!(
@@ -430,12 +441,15 @@ impl StreamingContext {
         }
     }
 
+    /// Builds the stages in order into `stages` (so that a failure can tear down what was
+    /// built); returns the handles the context keeps while running.
     async fn build_stages(
         &self,
         stages: &mut Stages,
         receivers: Vec<PendingReceiver>,
         outputs: Vec<OutputFn>,
-    ) -> Result<(), ContextError> {
+        tasks: TaskRegistry,
+    ) -> Result<(SupervisorHandle, BlockManagerMaster), ContextError> {
         let cfg = &self.inner.config;
         let start_err = |what: &str, e: &dyn std::fmt::Display| ContextError::Start {
             what: what.to_string(),
@@ -487,6 +501,7 @@ impl StreamingContext {
             let exec = Executor {
                 worker,
                 blocks: blocks.clone(),
+                tasks: tasks.clone(),
             };
             let r = executors
                 .spawn_receiver(ReceiverSpec::new(format!("executor-{i}"), exec, store))
@@ -520,6 +535,7 @@ impl StreamingContext {
         )
         .await?;
         let handle = tracker.handle();
+        let receivers = tracker.receivers().clone();
         stages.tracker = Some(tracker);
         self.inner.check_stop()?;
 
@@ -532,12 +548,12 @@ impl StreamingContext {
             tracker: handle,
             outputs,
             runner,
-            blocks,
+            blocks: blocks.clone(),
             reports: lock(&self.inner.batches)
                 .clone()
                 .unwrap_or_else(|| broadcast::channel(1).0),
         }));
-        Ok(())
+        Ok((receivers, blocks))
     }
 
     /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records

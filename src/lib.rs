@@ -137,11 +137,10 @@ pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, ByteString, DecodeError, Record};
 pub use block_manager::BlockError;
 pub use config::StreamingContextBuilder;
-pub use context::StreamingContext;
+pub use context::{ContextError, StreamingContext};
 pub use driver::{OnBatchFailure, RecoveryReport};
 pub use error::{
-    BoxError, ConfigError, ContextError, Error, PanicError, Result, SharedError, StoreError,
-    SupervisorError,
+    BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
 };
 pub use receiver::{Receiver, ReceiverContext, ReceiverRef, ReceiverSpec, SendError};
 pub use store::Store;

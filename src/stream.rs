@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::batch::{Batch, BatchError, BatchRun, TaskFn};
+use crate::batch::{Batch, BatchError, BatchRun, TaskFn, TaskId};
 use crate::block::{Block, Record};
 use crate::error::BoxError;
 
@@ -43,9 +43,12 @@ impl<T> Clone for Plan<T> {
 pub(crate) type OutputFn =
     Arc<dyn Fn(BatchRun) -> BoxFuture<'static, Result<(), BatchError>> + Send + Sync>;
 
-/// Where a stream registers its output operations.
+/// Where a stream registers its output operations and its tasks.
 pub(crate) trait OutputRegistry: Send + Sync {
-    fn register(&self, output: OutputFn) -> Result<(), crate::error::ContextError>;
+    fn register(&self, output: OutputFn) -> Result<(), crate::context::error::ContextError>;
+    /// Registers the work of a per-block task; executors are sent its id, never the closure
+    /// (the job is defined by code in every process that runs it).
+    fn register_task(&self, work: TaskFn) -> TaskId;
 }
 
 /// A stream of records, computed batch by batch. Cheap to clone.
@@ -217,10 +220,11 @@ impl<T: Send + 'static> DStream<T> {
                     parent(block, &mut |t| fold(&mut acc, t))?;
                     Ok(Box::new(acc) as Box<dyn Any + Send>)
                 });
+                let task = self.outputs.register_task(work);
                 self.with_plan(Plan::Whole(Arc::new(move |run| {
-                    let (work, init, merge) = (work.clone(), init.clone(), merge.clone());
+                    let (init, merge) = (init.clone(), merge.clone());
                     async move {
-                        let parts = run.tasks(stream, work).await?;
+                        let parts = run.tasks(stream, task).await?;
                         off_runtime(move || {
                             let mut acc = init();
                             for p in parts {
@@ -266,25 +270,37 @@ impl<T: Send + 'static> DStream<T> {
     /// `f` runs on the driver, on the blocking thread pool (never on the async runtime's
     /// threads, so it may block). If it panics, the batch is reported failed (see
     /// [`BatchInfo::failed`](crate::BatchInfo::failed)).
-    pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::error::ContextError>
+    pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::context::error::ContextError>
     where
         F: FnMut(Batch<T>) + Send + 'static,
     {
         let f = Arc::new(Mutex::new(f));
         let stream = self.stream;
-        let plan = self.plan.clone();
+        /// How the output's records are computed: per block in tasks, or for the whole batch.
+        enum Compute<T> {
+            Tasks(TaskId),
+            Whole(Whole<T>),
+        }
+        let compute = match &self.plan {
+            Plan::Whole(whole) => Compute::Whole(whole.clone()),
+            Plan::Narrow(narrow) => {
+                let narrow = narrow.clone();
+                let work: TaskFn = Arc::new(move |block| {
+                    let mut out = Vec::with_capacity(block.records as usize);
+                    narrow(block, &mut |t| out.push(t))?;
+                    Ok(Box::new(out) as Box<dyn Any + Send>)
+                });
+                Compute::Tasks(self.outputs.register_task(work))
+            }
+        };
+        let compute = Arc::new(compute);
         let output: OutputFn = Arc::new(move |run: BatchRun| {
-            let (f, plan) = (f.clone(), plan.clone());
+            let (f, compute) = (f.clone(), compute.clone());
             async move {
-                let records = match plan {
-                    Plan::Whole(whole) => whole(run.clone()).await?,
-                    Plan::Narrow(narrow) => {
-                        let work: TaskFn = Arc::new(move |block| {
-                            let mut out = Vec::with_capacity(block.records as usize);
-                            narrow(block, &mut |t| out.push(t))?;
-                            Ok(Box::new(out) as Box<dyn Any + Send>)
-                        });
-                        let parts = run.tasks(stream, work).await?;
+                let records = match &*compute {
+                    Compute::Whole(whole) => whole(run.clone()).await?,
+                    Compute::Tasks(task) => {
+                        let parts = run.tasks(stream, *task).await?;
                         let mut all = Vec::new();
                         for p in parts {
                             if let Ok(p) = p.downcast::<Vec<T>>() {

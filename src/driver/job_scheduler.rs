@@ -22,10 +22,10 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
 use crate::block::BatchId;
+use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::receiver_tracker::TrackerHandle;
 use crate::driver::recovery::ScheduledBatch;
-use crate::error::ContextError;
 use crate::stream::OutputFn;
 
 /// What to do when a batch fails (a task failed on every attempt, or the output function failed).

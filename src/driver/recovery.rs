@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::batch::BatchBlocks;
 use crate::block::{BatchId, Block, BlockId};
 use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
-use crate::error::ContextError;
+use crate::context::error::ContextError;
 use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig};
 
 /// What a context found in its checkpoint directory at start.
