@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::block::BlockId;
 
 /// The checkpoint format this build reads and writes.
-pub(crate) const FORMAT: u32 = 1;
+/// 2: frame headers carry their own checksum (format 1 directories are refused, naming both).
+pub(crate) const FORMAT: u32 = 2;
 
 /// Errors of the checkpoint directory.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -270,7 +271,7 @@ pub(crate) fn load(dir: &Path, streams: &[String]) -> Result<Option<DriverState>
     let log = dir.join("metadata.log");
     if log.exists() {
         let bytes = std::fs::read(&log).map_err(|e| unusable(dir, e))?;
-        let (frames, ending) = crate::wal::read_frames_pub(&bytes);
+        let (frames, ending) = crate::wal::read_frames_pub(&bytes, true);
         for (offset, payload) in frames {
             let e: Entry = serde_json::from_slice(payload)
                 .map_err(|e| damaged(&log, format!("at offset {offset}: {e}")))?;
@@ -430,20 +431,27 @@ mod tests {
             Err(CheckpointError::Foreign { .. })
         ));
 
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("tributary.json"),
-            br#"{"format": 99, "streams": ["a","b"]}"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            load(dir.path(), &names()),
-            Err(CheckpointError::Incompatible {
-                found: 99,
-                expected: 1,
-                ..
-            })
-        ));
+        // A future format, and format 1 (frames without a header checksum).
+        for found in [99u32, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("tributary.json"),
+                format!(r#"{{"format": {found}, "streams": ["a","b"]}}"#),
+            )
+            .unwrap();
+            let err = load(dir.path(), &names()).unwrap_err();
+            assert_eq!(
+                err,
+                CheckpointError::Incompatible {
+                    dir: dir.path().display().to_string(),
+                    found,
+                    expected: FORMAT,
+                }
+            );
+            assert!(err
+                .to_string()
+                .contains(&format!("has format {found}, this build reads format 2")));
+        }
 
         let dir = tempfile::tempdir().unwrap();
         MetadataLog::open(dir.path(), &names(), DriverState::default()).unwrap();

@@ -10,7 +10,7 @@ use crate::error::ConfigError;
 use crate::supervisor::{Backoff, Directive, Strategy};
 use crate::wal::WalConfig;
 
-/// Configuration of a [`StreamingContext`]. Plain data with defaults; see each setter.
+/// Configuration of a [`StreamingContext`](crate::StreamingContext). Plain data with defaults; see each setter.
 #[derive(Debug, Clone)]
 pub struct StreamingContextBuilder {
     pub(crate) batch_interval: Duration,
@@ -141,7 +141,7 @@ impl StreamingContextBuilder {
 
     /// Where the driver keeps its metadata log and checkpoints (and the write-ahead log, when
     /// enabled). A directory used before is recovered at `start` (see
-    /// [`StreamingContext::get_or_create`]).
+    /// [`StreamingContext::get_or_create`](crate::StreamingContext::get_or_create)).
     pub fn checkpoint_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.checkpoint_dir = Some(dir.into());
         self

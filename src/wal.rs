@@ -95,6 +95,17 @@ pub enum WalError {
         /// Byte offset.
         offset: u64,
     },
+    /// Blocks the driver's metadata log recorded as acknowledged are not in the write-ahead
+    /// log (a segment was cut, emptied or removed): starting would lose them silently.
+    #[error("write-ahead log of stream {stream} lacks {blocks} acknowledged blocks ({records} records) that the metadata log recorded; the log was damaged (cut, emptied or removed segment)")]
+    AcknowledgedMissing {
+        /// The stream.
+        stream: u32,
+        /// Blocks missing.
+        blocks: usize,
+        /// Records in them.
+        records: u64,
+    },
     /// The log has shut down.
     #[error("the write-ahead log has shut down")]
     Closed,
@@ -103,7 +114,12 @@ pub enum WalError {
 impl WalError {
     /// Whether this error means the data on disk is damaged (as opposed to an I/O failure).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, WalError::Corrupt { .. } | WalError::BadRecord { .. })
+        matches!(
+            self,
+            WalError::Corrupt { .. }
+                | WalError::BadRecord { .. }
+                | WalError::AcknowledgedMissing { .. }
+        )
     }
 }
 
@@ -164,18 +180,33 @@ fn decode(payload: &[u8]) -> Option<Block> {
 /// What recovery found for one stream.
 #[derive(Debug, Default)]
 pub struct Recovered {
+    /// The stream.
+    pub stream: u32,
     /// Every intact block, in log order, with its location.
     pub blocks: Vec<(Block, Location)>,
     /// Segments whose torn tail was truncated: `(segment, bytes cut)`.
     pub truncated: Vec<(String, u64)>,
     /// The next segment number to use.
     pub next_segment: u64,
+    /// Torn tails found by [`read`], as `(segment, valid length)`, cut by [`truncate_torn`].
+    torn: Vec<(String, u64)>,
 }
 
 /// Reads every segment of `stream`: verifies checksums, truncates torn tails (reported in the
-/// result and logged), fails on corruption in the middle.
+/// result and logged), fails on corruption.
 pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError> {
-    let mut out = Recovered::default();
+    let r = read(storage, stream)?;
+    truncate_torn(storage, &r)?;
+    Ok(r)
+}
+
+/// Like [`recover`], without changing any file: the torn tails found are cut by
+/// [`truncate_torn`], once the caller has checked that nothing acknowledged was in them.
+pub(crate) fn read(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError> {
+    let mut out = Recovered {
+        stream,
+        ..Recovered::default()
+    };
     let mut names: Vec<(u64, String)> = storage
         .list()
         .map_err(|e| io_err("(listing)", e))?
@@ -187,10 +218,12 @@ pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError
         })
         .collect();
     names.sort();
+    // Only the newest segment was being written: only its tail can be torn by a crash.
+    let newest = names.last().map(|(k, _)| *k);
     for (k, name) in names {
         out.next_segment = out.next_segment.max(k + 1);
         let bytes = storage.read(&name).map_err(|e| io_err(&name, e))?;
-        let (frames, ending) = record::read_frames(&bytes);
+        let (frames, ending) = record::read_frames(&bytes, Some(k) == newest);
         for (offset, payload) in frames {
             let block = decode(payload).ok_or(WalError::BadRecord {
                 segment: name.clone(),
@@ -208,14 +241,11 @@ pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError
             record::Ending::Clean => {}
             record::Ending::TornTail { valid_len } => {
                 let cut = (bytes.len() - valid_len) as u64;
-                tracing::warn!(segment = %name, valid_len, cut, "write-ahead log: torn tail truncated");
-                storage
-                    .truncate(&name, valid_len as u64)
-                    .map_err(|e| io_err(&name, e))?;
                 out.truncated.push((name.clone(), cut));
+                out.torn.push((name, valid_len as u64));
             }
             record::Ending::Corrupt { offset } => {
-                tracing::error!(segment = %name, offset, "write-ahead log: corruption in the middle of a segment");
+                tracing::error!(segment = %name, offset, "write-ahead log: corrupt segment");
                 return Err(WalError::Corrupt {
                     segment: name,
                     offset: offset as u64,
@@ -224,6 +254,17 @@ pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError
         }
     }
     Ok(out)
+}
+
+/// Cuts the torn tails that [`read`] found at their last good frame.
+pub(crate) fn truncate_torn(storage: &dyn Storage, r: &Recovered) -> Result<(), WalError> {
+    for (name, valid_len) in &r.torn {
+        tracing::warn!(segment = %name, valid_len, "write-ahead log: torn tail truncated");
+        storage
+            .truncate(name, *valid_len)
+            .map_err(|e| io_err(name, e))?;
+    }
+    Ok(())
 }
 
 enum Cmd {

@@ -23,7 +23,7 @@ use crate::batch::BatchBlocks;
 use crate::block::{BatchId, Block, BlockId};
 use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
 use crate::context::error::ContextError;
-use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig};
+use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError};
 
 /// What a context found in its checkpoint directory at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,7 +103,14 @@ pub(crate) fn recover(
                 })?,
             );
         for &stream in streams {
-            let r = crate::wal::recover(storage.as_ref(), stream)?;
+            let r = crate::wal::read(storage.as_ref(), stream)?;
+            from_wal.push(r);
+        }
+        if !fresh {
+            check_acknowledged(&state, &from_wal)?;
+        }
+        for r in &from_wal {
+            crate::wal::truncate_torn(storage.as_ref(), r)?;
             let live: Vec<(BlockId, Location)> = r
                 .blocks
                 .iter()
@@ -116,12 +123,11 @@ pub(crate) fn recover(
                 .filter(|(b, _)| state.is_processed(b.id))
                 .map(|(b, _)| b.id)
                 .collect();
-            let wal = Wal::open(storage.clone(), stream, wcfg, r.next_segment, &live);
+            let wal = Wal::open(storage.clone(), r.stream, wcfg, r.next_segment, &live);
             if !done.is_empty() {
                 wal.processed(done);
             }
-            wals.insert(stream, Arc::new(wal));
-            from_wal.push(r);
+            wals.insert(r.stream, Arc::new(wal));
         }
     }
     let meta = MetadataLog::open(dir, names, state.clone())?;
@@ -208,4 +214,48 @@ fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>
     }
     out.last_batch = state.last_batch;
     out.report = Some(report);
+}
+
+/// With the write-ahead log, every block the metadata log recorded as acknowledged and not
+/// processed must be in the log (it was synced there before it was recorded): one missing
+/// means the log was damaged, and recovery refuses rather than lose it silently. Streams
+/// whose log has no segment at all (the WAL was just turned on) are not checked.
+fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Recovered]) -> Result<(), WalError> {
+    let logged: std::collections::BTreeSet<u32> = wal
+        .iter()
+        .filter(|r| r.next_segment > 0)
+        .map(|r| r.stream)
+        .collect();
+    let found: std::collections::BTreeSet<BlockId> = wal
+        .iter()
+        .flat_map(|r| r.blocks.iter().map(|(b, _)| b.id))
+        .collect();
+    let mut missing: BTreeMap<u32, (usize, u64)> = BTreeMap::new();
+    for (stream, seq, records) in state
+        .pending
+        .values()
+        .flat_map(|a| a.blocks.iter().copied())
+        .chain(state.unallocated.iter().map(|(&(s, q), &r)| (s, q, r)))
+    {
+        let id = BlockId { stream, seq };
+        if logged.contains(&stream) && !found.contains(&id) {
+            let m = missing.entry(stream).or_default();
+            m.0 += 1;
+            m.1 += u64::from(records);
+        }
+    }
+    if let Some((&stream, &(blocks, records))) = missing.iter().next() {
+        tracing::error!(
+            stream,
+            blocks,
+            records,
+            "write-ahead log lacks acknowledged blocks: refusing to start"
+        );
+        return Err(WalError::AcknowledgedMissing {
+            stream,
+            blocks,
+            records,
+        });
+    }
+    Ok(())
 }

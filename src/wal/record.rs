@@ -1,24 +1,34 @@
-//! WAL record framing and the segment reader.
+//! WAL record framing and the segment reader (format 2).
 //!
 //! ```text
 //! segment file = frame*
-//! frame        = len: u32 LE | crc: u32 LE (CRC32C of payload) | payload: len bytes
+//! frame        = len: u32 LE | crc: u32 LE (CRC32C of payload)
+//!                | hcrc: u32 LE (CRC32C of the 8 bytes of len and crc) | payload: len bytes
 //! ```
 //!
-//! The reader never panics, whatever the bytes: a frame that runs past the end of the file, or
-//! whose checksum fails and is the last frame, is a **torn tail** (a crash during the append):
-//! the segment is valid up to the previous frame. A checksum failure followed by more data is
-//! **corruption in the middle**, reported with its offset; nothing after it is trusted.
+//! The header has a checksum of its own, so a length is verified before it is trusted: a
+//! damaged length cannot pass for a frame that runs past the end of the file.
+//!
+//! A crash (even SIGKILL mid-write) leaves a file that is a prefix of what was written, and
+//! only the segment being written can be cut. So a **torn tail** is accepted only at the end
+//! of the *last* segment, and only in the shapes a crash leaves: an incomplete header, a
+//! verified header whose payload runs past the end, a last frame whose payload checksum fails
+//! (a write the disk did not finish), or zeros to the end (space allocated, never written).
+//! Anything else, and any of these in an older segment, is **corruption**, reported with its
+//! offset; nothing after it is trusted. The reader never panics, whatever the bytes.
 
 /// Bytes of a frame header.
-pub(crate) const HEADER: usize = 8;
-/// Largest payload accepted (a frame header claiming more is treated as damage).
+pub(crate) const HEADER: usize = 12;
+/// Largest payload accepted (a verified header claiming more is damage).
 pub(crate) const MAX_PAYLOAD: usize = 1 << 30;
 
 /// Appends one frame around `payload`.
 pub(crate) fn frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&crc32c::crc32c(&head).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -27,36 +37,56 @@ pub(crate) fn frame(payload: &[u8], out: &mut Vec<u8>) {
 pub(crate) enum Ending {
     /// Every byte belonged to a valid frame.
     Clean,
-    /// The last `len - valid_len` bytes are an incomplete or damaged final frame.
+    /// The last `len - valid_len` bytes are an incomplete final frame (last segment only).
     TornTail { valid_len: usize },
-    /// A damaged frame at `offset` is followed by more data.
+    /// A damaged frame at `offset`: nothing from there on is trusted.
     Corrupt { offset: usize },
 }
 
-/// Valid frames of a segment, as `(offset, payload)`, and how reading ended.
-pub(crate) fn read_frames(bytes: &[u8]) -> (Vec<(usize, &[u8])>, Ending) {
+/// Valid frames of a segment, as `(offset, payload)`, and how reading ended. `last`: this is
+/// the segment that was being written (the only one whose tail a crash can tear).
+pub(crate) fn read_frames(bytes: &[u8], last: bool) -> (Vec<(usize, &[u8])>, Ending) {
     let mut frames = Vec::new();
     let mut at = 0usize;
+    let torn = |at: usize| {
+        if last {
+            Ending::TornTail { valid_len: at }
+        } else {
+            Ending::Corrupt { offset: at }
+        }
+    };
     while at < bytes.len() {
         let rest = &bytes[at..];
         if rest.len() < HEADER {
-            return (frames, Ending::TornTail { valid_len: at });
+            return (frames, torn(at));
+        }
+        let head = &rest[..8];
+        let hcrc = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        if crc32c::crc32c(head) != hcrc {
+            let ending = if rest.iter().all(|b| *b == 0) {
+                torn(at)
+            } else {
+                Ending::Corrupt { offset: at }
+            };
+            return (frames, ending);
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if len > MAX_PAYLOAD || rest.len() - HEADER < len {
-            // Runs past the end: a torn final append (or a damaged length, which cannot be
-            // told apart from one; nothing valid can follow it either way).
-            return (frames, Ending::TornTail { valid_len: at });
+        if len > MAX_PAYLOAD {
+            return (frames, Ending::Corrupt { offset: at });
+        }
+        if rest.len() - HEADER < len {
+            return (frames, torn(at));
         }
         let payload = &rest[HEADER..HEADER + len];
         if crc32c::crc32c(payload) != crc {
             let end = at + HEADER + len;
-            return if end == bytes.len() {
-                (frames, Ending::TornTail { valid_len: at })
+            let ending = if end == bytes.len() {
+                torn(at)
             } else {
-                (frames, Ending::Corrupt { offset: at })
+                Ending::Corrupt { offset: at }
             };
+            return (frames, ending);
         }
         frames.push((at, payload));
         at += HEADER + len;
@@ -80,20 +110,24 @@ mod tests {
     #[test]
     fn reader_reads_back_every_frame() {
         let seg = segment(&[b"one", b"", b"three"]);
-        let (frames, end) = read_frames(&seg);
+        let (frames, end) = read_frames(&seg, true);
         assert_eq!(end, Ending::Clean);
         let payloads: Vec<&[u8]> = frames.iter().map(|(_, p)| *p).collect();
         assert_eq!(payloads, vec![&b"one"[..], b"", b"three"]);
-        assert_eq!(frames[1].0, 11);
+        assert_eq!(frames[1].0, HEADER + 3);
     }
 
     #[test]
     fn reader_truncates_torn_tail() {
         let seg = segment(&[b"one", b"two"]);
-        for cut in 12..seg.len() {
-            let (frames, end) = read_frames(&seg[..cut]);
+        let one = HEADER + 3;
+        for cut in one + 1..seg.len() {
+            let (frames, end) = read_frames(&seg[..cut], true);
             assert_eq!(frames.len(), 1, "cut at {cut}");
-            assert_eq!(end, Ending::TornTail { valid_len: 11 });
+            assert_eq!(end, Ending::TornTail { valid_len: one });
+            // The same cut in an older segment is corruption: only the last one is written.
+            let (_, end) = read_frames(&seg[..cut], false);
+            assert_eq!(end, Ending::Corrupt { offset: one });
         }
     }
 
@@ -102,16 +136,56 @@ mod tests {
         let mut seg = segment(&[b"one", b"two"]);
         let last = seg.len() - 1;
         seg[last] ^= 0x40;
-        assert_eq!(read_frames(&seg).1, Ending::TornTail { valid_len: 11 });
+        assert_eq!(
+            read_frames(&seg, true).1,
+            Ending::TornTail {
+                valid_len: HEADER + 3
+            }
+        );
     }
 
     #[test]
     fn reader_reports_corruption_in_the_middle_with_its_offset() {
         let mut seg = segment(&[b"one", b"two", b"three"]);
-        seg[11 + HEADER] ^= 0x01; // first byte of "two"
-        let (frames, end) = read_frames(&seg);
+        let two = HEADER + 3;
+        seg[two + HEADER] ^= 0x01; // first byte of "two"
+        let (frames, end) = read_frames(&seg, true);
         assert_eq!(frames.len(), 1);
-        assert_eq!(end, Ending::Corrupt { offset: 11 });
+        assert_eq!(end, Ending::Corrupt { offset: two });
+    }
+
+    #[test]
+    fn reader_verifies_a_length_before_trusting_it() {
+        // A length that grew (so that the frame seems to run past the end of the file) or
+        // got its top bit set is corruption, even in the last segment.
+        for grow in [
+            |l: u32| l + (16 << 20),
+            |l: u32| l | (1 << 31),
+            |l: u32| l - 1,
+        ] {
+            let mut seg = segment(&[b"one", b"two", b"three"]);
+            let len = u32::from_le_bytes(seg[0..4].try_into().unwrap());
+            seg[0..4].copy_from_slice(&grow(len).to_le_bytes());
+            let (frames, end) = read_frames(&seg, true);
+            assert!(frames.is_empty());
+            assert_eq!(end, Ending::Corrupt { offset: 0 });
+        }
+    }
+
+    #[test]
+    fn reader_takes_zeros_at_the_end_of_the_last_segment_for_a_torn_tail() {
+        let mut seg = segment(&[b"one"]);
+        seg.extend_from_slice(&[0u8; 40]);
+        assert_eq!(
+            read_frames(&seg, true).1,
+            Ending::TornTail {
+                valid_len: HEADER + 3
+            }
+        );
+        assert_eq!(
+            read_frames(&seg, false).1,
+            Ending::Corrupt { offset: HEADER + 3 }
+        );
     }
 
     proptest! {
@@ -120,6 +194,7 @@ mod tests {
             payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8),
             cut in any::<prop::sample::Index>(),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..4),
+            last in any::<bool>(),
         ) {
             let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
             let mut seg = segment(&refs);
@@ -133,7 +208,7 @@ mod tests {
                     seg[i] ^= 1 << bit;
                 }
             }
-            let (frames, _end) = read_frames(&seg);
+            let (frames, _end) = read_frames(&seg, last);
             // Every frame returned is one that was written, in order (a flip that yields a
             // valid-looking frame would need a CRC32C collision).
             for (k, (_, p)) in frames.iter().enumerate() {
