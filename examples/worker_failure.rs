@@ -40,13 +40,13 @@ async fn run(k: usize) -> anyhow::Result<Outcome> {
     ctx.start().await?;
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let held: Vec<_> = ctx.block_locations();
+    let held: Vec<_> = ctx.block_locations().await;
     let on_0 = held.iter().filter(|(_, at)| at.contains(&0)).count();
     println!(
         "  k={k}: killing worker 0 (it holds {on_0} of {} unprocessed blocks)",
         held.len()
     );
-    ctx.kill_worker(0);
+    ctx.kill_worker(0).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     ctx.stop(true).await?;
 

@@ -241,7 +241,7 @@ impl TaskRunner {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("not attempted");
         for attempt in 0..self.attempts {
-            let locations = self.blocks.locations(block);
+            let locations = self.blocks.locations(block).await;
             if locations.is_empty() {
                 return Ok((None, attempt));
             }

@@ -597,37 +597,45 @@ impl StreamingContext {
     /// Kills worker `w` abruptly, as a crash would: its blocks are gone; the survivors'
     /// replicas are re-replicated and receivers placed on it restart on another worker.
     /// For fault-injection tests and demos. Returns whether the worker was alive.
-    pub fn kill_worker(&self, w: usize) -> bool {
-        self.inner
-            .running(|h| h.blocks.kill_worker(w))
-            .unwrap_or(false)
+    pub async fn kill_worker(&self, w: usize) -> bool {
+        match self.blocks() {
+            Some(b) => b.kill_worker(w).await,
+            None => false,
+        }
     }
 
-    /// Workers still alive.
-    pub fn live_workers(&self) -> Vec<usize> {
-        self.inner
-            .running(|h| h.blocks.live_workers())
-            .unwrap_or_default()
+    /// Workers still alive (none when the context is not running).
+    pub async fn live_workers(&self) -> Vec<usize> {
+        match self.blocks() {
+            Some(b) => b.live_workers().await,
+            None => Vec::new(),
+        }
     }
 
     /// Blocks acknowledged but not yet freed (their batch has not completed).
-    pub fn pending_blocks(&self) -> usize {
-        self.inner
-            .running(|h| h.blocks.tracked_blocks())
-            .unwrap_or(0)
+    pub async fn pending_blocks(&self) -> usize {
+        match self.blocks() {
+            Some(b) => b.tracked_blocks().await,
+            None => 0,
+        }
     }
 
     /// Blocks held by worker `w` right now (`None` if it is dead or the context is not running).
     pub async fn worker_block_count(&self, w: usize) -> Option<usize> {
-        let blocks = self.inner.running(|h| h.blocks.clone())?;
-        blocks.worker_block_count(w).await
+        self.blocks()?.worker_block_count(w).await
     }
 
     /// Replica locations of every block not yet processed (for tests and status output).
-    pub fn block_locations(&self) -> Vec<(BlockId, Vec<usize>)> {
-        self.inner
-            .running(|h| h.blocks.all_locations())
-            .unwrap_or_default()
+    pub async fn block_locations(&self) -> Vec<(BlockId, Vec<usize>)> {
+        match self.blocks() {
+            Some(b) => b.all_locations().await,
+            None => Vec::new(),
+        }
+    }
+
+    /// The BlockManagerMaster's handle while running.
+    fn blocks(&self) -> Option<BlockManagerMaster> {
+        self.inner.running(|h| h.blocks.clone())
     }
 }
 

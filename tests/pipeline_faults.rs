@@ -25,19 +25,24 @@ fn assert_exactly_once(seqs: &Seqs, n: u64) {
 async fn worker_loss_with_k2_loses_nothing_and_restores_k_replicas() {
     let n = 30_000;
     let (ctx, seqs, mut reports) = generate_then_hold(3, 2, n).await;
-    let before = ctx.block_locations();
+    let before = ctx.block_locations().await;
     assert!(
         before.iter().any(|(_, at)| at.contains(&0)),
         "worker 0 holds some blocks"
     );
 
-    assert!(ctx.kill_worker(0));
-    wait_until("re-replicated", || {
-        let now = ctx.block_locations();
-        !now.is_empty() && now.iter().all(|(_, at)| at.len() == 2 && !at.contains(&0))
-    })
-    .await;
-    assert_eq!(ctx.live_workers(), vec![1, 2]);
+    assert!(ctx.kill_worker(0).await);
+    let mut restored = false;
+    for _ in 0..1000 {
+        let now = ctx.block_locations().await;
+        if !now.is_empty() && now.iter().all(|(_, at)| at.len() == 2 && !at.contains(&0)) {
+            restored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(restored, "re-replicated");
+    assert_eq!(ctx.live_workers().await, vec![1, 2]);
 
     ctx.stop(true).await.unwrap();
     assert_exactly_once(&seqs, n);
@@ -52,12 +57,13 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
     let (ctx, seqs, mut reports) = generate_then_hold(2, 1, n).await;
     let on_worker_0 = ctx
         .block_locations()
+        .await
         .iter()
         .filter(|(_, at)| at == &vec![0])
         .count();
     assert!(on_worker_0 > 0);
 
-    assert!(ctx.kill_worker(0));
+    assert!(ctx.kill_worker(0).await);
     ctx.stop(true).await.unwrap();
 
     let infos = drain(&mut reports);
@@ -175,7 +181,7 @@ async fn a_slow_batch_function_makes_store_wait_with_bounded_memory_and_no_loss(
             .generated()
             .saturating_sub(processed.load(Ordering::SeqCst));
         max_gap = max_gap.max(gap);
-        max_pending = max_pending.max(ctx.pending_blocks());
+        max_pending = max_pending.max(ctx.pending_blocks().await);
         if processed.load(Ordering::SeqCst) >= n {
             break;
         }
@@ -210,7 +216,7 @@ async fn a_receiver_on_a_dead_worker_restarts_elsewhere_and_loses_nothing() {
     let mut events = ctx.supervision_events().unwrap();
     wait_until("some records generated", || source.generated() > 10_000).await;
     // Stream 0's receiver is placed on worker 0.
-    assert!(ctx.kill_worker(0));
+    assert!(ctx.kill_worker(0).await);
     let restarted = tributary::testing::next_event(&mut events, Duration::from_secs(10), |e| {
         &*e.child == "receivers/synthetic"
             && matches!(
@@ -226,7 +232,7 @@ async fn a_receiver_on_a_dead_worker_restarts_elsewhere_and_loses_nothing() {
     wait_until("all generated", || source.generated() >= n).await;
     ctx.stop(true).await.unwrap();
     assert_exactly_once(&seqs, n);
-    assert!(ctx.block_locations().is_empty());
+    assert!(ctx.block_locations().await.is_empty());
 }
 
 fn failing_job(ctx: &StreamingContext, source: &SyntheticReceiver) -> Seqs {

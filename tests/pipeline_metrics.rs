@@ -60,12 +60,13 @@ async fn a_lost_worker_with_k1_is_counted_exactly_in_the_metrics() {
     let (ctx, seqs, mut reports) = generate_then_hold(2, 1, n).await;
     let on_worker_0 = ctx
         .block_locations()
+        .await
         .iter()
         .filter(|(_, at)| at == &vec![0])
         .count();
     assert!(on_worker_0 > 0);
 
-    assert!(ctx.kill_worker(0));
+    assert!(ctx.kill_worker(0).await);
     ctx.stop(true).await.unwrap();
 
     let infos = drain(&mut reports);

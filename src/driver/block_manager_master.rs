@@ -1,22 +1,28 @@
 //! The BlockManagerMaster: where each block lives, replication, re-replication and losses.
 //!
 //! ```text
-//!  pusher ──put(block)──► BlockManagerMaster ──Put──► worker a ─┐
-//!                          │ (metadata:  ──Put──► worker b ─┤ acks: the block is acknowledged
-//!                          │  replicas)                    ┘ once k distinct workers hold it
-//!                          └── worker dies ──► every block it held is copied from a survivor
-//!                                              to another live worker until k copies exist;
-//!                                              a block with no survivor is reported lost
+//!  pusher ──reserve(bytes)──► memory budget (permits; full ⇒ the pusher, and so store, waits)
+//!         ──put(block)──► master task: pick k live workers ──► pusher sends Put to each
+//!                          ◄──Register(id, holders)── once they all acknowledged
+//!  worker dies ──► master task: drop it from every block; a block with no survivor is
+//!                  reported lost; a re-replication task copies the others from a survivor
+//!                  to another live worker (AddReplica) until k copies exist again, then the
+//!                  ReceiverTracker hears WorkerLost
 //! ```
 //!
-//! Invariants: a block's metadata lists exactly the live workers that acknowledged holding it;
+//! The master task owns the table of blocks (replicas, records, memory permit) and the
+//! workers; everything reaches it through [`BlockManagerMaster`], a handle that sends it
+//! messages. Block bytes never pass through the master: pushers and executors talk to the
+//! workers' block stores directly, with plain-data messages.
+//!
+//! Invariants: a block's entry lists exactly the live workers that acknowledged holding it;
 //! a block is freed (from every worker, and its memory budget returned) once the batch that
 //! used it completed; a block is never dropped to make room: the memory budget makes the
 //! pusher, and so `store`, wait instead. Blocks in this process are `Bytes`: replicas share one
 //! buffer, so a replica costs a reference count, not a copy.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -24,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::block::{Block, BlockId};
 use crate::block_manager::{BlockError, Worker, WorkerId, WorkerMsg};
 
-/// What the block manager reports to the streaming context.
+/// What the block manager reports to the ReceiverTracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClusterEvent {
     /// A worker died; its blocks were re-replicated or reported lost.
@@ -33,27 +39,49 @@ pub(crate) enum ClusterEvent {
     BlockLost { id: BlockId, records: u32 },
 }
 
-struct Meta {
-    replicas: Vec<WorkerId>,
-    records: u32,
-    _memory: Option<OwnedSemaphorePermit>,
+type Reply<T> = oneshot::Sender<T>;
+
+enum Cmd {
+    /// Up to `n` live workers not in `exclude`, round-robin from `preferred`.
+    Pick {
+        preferred: WorkerId,
+        n: usize,
+        exclude: Vec<WorkerId>,
+        reply: Reply<Vec<(WorkerId, ActorRef<WorkerMsg>)>>,
+    },
+    /// `holders` acknowledged the block: track it (live holders only).
+    Register {
+        id: BlockId,
+        holders: Vec<WorkerId>,
+        records: u32,
+        memory: Option<OwnedSemaphorePermit>,
+        reply: Reply<Vec<WorkerId>>,
+    },
+    Locations(BlockId, Reply<Vec<WorkerId>>),
+    AllLocations(Reply<Vec<(BlockId, Vec<WorkerId>)>>),
+    LiveWorkers(Reply<Vec<WorkerId>>),
+    Worker(WorkerId, Reply<Option<ActorRef<WorkerMsg>>>),
+    Tracked(Reply<usize>),
+    Free(Vec<BlockId>),
+    Kill(WorkerId, Reply<bool>),
+    /// A worker's actor ended.
+    WorkerDied(WorkerId),
+    /// Re-replication copied `id` to `target`.
+    AddReplica {
+        id: BlockId,
+        target: WorkerId,
+        reply: Reply<bool>,
+    },
+    Shutdown,
 }
 
-struct State {
-    workers: Vec<Option<ActorRef<WorkerMsg>>>,
-    meta: HashMap<BlockId, Meta>,
-    next_worker: usize,
-    shutting_down: bool,
-}
-
-/// See the module docs. Cheap to clone.
+/// The handle to the master task. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct BlockManagerMaster {
     k: usize,
-    state: Arc<Mutex<State>>,
+    tx: mpsc::UnboundedSender<Cmd>,
     memory: Arc<Semaphore>,
     memory_kib: u32,
-    events: mpsc::UnboundedSender<ClusterEvent>,
 }
 
 impl std::fmt::Debug for BlockManagerMaster {
@@ -72,49 +100,61 @@ fn kib(bytes: usize) -> u32 {
 }
 
 impl BlockManagerMaster {
-    /// Starts `workers` worker actors. `memory_bytes` bounds the bytes of unprocessed blocks.
+    /// Starts `workers` worker actors and the master task. `memory_bytes` bounds the bytes of
+    /// unprocessed blocks.
     pub(crate) async fn start(
         workers: usize,
         k: usize,
         memory_bytes: usize,
     ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), ractor::SpawnErr> {
         let (events, rx) = mpsc::unbounded_channel();
+        let (tx, commands) = mpsc::unbounded_channel();
         let bm = BlockManagerMaster {
             k,
-            state: Arc::new(Mutex::new(State {
-                workers: Vec::with_capacity(workers),
-                meta: HashMap::new(),
-                next_worker: 0,
-                shutting_down: false,
-            })),
+            tx: tx.clone(),
             memory: Arc::new(Semaphore::new(kib(memory_bytes) as usize)),
             memory_kib: kib(memory_bytes),
-            events,
         };
+        let mut refs = Vec::with_capacity(workers);
         for id in 0..workers {
-            let (actor, join) = Actor::spawn(None, Worker, ()).await?;
-            bm.lock().workers.push(Some(actor));
-            let watcher = bm.clone();
+            let (actor, join) = match Actor::spawn(None, Worker, ()).await {
+                Ok(spawned) => spawned,
+                Err(e) => {
+                    for a in &refs {
+                        let a: &ActorRef<WorkerMsg> = a;
+                        a.stop(None);
+                    }
+                    return Err(e);
+                }
+            };
+            refs.push(actor);
+            let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = join.await;
-                watcher.worker_lost(id).await;
+                let _ = tx.send(Cmd::WorkerDied(id));
             });
         }
+        let state = MasterState {
+            workers: refs.into_iter().map(Some).collect(),
+            meta: HashMap::new(),
+            next_worker: 0,
+            shutting_down: false,
+            events,
+            master: bm.clone(),
+        };
+        tokio::spawn(state.run(commands));
         Ok((bm, rx))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock is a bug; the data is still consistent enough to
-        // continue (each critical section is a few map operations), so ignore poisoning.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    async fn ask<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(cmd(reply)).ok()?;
+        rx.await.ok()
     }
 
     /// Live workers.
-    pub(crate) fn live_workers(&self) -> Vec<WorkerId> {
-        let st = self.lock();
-        (0..st.workers.len())
-            .filter(|w| st.workers[*w].is_some())
-            .collect()
+    pub(crate) async fn live_workers(&self) -> Vec<WorkerId> {
+        self.ask(Cmd::LiveWorkers).await.unwrap_or_default()
     }
 
     /// Reserves memory for a block of `bytes`; waits while the budget is spent.
@@ -141,7 +181,17 @@ impl BlockManagerMaster {
         let mut holders = Vec::with_capacity(self.k);
         let mut tried = Vec::new();
         while holders.len() < self.k {
-            let targets = self.pick(preferred, self.k - holders.len(), &tried);
+            let n = self.k - holders.len();
+            let exclude = tried.clone();
+            let targets = self
+                .ask(|reply| Cmd::Pick {
+                    preferred,
+                    n,
+                    exclude,
+                    reply,
+                })
+                .await
+                .ok_or(BlockError::ShutDown)?;
             if targets.is_empty() {
                 break;
             }
@@ -168,81 +218,38 @@ impl BlockManagerMaster {
         if holders.len() < self.k {
             tracing::warn!(block = %id, replicas = holders.len(), k = self.k, "block under-replicated: not enough live workers");
         }
-        let mut st = self.lock();
-        // A holder may have died between its ack and now: keep only live ones.
-        holders.retain(|w| st.workers[*w].is_some());
+        let records = block.records;
+        let holders = self
+            .ask(|reply| Cmd::Register {
+                id,
+                holders,
+                records,
+                memory,
+                reply,
+            })
+            .await
+            .ok_or(BlockError::ShutDown)?;
         if holders.is_empty() {
-            drop(st);
-            self.report_lost(id, block.records);
             return Err(BlockError::NoLiveWorker(id));
         }
-        st.meta.insert(
-            id,
-            Meta {
-                replicas: holders.clone(),
-                records: block.records,
-                _memory: memory,
-            },
-        );
         Ok(holders)
     }
 
-    /// Up to `n` live workers not in `exclude`, round-robin from `preferred`.
-    fn pick(
-        &self,
-        preferred: WorkerId,
-        n: usize,
-        exclude: &[WorkerId],
-    ) -> Vec<(WorkerId, ActorRef<WorkerMsg>)> {
-        let mut st = self.lock();
-        let count = st.workers.len();
-        let start = if preferred < count {
-            preferred
-        } else {
-            st.next_worker
-        };
-        st.next_worker = (st.next_worker + 1) % count.max(1);
-        (0..count)
-            .map(|i| (start + i) % count)
-            .filter(|w| !exclude.contains(w))
-            .filter_map(|w| st.workers[w].clone().map(|a| (w, a)))
-            .take(n)
-            .collect()
-    }
-
-    /// Live workers holding `id`. A worker that has just died is left out even before its
-    /// loss has been processed, so that no task is sent to a replica that is gone.
-    pub(crate) fn locations(&self, id: BlockId) -> Vec<WorkerId> {
-        let st = self.lock();
-        let Some(meta) = st.meta.get(&id) else {
-            return Vec::new();
-        };
-        meta.replicas
-            .iter()
-            .copied()
-            .filter(|w| {
-                st.workers[*w]
-                    .as_ref()
-                    .is_some_and(|a| a.get_status() == ractor::ActorStatus::Running)
-            })
-            .collect()
+    /// Live workers holding `id`.
+    pub(crate) async fn locations(&self, id: BlockId) -> Vec<WorkerId> {
+        self.ask(|r| Cmd::Locations(id, r))
+            .await
+            .unwrap_or_default()
     }
 
     /// Replica locations of every tracked block, in id order.
-    pub(crate) fn all_locations(&self) -> Vec<(BlockId, Vec<WorkerId>)> {
-        let st = self.lock();
-        let mut v: Vec<_> = st
-            .meta
-            .iter()
-            .map(|(id, m)| (*id, m.replicas.clone()))
-            .collect();
-        v.sort_by_key(|(id, _)| *id);
-        v
+    pub(crate) async fn all_locations(&self) -> Vec<(BlockId, Vec<WorkerId>)> {
+        self.ask(Cmd::AllLocations).await.unwrap_or_default()
     }
 
     /// Reads `id` from worker `w`, if it holds it.
     pub(crate) async fn get_from(&self, w: WorkerId, id: BlockId) -> Option<Block> {
-        let actor = self.lock().workers.get(w)?.clone()?;
+        let actor = self.ask(|r| Cmd::Worker(w, r)).await??;
         let (tx, rx) = oneshot::channel();
         actor.send_message(WorkerMsg::Get(id, tx)).ok()?;
         rx.await.ok().flatten()
@@ -250,43 +257,213 @@ impl BlockManagerMaster {
 
     /// Frees blocks whose batch completed: removed from every worker, memory returned.
     pub(crate) fn free(&self, ids: &[BlockId]) {
-        let mut st = self.lock();
-        let mut per_worker: HashMap<WorkerId, Vec<BlockId>> = HashMap::new();
-        for id in ids {
-            if let Some(meta) = st.meta.remove(id) {
-                for w in meta.replicas {
-                    per_worker.entry(w).or_default().push(*id);
-                }
-            }
-        }
-        for (w, ids) in per_worker {
-            if let Some(Some(actor)) = st.workers.get(w) {
-                let _ = actor.send_message(WorkerMsg::Remove(ids));
-            }
-        }
+        let _ = self.tx.send(Cmd::Free(ids.to_vec()));
     }
 
     /// Number of blocks tracked (unprocessed).
-    pub(crate) fn tracked_blocks(&self) -> usize {
-        self.lock().meta.len()
+    pub(crate) async fn tracked_blocks(&self) -> usize {
+        self.ask(Cmd::Tracked).await.unwrap_or(0)
     }
 
     /// Blocks held by worker `w` (asks the worker).
     pub(crate) async fn worker_block_count(&self, w: WorkerId) -> Option<usize> {
-        let actor = self.lock().workers.get(w)?.clone()?;
+        let actor = self.ask(|r| Cmd::Worker(w, r)).await??;
         let (tx, rx) = oneshot::channel();
         actor.send_message(WorkerMsg::Count(tx)).ok()?;
         rx.await.ok()
     }
 
     /// Kills worker `w` abruptly (its blocks are gone), as a crash would. For tests and demos.
-    pub(crate) fn kill_worker(&self, w: WorkerId) -> bool {
-        match self.lock().workers.get(w) {
-            Some(Some(actor)) => {
-                actor.kill();
-                true
+    pub(crate) async fn kill_worker(&self, w: WorkerId) -> bool {
+        self.ask(|r| Cmd::Kill(w, r)).await.unwrap_or(false)
+    }
+
+    /// Stops every worker (a clean shutdown: nothing is reported lost) and the master task.
+    pub(crate) fn shutdown(&self) {
+        self.memory.close();
+        let _ = self.tx.send(Cmd::Shutdown);
+    }
+}
+
+struct Meta {
+    replicas: Vec<WorkerId>,
+    records: u32,
+    _memory: Option<OwnedSemaphorePermit>,
+}
+
+/// What the master task owns.
+struct MasterState {
+    workers: Vec<Option<ActorRef<WorkerMsg>>>,
+    meta: HashMap<BlockId, Meta>,
+    next_worker: usize,
+    shutting_down: bool,
+    events: mpsc::UnboundedSender<ClusterEvent>,
+    /// For the re-replication tasks it spawns.
+    master: BlockManagerMaster,
+}
+
+impl MasterState {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Cmd>) {
+        while let Some(cmd) = commands.recv().await {
+            if !self.handle(cmd) {
+                break;
             }
-            _ => false,
+        }
+    }
+
+    /// Handles one command; `false` ends the task.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Pick {
+                preferred,
+                n,
+                exclude,
+                reply,
+            } => {
+                let _ = reply.send(self.pick(preferred, n, &exclude));
+            }
+            Cmd::Register {
+                id,
+                mut holders,
+                records,
+                memory,
+                reply,
+            } => {
+                // A holder may have died between its ack and now: keep only live ones.
+                holders.retain(|w| self.alive(*w));
+                if holders.is_empty() {
+                    self.report_lost(id, records);
+                } else {
+                    self.meta.insert(
+                        id,
+                        Meta {
+                            replicas: holders.clone(),
+                            records,
+                            _memory: memory,
+                        },
+                    );
+                }
+                let _ = reply.send(holders);
+            }
+            Cmd::Locations(id, reply) => {
+                let at = self
+                    .meta
+                    .get(&id)
+                    .map(|m| {
+                        m.replicas
+                            .iter()
+                            .copied()
+                            .filter(|w| self.running(*w))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = reply.send(at);
+            }
+            Cmd::AllLocations(reply) => {
+                let mut v: Vec<_> = self
+                    .meta
+                    .iter()
+                    .map(|(id, m)| (*id, m.replicas.clone()))
+                    .collect();
+                v.sort_by_key(|(id, _)| *id);
+                let _ = reply.send(v);
+            }
+            Cmd::LiveWorkers(reply) => {
+                let live = (0..self.workers.len()).filter(|w| self.alive(*w)).collect();
+                let _ = reply.send(live);
+            }
+            Cmd::Worker(w, reply) => {
+                let _ = reply.send(self.workers.get(w).cloned().flatten());
+            }
+            Cmd::Tracked(reply) => {
+                let _ = reply.send(self.meta.len());
+            }
+            Cmd::Free(ids) => self.free(&ids),
+            Cmd::Kill(w, reply) => {
+                let alive = match self.workers.get(w) {
+                    Some(Some(actor)) => {
+                        actor.kill();
+                        true
+                    }
+                    _ => false,
+                };
+                let _ = reply.send(alive);
+            }
+            Cmd::WorkerDied(w) => self.worker_lost(w),
+            Cmd::AddReplica { id, target, reply } => {
+                let target_alive = self.alive(target);
+                let added = match self.meta.get_mut(&id) {
+                    Some(meta) if target_alive && !meta.replicas.contains(&target) => {
+                        meta.replicas.push(target);
+                        true
+                    }
+                    Some(_) => false,
+                    None => {
+                        // Freed meanwhile: do not leave a stray copy.
+                        if let Some(Some(actor)) = self.workers.get(target) {
+                            let _ = actor.send_message(WorkerMsg::Remove(vec![id]));
+                        }
+                        false
+                    }
+                };
+                let _ = reply.send(added);
+            }
+            Cmd::Shutdown => {
+                self.shutting_down = true;
+                for actor in self.workers.iter().flatten() {
+                    actor.stop(None);
+                }
+                self.meta.clear();
+                return false;
+            }
+        }
+        true
+    }
+
+    fn alive(&self, w: WorkerId) -> bool {
+        matches!(self.workers.get(w), Some(Some(_)))
+    }
+
+    /// Alive and its actor still running: a worker that has just died is left out even
+    /// before its loss has been processed, so that no task is sent to a replica that is gone.
+    fn running(&self, w: WorkerId) -> bool {
+        matches!(self.workers.get(w), Some(Some(a)) if a.get_status() == ractor::ActorStatus::Running)
+    }
+
+    fn pick(
+        &mut self,
+        preferred: WorkerId,
+        n: usize,
+        exclude: &[WorkerId],
+    ) -> Vec<(WorkerId, ActorRef<WorkerMsg>)> {
+        let count = self.workers.len();
+        let start = if preferred < count {
+            preferred
+        } else {
+            self.next_worker
+        };
+        self.next_worker = (self.next_worker + 1) % count.max(1);
+        (0..count)
+            .map(|i| (start + i) % count)
+            .filter(|w| !exclude.contains(w))
+            .filter_map(|w| self.workers[w].clone().map(|a| (w, a)))
+            .take(n)
+            .collect()
+    }
+
+    fn free(&mut self, ids: &[BlockId]) {
+        let mut per_worker: HashMap<WorkerId, Vec<BlockId>> = HashMap::new();
+        for id in ids {
+            if let Some(meta) = self.meta.remove(id) {
+                for w in meta.replicas {
+                    per_worker.entry(w).or_default().push(*id);
+                }
+            }
+        }
+        for (w, ids) in per_worker {
+            if let Some(Some(actor)) = self.workers.get(w) {
+                let _ = actor.send_message(WorkerMsg::Remove(ids));
+            }
         }
     }
 
@@ -297,83 +474,87 @@ impl BlockManagerMaster {
         let _ = self.events.send(ClusterEvent::BlockLost { id, records });
     }
 
-    /// A worker died: copy each of its blocks from a survivor to another live worker; report
-    /// blocks with no survivor as lost.
-    async fn worker_lost(&self, w: WorkerId) {
-        let affected: Vec<(BlockId, Vec<WorkerId>, u32)> = {
-            let mut st = self.lock();
-            if st.shutting_down {
-                return;
-            }
-            st.workers[w] = None;
-            let mut affected = Vec::new();
-            let mut lost = Vec::new();
-            for (id, meta) in st.meta.iter_mut() {
-                if let Some(pos) = meta.replicas.iter().position(|r| *r == w) {
-                    meta.replicas.remove(pos);
-                    if meta.replicas.is_empty() {
-                        lost.push((*id, meta.records));
-                    } else {
-                        affected.push((*id, meta.replicas.clone(), meta.records));
-                    }
+    /// A worker died: drop it from every block, report blocks with no survivor as lost, and
+    /// start copying the others from a survivor to another live worker.
+    fn worker_lost(&mut self, w: WorkerId) {
+        if self.shutting_down || !self.alive(w) {
+            return;
+        }
+        self.workers[w] = None;
+        let mut affected = Vec::new();
+        let mut lost = Vec::new();
+        for (id, meta) in self.meta.iter_mut() {
+            if let Some(pos) = meta.replicas.iter().position(|r| *r == w) {
+                meta.replicas.remove(pos);
+                if meta.replicas.is_empty() {
+                    lost.push((*id, meta.records));
+                } else {
+                    affected.push((*id, meta.replicas.clone()));
                 }
             }
-            for (id, _) in &lost {
-                st.meta.remove(id);
-            }
-            drop(st);
-            for (id, records) in lost {
-                self.report_lost(id, records);
-            }
-            affected
-        };
+        }
+        for (id, records) in lost {
+            self.meta.remove(&id);
+            self.report_lost(id, records);
+        }
         tracing::warn!(
             worker = w,
             blocks = affected.len(),
             "worker lost; re-replicating its blocks"
         );
         metrics::counter!(crate::telemetry::WORKERS_LOST_TOTAL).increment(1);
-        let mut restored = 0usize;
-        for (id, survivors, _) in affected {
-            let Some(block) = self.get_from(survivors[0], id).await else {
-                continue;
-            };
-            let targets = self.pick(survivors[0], 1, &survivors);
-            for (target, actor) in targets {
-                let (tx, rx) = oneshot::channel();
-                if actor
-                    .send_message(WorkerMsg::Put(block.clone(), tx))
-                    .is_ok()
-                    && rx.await.is_ok()
-                {
-                    let mut st = self.lock();
-                    let target_alive = st.workers[target].is_some();
-                    if let Some(meta) = st.meta.get_mut(&id) {
-                        if target_alive && !meta.replicas.contains(&target) {
-                            meta.replicas.push(target);
-                            restored += 1;
-                        }
-                    } else {
-                        // Freed meanwhile: do not leave a stray copy.
-                        let _ = actor.send_message(WorkerMsg::Remove(vec![id]));
-                    }
-                }
+        tokio::spawn(re_replicate(
+            self.master.clone(),
+            self.events.clone(),
+            w,
+            affected,
+        ));
+    }
+}
+
+/// Copies each block from its first survivor to one more live worker, then reports the loss
+/// of worker `w` to the tracker.
+async fn re_replicate(
+    master: BlockManagerMaster,
+    events: mpsc::UnboundedSender<ClusterEvent>,
+    w: WorkerId,
+    affected: Vec<(BlockId, Vec<WorkerId>)>,
+) {
+    let mut restored = 0usize;
+    for (id, survivors) in affected {
+        let Some(block) = master.get_from(survivors[0], id).await else {
+            continue;
+        };
+        let exclude = survivors.clone();
+        let Some(targets) = master
+            .ask(|reply| Cmd::Pick {
+                preferred: survivors[0],
+                n: 1,
+                exclude,
+                reply,
+            })
+            .await
+        else {
+            return;
+        };
+        for (target, actor) in targets {
+            let (tx, rx) = oneshot::channel();
+            if actor
+                .send_message(WorkerMsg::Put(block.clone(), tx))
+                .is_ok()
+                && rx.await.is_ok()
+                && master
+                    .ask(|reply| Cmd::AddReplica { id, target, reply })
+                    .await
+                    .unwrap_or(false)
+            {
+                restored += 1;
             }
         }
-        metrics::counter!(crate::telemetry::BLOCKS_REREPLICATED_TOTAL).increment(restored as u64);
-        tracing::info!(worker = w, restored, "re-replication done");
-        let _ = self.events.send(ClusterEvent::WorkerLost(w));
     }
-
-    /// Stops every worker (a clean shutdown: nothing is reported lost).
-    pub(crate) fn shutdown(&self) {
-        let mut st = self.lock();
-        st.shutting_down = true;
-        for actor in st.workers.iter().flatten() {
-            actor.stop(None);
-        }
-        self.memory.close();
-    }
+    metrics::counter!(crate::telemetry::BLOCKS_REREPLICATED_TOTAL).increment(restored as u64);
+    tracing::info!(worker = w, restored, "re-replication done");
+    let _ = events.send(ClusterEvent::WorkerLost(w));
 }
 
 #[cfg(test)]
@@ -412,7 +593,7 @@ mod tests {
         assert_eq!(bm.worker_block_count(0).await, Some(0));
         bm.free(&[BlockId { stream: 0, seq: 0 }]);
         assert_eq!(bm.worker_block_count(1).await, Some(0));
-        assert_eq!(bm.tracked_blocks(), 0);
+        assert_eq!(bm.tracked_blocks().await, 0);
         bm.shutdown();
     }
 
@@ -422,10 +603,10 @@ mod tests {
         for seq in 0..10 {
             bm.put(block(seq), 0, None).await.unwrap();
         }
-        assert!(bm.kill_worker(0));
+        assert!(bm.kill_worker(0).await);
         wait_event(&mut rx, &ClusterEvent::WorkerLost(0)).await;
         for seq in 0..10 {
-            let at = bm.locations(BlockId { stream: 0, seq });
+            let at = bm.locations(BlockId { stream: 0, seq }).await;
             assert_eq!(at.len(), 2, "k restored for block {seq}: {at:?}");
             assert!(!at.contains(&0));
         }
@@ -439,7 +620,7 @@ mod tests {
         let (bm, mut rx) = BlockManagerMaster::start(2, 1, 1 << 20).await.unwrap();
         bm.put(block(0), 0, None).await.unwrap();
         bm.put(block(1), 1, None).await.unwrap();
-        bm.kill_worker(0);
+        bm.kill_worker(0).await;
         wait_event(
             &mut rx,
             &ClusterEvent::BlockLost {
@@ -449,8 +630,8 @@ mod tests {
         )
         .await;
         wait_event(&mut rx, &ClusterEvent::WorkerLost(0)).await;
-        assert_eq!(bm.locations(BlockId { stream: 0, seq: 1 }), vec![1]);
-        assert_eq!(bm.tracked_blocks(), 1);
+        assert_eq!(bm.locations(BlockId { stream: 0, seq: 1 }).await, vec![1]);
+        assert_eq!(bm.tracked_blocks().await, 1);
         bm.shutdown();
     }
 }

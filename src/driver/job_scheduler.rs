@@ -211,9 +211,13 @@ impl Runner {
             // died) is not run again: it has nothing to compute, and its outputs may already
             // have been applied before the crash, complete; running them again with no records
             // would replace that result. It is reported with its losses like any other batch.
-            let all_lost = batch.recovered
-                && !all.is_empty()
-                && all.iter().all(|b| self.blocks.locations(*b).is_empty());
+            let mut all_lost = batch.recovered && !all.is_empty();
+            for b in &all {
+                if !all_lost {
+                    break;
+                }
+                all_lost = self.blocks.locations(*b).await.is_empty();
+            }
             if all_lost {
                 run.stats.lock().unwrap_or_else(|p| p.into_inner()).lost = all.clone();
                 tracing::warn!(%id, blocks = all.len(), "recovered batch lost all its blocks; outputs not re-run");

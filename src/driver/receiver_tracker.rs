@@ -456,7 +456,7 @@ impl TrackerState {
 
     /// Re-places the receivers that were on the dead worker and restarts them there.
     async fn worker_lost(&mut self, dead: WorkerId) {
-        let live = self.blocks.live_workers();
+        let live = self.blocks.live_workers().await;
         if live.is_empty() {
             return;
         }
