@@ -18,10 +18,12 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::block::BlockId;
+use crate::wal::Storage;
 
 /// The checkpoint format this build reads and writes.
 /// 2: frame headers carry their own checksum (format 1 directories are refused, naming both).
@@ -63,6 +65,15 @@ pub enum CheckpointError {
         found: Vec<String>,
         /// Streams defined now.
         defined: Vec<String>,
+    },
+    /// A metadata write failed (after retries) and the context stopped so as not to apply a
+    /// decision that is not durable.
+    #[error("could not write checkpoint metadata {file}: {reason}")]
+    WriteFailed {
+        /// The file.
+        file: String,
+        /// Why.
+        reason: String,
     },
     /// A metadata file is damaged.
     #[error("checkpoint metadata {file} is damaged: {reason}")]
@@ -182,14 +193,36 @@ mod as_triples {
     }
 }
 
-/// The open metadata log of a running context.
-#[derive(Debug)]
+/// The open metadata log of a running context, written through a [`Storage`] (the directory
+/// itself, or a wrapper that injects faults in tests).
+///
+/// A failed append (ENOSPC, EIO, a short write, a failed fsync) is rolled back: the file is
+/// cut back to its last good length before the error is returned, so the log stays readable
+/// and the entry counts as never written. If the rollback fails too, the log refuses every
+/// later write until a rollback succeeds.
 pub(crate) struct MetadataLog {
     dir: PathBuf,
-    log: File,
+    storage: Arc<dyn Storage>,
+    /// Bytes of whole, synced entries: where the next entry starts.
+    good_len: u64,
+    /// A failed append may have left bytes past `good_len` that could not be cut yet.
+    dirty: bool,
     state: DriverState,
     since_checkpoint: u32,
 }
+
+impl std::fmt::Debug for MetadataLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataLog")
+            .field("dir", &self.dir)
+            .field("good_len", &self.good_len)
+            .field("dirty", &self.dirty)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The log's file name in the checkpoint directory.
+const LOG: &str = "metadata.log";
 
 fn unusable(dir: &Path, e: impl std::fmt::Display) -> CheckpointError {
     CheckpointError::Unusable {
@@ -297,11 +330,13 @@ pub(crate) fn load(dir: &Path, streams: &[String]) -> Result<Option<DriverState>
 }
 
 impl MetadataLog {
-    /// Opens (creating the marker if needed) the log, starting from `state`.
+    /// Opens (creating the marker if needed) the log, starting from `state`, writing through
+    /// `storage` (which holds the directory's files).
     pub(crate) fn open(
         dir: &Path,
         streams: &[String],
         state: DriverState,
+        storage: Arc<dyn Storage>,
     ) -> Result<MetadataLog, CheckpointError> {
         std::fs::create_dir_all(dir).map_err(|e| unusable(dir, e))?;
         let marker_path = dir.join("tributary.json");
@@ -313,26 +348,65 @@ impl MetadataLog {
             .map_err(|e| unusable(dir, e))?;
             write_atomically(&marker_path, &marker).map_err(|e| unusable(dir, e))?;
         }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("metadata.log"))
-            .map_err(|e| unusable(dir, e))?;
+        let good_len = match storage.read(LOG) {
+            Ok(bytes) => bytes.len() as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                storage.append(LOG, &[]).map_err(|e| unusable(dir, e))?;
+                storage.sync(LOG).map_err(|e| unusable(dir, e))?;
+                0
+            }
+            Err(e) => return Err(unusable(dir, e)),
+        };
         Ok(MetadataLog {
             dir: dir.to_path_buf(),
-            log,
+            storage,
+            good_len,
+            dirty: false,
             state,
             since_checkpoint: 0,
         })
     }
 
+    /// Opens the log on the directory itself.
+    #[cfg(test)]
+    fn open_dir(
+        dir: &Path,
+        streams: &[String],
+        state: DriverState,
+    ) -> Result<MetadataLog, CheckpointError> {
+        let storage = Arc::new(crate::wal::DirStorage::new(dir).map_err(|e| unusable(dir, e))?);
+        Self::open(dir, streams, state, storage)
+    }
+
     fn write(&mut self, e: Entry) -> std::io::Result<()> {
+        if self.dirty {
+            self.roll_back()?;
+        }
         let json = serde_json::to_vec(&e).map_err(std::io::Error::other)?;
-        let mut frame = Vec::with_capacity(json.len() + 8);
+        let mut frame = Vec::with_capacity(json.len() + 16);
         crate::wal::frame_pub(&json, &mut frame);
-        self.log.write_all(&frame)?;
-        self.log.sync_data()?;
+        let written = self
+            .storage
+            .append(LOG, &frame)
+            .and_then(|()| self.storage.sync(LOG));
+        if let Err(err) = written {
+            tracing::error!(error = %err, "metadata log: append failed; rolling it back");
+            metrics::counter!(crate::telemetry::METADATA_WRITE_FAILURES_TOTAL).increment(1);
+            self.dirty = true;
+            if let Err(e) = self.roll_back() {
+                tracing::error!(error = %e, "metadata log: rollback failed; will retry before the next write");
+            }
+            return Err(err);
+        }
+        self.good_len += frame.len() as u64;
         self.state.apply(e);
+        Ok(())
+    }
+
+    /// Cuts the file back to its last good entry (and syncs it).
+    fn roll_back(&mut self) -> std::io::Result<()> {
+        self.storage.truncate(LOG, self.good_len)?;
+        self.dirty = false;
         Ok(())
     }
 
@@ -360,8 +434,9 @@ impl MetadataLog {
     pub(crate) fn checkpoint(&mut self) -> std::io::Result<()> {
         let json = serde_json::to_vec(&self.state).map_err(std::io::Error::other)?;
         write_atomically(&self.dir.join("checkpoint.json"), &json)?;
-        self.log.set_len(0)?;
-        self.log.sync_all()?;
+        self.storage.truncate(LOG, 0)?;
+        self.good_len = 0;
+        self.dirty = false;
         self.since_checkpoint = 0;
         Ok(())
     }
@@ -383,7 +458,7 @@ mod tests {
             None,
             "empty directory: new job"
         );
-        let mut log = MetadataLog::open(dir.path(), &names(), DriverState::default()).unwrap();
+        let mut log = MetadataLog::open_dir(dir.path(), &names(), DriverState::default()).unwrap();
         log.added(BlockId { stream: 0, seq: 0 }, 10).unwrap();
         log.added(BlockId { stream: 0, seq: 1 }, 5).unwrap();
         log.allocated(Allocation {
@@ -412,7 +487,7 @@ mod tests {
         assert!(!s.is_processed(BlockId { stream: 0, seq: 1 }));
         assert_eq!(s.last_batch, 2000);
 
-        let mut log = MetadataLog::open(dir.path(), &names(), s.clone()).unwrap();
+        let mut log = MetadataLog::open_dir(dir.path(), &names(), s.clone()).unwrap();
         log.checkpoint().unwrap();
         drop(log);
         assert_eq!(
@@ -454,7 +529,7 @@ mod tests {
         }
 
         let dir = tempfile::tempdir().unwrap();
-        MetadataLog::open(dir.path(), &names(), DriverState::default()).unwrap();
+        MetadataLog::open_dir(dir.path(), &names(), DriverState::default()).unwrap();
         assert!(matches!(
             load(dir.path(), &["a".into()]),
             Err(CheckpointError::StreamsChanged { .. })

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::driver::OnBatchFailure;
 use crate::error::ConfigError;
 use crate::supervisor::{Backoff, Directive, Strategy};
-use crate::wal::WalConfig;
+use crate::wal::{Storage, WalConfig};
 
 /// Configuration of a [`StreamingContext`](crate::StreamingContext). Plain data with defaults; see each setter.
 #[derive(Debug, Clone)]
@@ -28,6 +28,20 @@ pub struct StreamingContextBuilder {
     pub(crate) receiver_strategy: Option<StrategyFactory>,
     pub(crate) checkpoint_dir: Option<std::path::PathBuf>,
     pub(crate) wal: Option<WalConfig>,
+    pub(crate) storage_wrap: Option<StorageWrap>,
+}
+
+/// Wraps the storage of the checkpoint directory's logs (see
+/// [`StreamingContextBuilder::wrap_storage`]).
+#[derive(Clone)]
+pub(crate) struct StorageWrap(
+    pub(crate) Arc<dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>,
+);
+
+impl std::fmt::Debug for StorageWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageWrap")
+    }
 }
 
 /// Builds the receivers' strategy (a strategy holds closures, so it is built, not cloned).
@@ -61,6 +75,7 @@ impl Default for StreamingContextBuilder {
             receiver_strategy: None,
             checkpoint_dir: None,
             wal: None,
+            storage_wrap: None,
         }
     }
 }
@@ -151,6 +166,19 @@ impl StreamingContextBuilder {
     /// synced per `config` before it is acknowledged. Requires `checkpoint_dir`.
     pub fn write_ahead_log(mut self, config: WalConfig) -> Self {
         self.wal = Some(config);
+        self
+    }
+
+    /// Writes the checkpoint directory's logs (write-ahead log segments and `metadata.log`)
+    /// through `wrap(storage)` instead of straight to the directory: for fault injection
+    /// ([`FaultyStorage`](crate::testing::FaultyStorage) fails appends or syncs on command)
+    /// and instrumentation. `wrap` is called once per log (the WAL's directory and the
+    /// checkpoint directory). The marker and `checkpoint.json` are written directly.
+    pub fn wrap_storage<F>(mut self, wrap: F) -> Self
+    where
+        F: Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync + 'static,
+    {
+        self.storage_wrap = Some(StorageWrap(Arc::new(wrap)));
         self
     }
 

@@ -459,11 +459,16 @@ impl StreamingContext {
         // Recovery: file I/O only, on the blocking pool.
         let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
         let streams: Vec<u32> = receivers.iter().map(|r| r.stream).collect();
-        let (dir, wal) = (cfg.checkpoint_dir.clone(), cfg.wal);
-        let recovered =
-            tokio::task::spawn_blocking(move || recover(dir.as_deref(), wal, &names, &streams))
-                .await
-                .map_err(|e| start_err("recovery", &e))??;
+        let (dir, wal, wrap) = (
+            cfg.checkpoint_dir.clone(),
+            cfg.wal,
+            cfg.storage_wrap.clone(),
+        );
+        let recovered = tokio::task::spawn_blocking(move || {
+            recover(dir.as_deref(), wal, wrap.as_ref(), &names, &streams)
+        })
+        .await
+        .map_err(|e| start_err("recovery", &e))??;
         if let Some(r) = &recovered.report {
             report_recovery(r);
         }

@@ -213,3 +213,9 @@ pub const BATCHES_FAILED_TOTAL: &str = "tributary_batches_failed_total";
 pub const BATCH_RECORDS_TOTAL: &str = "tributary_batch_records_total";
 /// Counter: write-ahead log syncs (group commits).
 pub const WAL_SYNCS_TOTAL: &str = "tributary_wal_syncs_total";
+/// Counter: metadata log appends that failed and were rolled back.
+pub const METADATA_WRITE_FAILURES_TOTAL: &str = "tributary_metadata_write_failures_total";
+/// Counter: write-ahead log writes or syncs that failed (the blocks were not acknowledged).
+pub const WAL_WRITE_FAILURES_TOTAL: &str = "tributary_wal_write_failures_total";
+/// Counter: times a failed write-ahead log was repaired and took appends again.
+pub const WAL_RECOVERED_TOTAL: &str = "tributary_wal_recovered_total";

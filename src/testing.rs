@@ -211,3 +211,140 @@ pub async fn probe_view(
     probe.send(ProbeMsg::Get(tx)).ok()?;
     tokio::time::timeout(within, rx).await.ok()?.ok()
 }
+
+/// A [`Storage`](crate::wal::Storage) wrapper that fails writes on command, for testing what
+/// the pipeline does when the disk fills up or fails. Plug it in with
+/// [`StreamingContextBuilder::wrap_storage`](crate::StreamingContextBuilder::wrap_storage);
+/// clones share their [`Faults`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use tributary::testing::{FaultyStorage, Faults};
+/// let faults = Faults::new();
+/// let f = faults.clone();
+/// let builder = tributary::StreamingContext::builder()
+///     .wrap_storage(move |inner| Arc::new(FaultyStorage::new(inner, f.clone())));
+/// faults.disk_full(true); // every append now fails with ENOSPC (after a partial write)
+/// # drop(builder);
+/// ```
+#[derive(Debug, Clone)]
+pub struct FaultyStorage {
+    inner: Arc<dyn crate::wal::Storage>,
+    faults: Faults,
+}
+
+/// The faults a [`FaultyStorage`] injects. Cheap to clone; clones share the settings.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    inner: Arc<Mutex<FaultState>>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    full: bool,
+    fail_syncs: u32,
+    only: Option<String>,
+    appends_failed: u64,
+    syncs_failed: u64,
+}
+
+impl Faults {
+    /// No faults yet.
+    pub fn new() -> Self {
+        Faults::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// While `full`, every append fails with ENOSPC after writing the first half of its bytes
+    /// (a short write, as a filling disk does).
+    pub fn disk_full(&self, full: bool) {
+        self.state().full = full;
+    }
+
+    /// The next `n` syncs fail with EIO.
+    pub fn fail_next_syncs(&self, n: u32) {
+        self.state().fail_syncs = n;
+    }
+
+    /// Faults apply only to files whose name contains `pattern` (e.g. `"metadata.log"` or
+    /// `".wal"`); `None` for every file.
+    pub fn only_files(&self, pattern: Option<&str>) {
+        self.state().only = pattern.map(str::to_owned);
+    }
+
+    /// Appends failed so far.
+    pub fn appends_failed(&self) -> u64 {
+        self.state().appends_failed
+    }
+
+    /// Syncs failed so far.
+    pub fn syncs_failed(&self) -> u64 {
+        self.state().syncs_failed
+    }
+}
+
+impl FaultyStorage {
+    /// Wraps `inner`, injecting `faults`.
+    pub fn new(inner: Arc<dyn crate::wal::Storage>, faults: Faults) -> Self {
+        FaultyStorage { inner, faults }
+    }
+}
+
+impl crate::wal::Storage for FaultyStorage {
+    fn append(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let fail = {
+            let mut st = self.faults.state();
+            let applies = st.only.as_deref().is_none_or(|p| name.contains(p));
+            let fail = st.full && applies && !bytes.is_empty();
+            if fail {
+                st.appends_failed += 1;
+            }
+            fail
+        };
+        if fail {
+            self.inner.append(name, &bytes[..bytes.len() / 2])?;
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        self.inner.append(name, bytes)
+    }
+
+    fn sync(&self, name: &str) -> std::io::Result<()> {
+        let fail = {
+            let mut st = self.faults.state();
+            let applies = st.only.as_deref().is_none_or(|p| name.contains(p));
+            let fail = st.fail_syncs > 0 && applies;
+            if fail {
+                st.fail_syncs -= 1;
+                st.syncs_failed += 1;
+            }
+            fail
+        };
+        if fail {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        self.inner.sync(name)
+    }
+
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+
+    fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+        self.inner.read(name)
+    }
+
+    fn read_at(&self, name: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.inner.read_at(name, offset, len)
+    }
+
+    fn truncate(&self, name: &str, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(name, len)
+    }
+
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+}

@@ -280,6 +280,9 @@ pub struct Wal {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// An appended block waiting for its sync: the acknowledgement, where it is, its sequence.
+type Pending = (oneshot::Sender<Result<Location, WalError>>, Location, u64);
+
 struct Writer {
     storage: Arc<dyn Storage>,
     stream: u32,
@@ -287,6 +290,8 @@ struct Writer {
     segment: u64,
     active: String,
     active_len: u64,
+    /// Bytes of the active segment known durable (synced; written, with `SyncPolicy::Never`).
+    synced_len: u64,
     opened: Instant,
     /// Unprocessed blocks per segment.
     live: BTreeMap<String, Vec<u64>>,
@@ -319,6 +324,7 @@ impl Wal {
             segment: next_segment,
             active: segment_name(stream, next_segment),
             active_len: 0,
+            synced_len: 0,
             opened: Instant::now(),
             live: live_map,
             broken: None,
@@ -369,7 +375,7 @@ impl Drop for Wal {
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
-        let mut pending: Vec<(oneshot::Sender<Result<Location, WalError>>, Location)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         let mut last_sync = Instant::now();
         let mut buf = Vec::new();
         loop {
@@ -393,12 +399,12 @@ impl Writer {
                 cmds.push(cmd);
             }
             buf.clear();
-            let mut appended = Vec::new();
+            let mut appended: Vec<Pending> = Vec::new();
             for cmd in cmds {
                 match cmd {
                     Cmd::Append(block, ack) => {
-                        if let Some(e) = &self.broken {
-                            let _ = ack.send(Err(e.clone()));
+                        if self.broken.is_some() && !self.repair() {
+                            let _ = ack.send(Err(self.broken.clone().unwrap_or(WalError::Closed)));
                             continue;
                         }
                         let loc = Location {
@@ -406,11 +412,7 @@ impl Writer {
                             offset: self.active_len + buf.len() as u64,
                         };
                         encode(&block, &mut buf);
-                        self.live
-                            .entry(self.active.clone())
-                            .or_default()
-                            .push(block.id.seq);
-                        appended.push((ack, loc));
+                        appended.push((ack, loc, block.id.seq));
                     }
                     Cmd::Processed(ids) => self.forget(&ids),
                 }
@@ -419,14 +421,19 @@ impl Writer {
                 match self.storage.append(&self.active, &buf) {
                     Ok(()) => {
                         self.active_len += buf.len() as u64;
+                        let seqs = self.live.entry(self.active.clone()).or_default();
+                        seqs.extend(appended.iter().map(|(_, _, seq)| *seq));
+                        if self.config.sync == SyncPolicy::Never {
+                            self.synced_len = self.active_len;
+                        }
                         pending.extend(appended);
                     }
                     Err(e) => {
+                        // Never acknowledged; the file is cut back to what it was before this
+                        // write, so a partial frame cannot sit in the middle of the segment.
                         let err = io_err(&self.active, e);
-                        self.broken = Some(err.clone());
-                        for (ack, _) in appended {
-                            let _ = ack.send(Err(err.clone()));
-                        }
+                        self.failed(&err, appended);
+                        self.cut_back(self.active_len, &err);
                     }
                 }
             }
@@ -436,7 +443,7 @@ impl Writer {
                 SyncPolicy::Never => false,
             };
             if self.config.sync == SyncPolicy::Never {
-                for (ack, loc) in pending.drain(..) {
+                for (ack, loc, _) in pending.drain(..) {
                     let _ = ack.send(Ok(loc));
                 }
             } else if due && !pending.is_empty() {
@@ -452,10 +459,7 @@ impl Writer {
         }
     }
 
-    fn sync_and_ack(
-        &mut self,
-        pending: &mut Vec<(oneshot::Sender<Result<Location, WalError>>, Location)>,
-    ) {
+    fn sync_and_ack(&mut self, pending: &mut Vec<Pending>) {
         if pending.is_empty() {
             return;
         }
@@ -466,12 +470,70 @@ impl Writer {
                 .sync(&self.active)
                 .map_err(|e| io_err(&self.active, e))
         };
-        if let Err(e) = &result {
-            self.broken = Some(e.clone());
-        }
         metrics::counter!(crate::telemetry::WAL_SYNCS_TOTAL).increment(1);
-        for (ack, loc) in pending.drain(..) {
-            let _ = ack.send(result.clone().map(|()| loc));
+        match result {
+            Ok(()) => {
+                self.synced_len = self.active_len;
+                for (ack, loc, _) in pending.drain(..) {
+                    let _ = ack.send(Ok(loc));
+                }
+            }
+            Err(err) => {
+                // After a failed fsync the kernel may have dropped the unsynced pages: what was
+                // written since the last good sync is cut off (none of it was acknowledged),
+                // and the log goes on in a fresh segment.
+                let failed: Vec<Pending> = pending.drain(..).collect();
+                self.failed(&err, failed);
+                if self.cut_back(self.synced_len, &err) {
+                    self.roll();
+                }
+            }
+        }
+    }
+
+    /// Fails the acknowledgements of blocks that did not make it, and forgets them.
+    fn failed(&mut self, err: &WalError, blocks: Vec<Pending>) {
+        tracing::error!(error = %err, blocks = blocks.len(), "write-ahead log: write failed; the blocks are not acknowledged");
+        metrics::counter!(crate::telemetry::WAL_WRITE_FAILURES_TOTAL).increment(1);
+        for (ack, loc, seq) in blocks {
+            if let Some(seqs) = self.live.get_mut(&loc.segment) {
+                seqs.retain(|s| *s != seq);
+            }
+            let _ = ack.send(Err(err.clone()));
+        }
+    }
+
+    /// Cuts the active segment back to `len`. On failure the log is broken until a later
+    /// [`Writer::repair`] succeeds. Returns whether the cut succeeded.
+    fn cut_back(&mut self, len: u64, err: &WalError) -> bool {
+        match self.storage.truncate(&self.active, len) {
+            Ok(()) => {
+                self.active_len = len;
+                self.synced_len = self.synced_len.min(len);
+                true
+            }
+            Err(e) => {
+                tracing::error!(segment = %self.active, error = %e, "write-ahead log: could not cut a failed write back; appends fail until it can");
+                self.broken = Some(err.clone());
+                false
+            }
+        }
+    }
+
+    /// Tries again to cut the active segment back to its last durable length; on success the
+    /// log takes appends again, in a fresh segment.
+    fn repair(&mut self) -> bool {
+        let Some(err) = self.broken.clone() else {
+            return true;
+        };
+        if self.cut_back(self.synced_len, &err) {
+            self.broken = None;
+            self.roll();
+            tracing::warn!(segment = %self.active, "write-ahead log recovered: appending again");
+            metrics::counter!(crate::telemetry::WAL_RECOVERED_TOTAL).increment(1);
+            true
+        } else {
+            false
         }
     }
 
@@ -479,6 +541,7 @@ impl Writer {
         self.segment += 1;
         self.active = segment_name(self.stream, self.segment);
         self.active_len = 0;
+        self.synced_len = 0;
         self.opened = Instant::now();
         // Segments already fully processed can go now.
         self.forget(&[]);

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
 use crate::block::BatchId;
+use crate::checkpoint::CheckpointError;
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::receiver_tracker::TrackerHandle;
@@ -170,11 +171,16 @@ async fn cut_batches(
             start_sys + interval * k
         };
         let id = batch_id(time);
-        let Some(blocks) = tracker.allocate(id).await else {
-            return;
-        };
-        if batches.send((id, time, blocks)).is_err() || draining {
-            return;
+        match tracker.allocate(id).await {
+            Ok(Some(blocks)) => {
+                if batches.send((id, time, blocks)).is_err() || draining {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            // Not logged: this batch does not exist; its blocks go into the next one.
+            Err(_) if !draining => {}
+            Err(_) => return,
         }
     }
 }
@@ -229,7 +235,7 @@ impl Runner {
                     }
                 }
             }
-            self.tracker.completed(id, all).await;
+            let logged = self.tracker.completed(id, all).await;
             let ended = SystemTime::now();
             let stats = std::mem::take(&mut *run.stats.lock().unwrap_or_else(|p| p.into_inner()));
             let lost_records: u64 = batch
@@ -258,6 +264,14 @@ impl Runner {
             metrics::counter!(crate::telemetry::BATCH_RECORDS_TOTAL).increment(info.records);
             tracing::debug!(%id, records = info.records, processing = ?info.processing_time, "batch done");
             let _ = self.reports.send(info);
+            if let Err(reason) = logged {
+                // The output ran but its completion is not in the log: stop here, keeping
+                // the blocks; a restart runs this batch again with the same id.
+                return Err(ContextError::Checkpoint(CheckpointError::WriteFailed {
+                    file: "metadata.log".into(),
+                    reason,
+                }));
+            }
             if let Some(error) = failed {
                 tracing::error!(%id, %error, "batch failed");
                 metrics::counter!(crate::telemetry::BATCHES_FAILED_TOTAL).increment(1);

@@ -39,6 +39,9 @@ use crate::store::Durability;
 use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
 use crate::wal::Wal;
 
+/// Retries of a batch completion that could not be logged (100 ms, doubling: ~3 s in all).
+const COMPLETION_RETRIES: u32 = 5;
+
 /// Spawns one receiver under the receivers' supervisor, storing into its generator.
 pub(crate) type Starter = Box<
     dyn FnOnce(
@@ -85,12 +88,12 @@ enum Command {
     },
     Allocate {
         id: BatchId,
-        reply: oneshot::Sender<BatchBlocks>,
+        reply: oneshot::Sender<Result<BatchBlocks, String>>,
     },
     Completed {
         id: BatchId,
         blocks: Vec<BlockId>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Close,
 }
@@ -113,23 +116,32 @@ impl TrackerHandle {
     }
 
     /// The blocks acknowledged since the last allocation become batch `id` (logged first).
-    /// `None` once the tracker has stopped.
-    pub(crate) async fn allocate(&self, id: BatchId) -> Option<BatchBlocks> {
+    /// `Ok(None)` once the tracker has stopped; `Err` if the allocation could not be logged:
+    /// then the blocks stay queued for the next batch, and this one must not run.
+    pub(crate) async fn allocate(&self, id: BatchId) -> Result<Option<BatchBlocks>, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Allocate { id, reply }).ok()?;
-        rx.await.ok()
+        if self.tx.send(Command::Allocate { id, reply }).is_err() {
+            return Ok(None);
+        }
+        match rx.await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
-    /// Batch `id` completed (or was given up on): logged, then its blocks are freed.
-    pub(crate) async fn completed(&self, id: BatchId, blocks: Vec<BlockId>) {
+    /// Batch `id` completed (or was given up on): logged, then its blocks are freed. `Err`
+    /// if the completion could not be logged (after retries): then the blocks are kept (a
+    /// restart runs the batch again, with the same id).
+    pub(crate) async fn completed(&self, id: BatchId, blocks: Vec<BlockId>) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
             .send(Command::Completed { id, blocks, reply })
-            .is_ok()
+            .is_err()
         {
-            let _ = rx.await;
+            return Ok(());
         }
+        rx.await.unwrap_or(Ok(()))
     }
 }
 
@@ -329,13 +341,18 @@ async fn push_blocks(
             }
             None => (Ok(()), put.await),
         };
+        let put_ok = put_result.is_ok();
         let outcome = match (wal_result, put_result) {
             (Ok(()), Ok(_)) => tracker.added(id, records).await,
             (Err(e), _) => Err(e),
             (_, Err(e)) => Err(e.to_string()),
         };
         if let Err(e) = &outcome {
-            tracing::error!(block = %id, records, error = %e, "block could not be made durable");
+            tracing::error!(block = %id, records, error = %e, "block could not be made durable; not acknowledged");
+            // It will never be in a batch: give its replicas and memory back.
+            if put_ok {
+                blocks.free(&[id]);
+            }
         }
         durability.settle(id.seq, outcome);
     }
@@ -411,17 +428,40 @@ impl TrackerState {
                             .collect(),
                     };
                     if let Err(e) = self.log(move |m| m.allocated(alloc)).await {
-                        tracing::error!(%id, error = %e, "could not log the batch allocation");
+                        // Not logged (rolled back): the batch does not exist. Its blocks go
+                        // back to the front of the queue, for the next batch.
+                        tracing::error!(%id, error = %e, "could not log the batch allocation; its blocks wait for the next batch");
+                        let mut back: Vec<(BlockId, u32)> =
+                            b.by_stream.into_values().flatten().collect();
+                        back.append(&mut self.acked);
+                        self.acked = back;
+                        let _ = reply.send(Err(e));
+                        return;
                     }
                 }
-                let _ = reply.send(b);
+                let _ = reply.send(Ok(b));
             }
             Command::Completed { id, blocks, reply } => {
                 if !blocks.is_empty() {
                     // Logged before the blocks are released, so that a crash in between
-                    // re-runs the batch rather than losing it.
-                    if let Err(e) = self.log(move |m| m.completed(id.0)).await {
-                        tracing::error!(%id, error = %e, "could not log the batch completion");
+                    // re-runs the batch rather than losing it. A failed write is retried a few
+                    // times (a full disk may free up); after that the blocks are kept and the
+                    // scheduler stops the context: a restart runs the batch again.
+                    let mut attempt = 0u32;
+                    loop {
+                        match self.log(move |m| m.completed(id.0)).await {
+                            Ok(()) => break,
+                            Err(e) if attempt < COMPLETION_RETRIES => {
+                                tracing::warn!(%id, error = %e, attempt, "could not log the batch completion; retrying");
+                                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                                attempt += 1;
+                            }
+                            Err(e) => {
+                                tracing::error!(%id, error = %e, "could not log the batch completion; its blocks are kept");
+                                let _ = reply.send(Err(e));
+                                return;
+                            }
+                        }
                     }
                 }
                 self.blocks.free(&blocks);
@@ -434,7 +474,7 @@ impl TrackerState {
                         w.processed(ids);
                     }
                 }
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             Command::Close => {}
         }

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::batch::BatchBlocks;
 use crate::block::{BatchId, Block, BlockId};
 use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
+use crate::config::StorageWrap;
 use crate::context::error::ContextError;
 use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError};
 
@@ -41,6 +42,12 @@ pub struct RecoveryReport {
     pub lost_records: u64,
     /// Write-ahead log segments whose torn tail was truncated, with the bytes cut.
     pub truncated_segments: Vec<(String, u64)>,
+    /// Blocks found in the write-ahead log that were never acknowledged (synced there, but
+    /// not recorded before the driver stopped): not replayed, since their source was not
+    /// told and sends them again.
+    pub unacknowledged_blocks: usize,
+    /// Records in them.
+    pub unacknowledged_records: u64,
 }
 
 /// A batch to run: its id, its batch time and its blocks.
@@ -82,9 +89,14 @@ impl std::fmt::Debug for Recovered {
 pub(crate) fn recover(
     dir: Option<&Path>,
     wal: Option<WalConfig>,
+    wrap: Option<&StorageWrap>,
     names: &[String],
     streams: &[u32],
 ) -> Result<Recovered, ContextError> {
+    let wrapped = |s: Arc<dyn Storage>| match wrap {
+        Some(w) => (w.0)(s),
+        None => s,
+    };
     let Some(dir) = dir else {
         return Ok(Recovered::default());
     };
@@ -96,12 +108,12 @@ pub(crate) fn recover(
     if let Some(wcfg) = wal {
         let wal_dir = dir.join("wal");
         let storage: Arc<dyn Storage> =
-            Arc::new(
-                DirStorage::new(&wal_dir).map_err(|e| CheckpointError::Unusable {
+            wrapped(Arc::new(DirStorage::new(&wal_dir).map_err(|e| {
+                CheckpointError::Unusable {
                     dir: wal_dir.display().to_string(),
                     reason: e.to_string(),
-                })?,
-            );
+                }
+            })?));
         for &stream in streams {
             let r = crate::wal::read(storage.as_ref(), stream)?;
             from_wal.push(r);
@@ -109,18 +121,22 @@ pub(crate) fn recover(
         if !fresh {
             check_acknowledged(&state, &from_wal)?;
         }
+        let wanted = acknowledged_unprocessed(&state);
         for r in &from_wal {
             crate::wal::truncate_torn(storage.as_ref(), r)?;
+            // Blocks processed, and blocks never acknowledged (synced to the log, but the
+            // driver died or failed before recording them: the source was not told, and will
+            // send those records again), are done with: their segments can go.
             let live: Vec<(BlockId, Location)> = r
                 .blocks
                 .iter()
-                .filter(|(b, _)| !state.is_processed(b.id))
+                .filter(|(b, _)| wanted.contains(&b.id))
                 .map(|(b, l)| (b.id, l.clone()))
                 .collect();
             let done: Vec<BlockId> = r
                 .blocks
                 .iter()
-                .filter(|(b, _)| state.is_processed(b.id))
+                .filter(|(b, _)| !wanted.contains(&b.id))
                 .map(|(b, _)| b.id)
                 .collect();
             let wal = Wal::open(storage.clone(), r.stream, wcfg, r.next_segment, &live);
@@ -130,7 +146,13 @@ pub(crate) fn recover(
             wals.insert(r.stream, Arc::new(wal));
         }
     }
-    let meta = MetadataLog::open(dir, names, state.clone())?;
+    let meta_storage = wrapped(Arc::new(DirStorage::new(dir).map_err(|e| {
+        CheckpointError::Unusable {
+            dir: dir.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?));
+    let meta = MetadataLog::open(dir, names, state.clone(), meta_storage)?;
     let mut recovered = Recovered {
         meta: Some(meta),
         wals,
@@ -197,20 +219,25 @@ fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>
             bb,
         ));
     }
-    // Acknowledged but not allocated: from the log, and whatever else the WAL holds.
-    let mut unallocated: BTreeMap<BlockId, u32> = state
+    // Acknowledged but not allocated. What else the WAL holds was never acknowledged (it
+    // was synced there, but not recorded before the driver stopped): its source sends it
+    // again, so it is not replayed (that would duplicate it).
+    let unallocated: BTreeMap<BlockId, u32> = state
         .unallocated
         .iter()
         .map(|(&(stream, seq), &records)| (BlockId { stream, seq }, records))
         .collect();
-    for (id, b) in &in_wal {
-        unallocated.insert(*id, b.records);
-    }
     for (id, records) in unallocated {
         restore_one(&mut in_wal, &mut out.blocks, (id, records), &mut report);
         // A lost block still goes into the next batch, which reports it lost and lets the
         // log record it as processed.
         out.unallocated.push((id, records));
+    }
+    for b in in_wal.values() {
+        if !state.unallocated.contains_key(&(b.id.stream, b.id.seq)) {
+            report.unacknowledged_blocks += 1;
+            report.unacknowledged_records += u64::from(b.records);
+        }
     }
     out.last_batch = state.last_batch;
     out.report = Some(report);
@@ -258,4 +285,24 @@ fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Recovered]) -> Res
         });
     }
     Ok(())
+}
+
+/// Blocks the metadata log recorded as acknowledged and not processed yet: allocated to a
+/// pending batch, or waiting for one.
+fn acknowledged_unprocessed(state: &DriverState) -> std::collections::BTreeSet<BlockId> {
+    state
+        .pending
+        .values()
+        .flat_map(|a| {
+            a.blocks
+                .iter()
+                .map(|&(stream, seq, _)| BlockId { stream, seq })
+        })
+        .chain(
+            state
+                .unallocated
+                .keys()
+                .map(|&(stream, seq)| BlockId { stream, seq }),
+        )
+        .collect()
 }
