@@ -34,9 +34,10 @@ pub struct StreamingContextBuilder {
 /// Wraps the storage of the checkpoint directory's logs (see
 /// [`StreamingContextBuilder::wrap_storage`]).
 #[derive(Clone)]
-pub(crate) struct StorageWrap(
-    pub(crate) Arc<dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>,
-);
+pub(crate) struct StorageWrap(pub(crate) Arc<WrapFn>);
+
+/// The function of a [`StorageWrap`].
+pub(crate) type WrapFn = dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;
 
 impl std::fmt::Debug for StorageWrap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -482,7 +482,7 @@ impl Writer {
                 // After a failed fsync the kernel may have dropped the unsynced pages: what was
                 // written since the last good sync is cut off (none of it was acknowledged),
                 // and the log goes on in a fresh segment.
-                let failed: Vec<Pending> = pending.drain(..).collect();
+                let failed = std::mem::take(pending);
                 self.failed(&err, failed);
                 if self.cut_back(self.synced_len, &err) {
                     self.roll();
