@@ -13,6 +13,9 @@
 //!
 //! `--no-wal` runs without the log: then blocks only in memory at the crash are lost, and that
 //! loss is printed at restart and, per batch, appended to `OUT/lost.log` (never silent).
+//! A damaged log (a flipped byte, a cut older segment) makes the start refuse, naming the
+//! segment and offset; `--quarantine-damaged` goes on instead: the damaged segment is copied
+//! to `DIR/wal/quarantine/`, cut at the damage, and what it held is printed as lost.
 //! Stops gracefully on Ctrl-C or after `--seconds`.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::wal::WalConfig;
+use tributary::wal::{WalConfig, WalRecovery};
 use tributary::{BoxError, Receiver, ReceiverContext, StreamingContext};
 
 #[derive(Parser, Debug)]
@@ -35,6 +38,10 @@ struct Args {
     /// Run without the write-ahead log.
     #[arg(long)]
     no_wal: bool,
+    /// On a damaged write-ahead log, quarantine the damaged segments and go on (reporting
+    /// what was lost) instead of refusing to start.
+    #[arg(long)]
+    quarantine_damaged: bool,
     /// Stop gracefully after this many seconds (0: until Ctrl-C).
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -135,6 +142,11 @@ async fn main() -> anyhow::Result<()> {
         pause: Duration::from_secs_f64(per_message as f64 / args.rate.max(1) as f64),
     };
     let no_wal = args.no_wal;
+    let recovery = if args.quarantine_damaged {
+        WalRecovery::QuarantineDamaged
+    } else {
+        WalRecovery::Strict
+    };
     let hold_output = Duration::from_millis(args.hold_output_ms);
     let out = args.out.clone();
     let ctx = StreamingContext::get_or_create(&args.dir, move |builder| {
@@ -144,7 +156,10 @@ async fn main() -> anyhow::Result<()> {
             .workers(2)
             .replication(2);
         if !no_wal {
-            builder = builder.write_ahead_log(WalConfig::default());
+            builder = builder.write_ahead_log(WalConfig {
+                recovery,
+                ..WalConfig::default()
+            });
         }
         let ctx = builder.build()?;
         let out = out.clone();
@@ -208,8 +223,16 @@ async fn main() -> anyhow::Result<()> {
             if r.lost_blocks > 0 {
                 // Each of these blocks is also reported, once, by the batch it belongs to
                 // (in `lost.log`), when that batch runs.
+                let cause = if r.quarantined_segments.is_empty() {
+                    "no write-ahead log".to_string()
+                } else {
+                    format!(
+                        "damaged write-ahead log segments quarantined: {:?}",
+                        r.quarantined_segments
+                    )
+                };
                 println!(
-                    "LOST at restart: {} block(s), {} record(s) (no write-ahead log)",
+                    "LOST at restart: {} block(s), {} record(s) ({cause})",
                     r.lost_blocks, r.lost_records
                 );
             }

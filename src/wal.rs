@@ -56,6 +56,24 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// Roll to a new segment past this age (default 60 s).
     pub segment_age: Duration,
+    /// What a start does when it finds the log damaged (default: refuse).
+    pub recovery: WalRecovery,
+}
+
+/// What recovery does with a damaged write-ahead log (RocksDB and raft-engine have the same
+/// choice of recovery modes). A torn tail at the end of the newest segment is not damage: it
+/// is always cut and reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WalRecovery {
+    /// Refuse to start (`WalError::Corrupt` naming segment and offset, or
+    /// `WalError::AcknowledgedMissing`), changing nothing on disk: the operator decides.
+    #[default]
+    Strict,
+    /// Go on without what is damaged: each damaged segment is copied to `wal/quarantine/`
+    /// and cut at the damaged frame (what precedes it is kept); acknowledged blocks that are
+    /// then missing are reported lost ([`RecoveryReport`](crate::RecoveryReport): lost blocks
+    /// and records, the quarantined segments), never silently skipped.
+    QuarantineDamaged,
 }
 
 impl Default for WalConfig {
@@ -64,6 +82,7 @@ impl Default for WalConfig {
             sync: SyncPolicy::EveryBlock,
             segment_bytes: 64 << 20,
             segment_age: Duration::from_secs(60),
+            recovery: WalRecovery::Strict,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tributary::wal::{WalConfig, WalError};
+use tributary::wal::{WalConfig, WalError, WalRecovery};
 use tributary::{ContextError, StreamingContext};
 use tributary_receivers::synthetic::SyntheticReceiver;
 
@@ -15,12 +15,22 @@ const RECORDS: u64 = 20_000;
 
 /// The job: a synthetic source, small WAL segments, batches too long to run before the stop.
 fn job(dir: &Path, source: SyntheticReceiver, counted: Arc<AtomicU64>) -> StreamingContext {
+    job_with(dir, source, counted, WalRecovery::Strict)
+}
+
+fn job_with(
+    dir: &Path,
+    source: SyntheticReceiver,
+    counted: Arc<AtomicU64>,
+    recovery: WalRecovery,
+) -> StreamingContext {
     StreamingContext::get_or_create(dir, move |b| {
         let ctx = b
             .batch_interval(Duration::from_secs(60))
             .block_interval(Duration::from_millis(5))
             .write_ahead_log(WalConfig {
                 segment_bytes: 256 << 10,
+                recovery,
                 ..WalConfig::default()
             })
             .build()?;
@@ -161,4 +171,66 @@ async fn acknowledged_blocks_missing_from_the_log_are_refused_with_their_count()
         }
         other => panic!("{other}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quarantine_mode_goes_on_and_reports_exactly_what_the_damage_cost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let segs = fill(tmp.path()).await;
+    // A flipped payload byte in the first frame of an older segment.
+    let seg = &segs[1];
+    let mut bytes = std::fs::read(seg).unwrap();
+    let original = bytes.clone();
+    bytes[40] ^= 0x10;
+    std::fs::write(seg, &bytes).unwrap();
+    let frames_after_damage = {
+        // Blocks in the damaged segment: every one is lost (the damage is in the first frame).
+        let mut n = 0;
+        let mut at = 0usize;
+        while at + 12 <= original.len() {
+            let len = u32::from_le_bytes(original[at..at + 4].try_into().unwrap()) as usize;
+            at += 12 + len;
+            n += 1;
+        }
+        n
+    };
+    assert!(matches!(
+        refused(tmp.path()).await,
+        WalError::Corrupt { .. }
+    ));
+
+    let counted = Arc::new(AtomicU64::new(0));
+    // The source sends nothing new: what the batches count is what the log gave back.
+    let ctx = job_with(
+        tmp.path(),
+        source().limit(0),
+        counted.clone(),
+        WalRecovery::QuarantineDamaged,
+    );
+    ctx.start().await.expect("the quarantine mode starts");
+    let report = ctx.recovery_report().expect("a report");
+    assert_eq!(report.quarantined_segments, vec![(name(seg), 0)]);
+    assert_eq!(report.lost_blocks, frames_after_damage, "{report:?}");
+    let copy = tmp.path().join("wal/quarantine").join(name(seg));
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the damaged segment is kept aside"
+    );
+    assert_eq!(
+        std::fs::metadata(seg).unwrap().len(),
+        0,
+        "cut at the damage"
+    );
+    ctx.stop(true).await.unwrap();
+    // Everything else was processed: the lost records are exactly the ones reported.
+    assert_eq!(
+        counted.load(Ordering::SeqCst) + report.lost_records,
+        RECORDS,
+        "{report:?}"
+    );
+    // The directory is sound again: a strict start works.
+    let ctx = job(tmp.path(), source().limit(0), Arc::default());
+    ctx.start().await.unwrap();
+    ctx.stop(true).await.unwrap();
 }

@@ -24,7 +24,7 @@ use crate::block::{BatchId, Block, BlockId};
 use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
 use crate::config::StorageWrap;
 use crate::context::error::ContextError;
-use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError};
+use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError, WalRecovery};
 
 /// What a context found in its checkpoint directory at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,6 +48,10 @@ pub struct RecoveryReport {
     pub unacknowledged_blocks: usize,
     /// Records in them.
     pub unacknowledged_records: u64,
+    /// Damaged write-ahead log segments set aside by [`WalRecovery::QuarantineDamaged`], with
+    /// the offset of the damage: a copy is in `wal/quarantine/`, the segment was cut there.
+    /// Acknowledged blocks lost with them are counted in `lost_blocks` and `lost_records`.
+    pub quarantined_segments: Vec<(String, u64)>,
 }
 
 /// A batch to run: its id, its batch time and its blocks.
@@ -105,6 +109,7 @@ pub(crate) fn recover(
     let state = state.unwrap_or_default();
     let mut wals = HashMap::new();
     let mut from_wal = Vec::new();
+    let mut quarantined = Vec::new();
     if let Some(wcfg) = wal {
         let wal_dir = dir.join("wal");
         let storage: Arc<dyn Storage> =
@@ -115,10 +120,24 @@ pub(crate) fn recover(
                 }
             })?));
         for &stream in streams {
-            let r = crate::wal::read(storage.as_ref(), stream)?;
+            let r = loop {
+                match crate::wal::read(storage.as_ref(), stream) {
+                    Ok(r) => break r,
+                    Err(
+                        WalError::Corrupt { segment, offset }
+                        | WalError::BadRecord { segment, offset },
+                    ) if wcfg.recovery == WalRecovery::QuarantineDamaged
+                        && !quarantined.iter().any(|(q, _)| *q == segment) =>
+                    {
+                        quarantine(&wal_dir, storage.as_ref(), &segment, offset)?;
+                        quarantined.push((segment, offset));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             from_wal.push(r);
         }
-        if !fresh {
+        if !fresh && wcfg.recovery == WalRecovery::Strict {
             check_acknowledged(&state, &from_wal)?;
         }
         let wanted = acknowledged_unprocessed(&state);
@@ -160,6 +179,14 @@ pub(crate) fn recover(
     };
     if !fresh {
         plan(&mut recovered, state, from_wal);
+    }
+    if let Some(r) = &mut recovered.report {
+        r.quarantined_segments = quarantined;
+    } else if !quarantined.is_empty() {
+        recovered.report = Some(RecoveryReport {
+            quarantined_segments: quarantined,
+            ..RecoveryReport::default()
+        });
     }
     Ok(recovered)
 }
@@ -305,4 +332,39 @@ fn acknowledged_unprocessed(state: &DriverState) -> std::collections::BTreeSet<B
                 .map(|&(stream, seq)| BlockId { stream, seq }),
         )
         .collect()
+}
+
+/// Copies the damaged `segment` to `wal/quarantine/` (synced), then cuts it at `offset`,
+/// keeping the intact frames before the damage.
+fn quarantine(
+    wal_dir: &Path,
+    storage: &dyn Storage,
+    segment: &str,
+    offset: u64,
+) -> Result<(), ContextError> {
+    let unusable = |e: std::io::Error| CheckpointError::Unusable {
+        dir: wal_dir.join("quarantine").display().to_string(),
+        reason: e.to_string(),
+    };
+    let qdir = wal_dir.join("quarantine");
+    std::fs::create_dir_all(&qdir).map_err(unusable)?;
+    let bytes = storage.read(segment).map_err(unusable)?;
+    let copy = qdir.join(segment);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&copy).map_err(unusable)?;
+        f.write_all(&bytes).map_err(unusable)?;
+        f.sync_all().map_err(unusable)?;
+    }
+    std::fs::File::open(&qdir)
+        .and_then(|d| d.sync_all())
+        .map_err(unusable)?;
+    storage.truncate(segment, offset).map_err(unusable)?;
+    tracing::error!(
+        segment,
+        offset,
+        copy = %copy.display(),
+        "write-ahead log: damaged segment quarantined and cut at the damage; what it held after that is reported lost"
+    );
+    Ok(())
 }
