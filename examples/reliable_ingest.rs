@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tributary::testing::{Faults, FaultyStorage};
 use tributary::wal::{WalConfig, WalRecovery};
 use tributary::{BoxError, Receiver, ReceiverContext, StreamingContext};
 
@@ -42,6 +43,13 @@ struct Args {
     /// what was lost) instead of refusing to start.
     #[arg(long)]
     quarantine_damaged: bool,
+    /// Write-ahead log segment size in KiB (segments roll past it).
+    #[arg(long, default_value_t = 64 * 1024)]
+    wal_segment_kib: u64,
+    /// Inject I/O faults (for chaos tests), seeded: now and then the disk is "full" for a
+    /// moment under the write-ahead log or the metadata log (ENOSPC after a short write).
+    #[arg(long)]
+    chaos_io: Option<u64>,
     /// Stop gracefully after this many seconds (0: until Ctrl-C).
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -142,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         pause: Duration::from_secs_f64(per_message as f64 / args.rate.max(1) as f64),
     };
     let no_wal = args.no_wal;
+    let segment_kib = args.wal_segment_kib;
     let recovery = if args.quarantine_damaged {
         WalRecovery::QuarantineDamaged
     } else {
@@ -149,15 +158,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let hold_output = Duration::from_millis(args.hold_output_ms);
     let out = args.out.clone();
+    let faults = Faults::new();
+    let chaos_faults = faults.clone();
     let ctx = StreamingContext::get_or_create(&args.dir, move |builder| {
         let mut builder = builder
             .batch_interval(Duration::from_millis(200))
             .block_interval(Duration::from_millis(50))
             .workers(2)
             .replication(2);
+        if args.chaos_io.is_some() {
+            builder = builder
+                .wrap_storage(move |inner| Arc::new(FaultyStorage::new(inner, faults.clone())));
+        }
         if !no_wal {
             builder = builder.write_ahead_log(WalConfig {
                 recovery,
+                segment_bytes: segment_kib.max(1) << 10,
                 ..WalConfig::default()
             });
         }
@@ -209,6 +225,9 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    if let Some(seed) = args.chaos_io {
+        tokio::spawn(inject_faults(seed, chaos_faults));
+    }
     ctx.start().await?;
     match ctx.recovery_report() {
         Some(r) => {
@@ -258,4 +277,17 @@ async fn main() -> anyhow::Result<()> {
         acked.load(Ordering::SeqCst)
     );
     Ok(())
+}
+
+/// Now and then (seeded), a full disk for 50-300 ms under one of the logs.
+async fn inject_faults(seed: u64, faults: Faults) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100 + rng.u64(0..400))).await;
+        let file = if rng.bool() { ".wal" } else { "metadata.log" };
+        faults.only_files(Some(file));
+        faults.disk_full(true);
+        tokio::time::sleep(Duration::from_millis(50 + rng.u64(0..250))).await;
+        faults.disk_full(false);
+    }
 }
