@@ -5,29 +5,12 @@
 //!
 //! `TRIBUTARY_CRASH_KILLS` sets the number of kills (default 20).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn child_binary() -> PathBuf {
-    // target/<profile>/deps/<this test> -> target/<profile>/examples/reliable_ingest
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile dir");
-    let bin = profile_dir.join("examples").join("reliable_ingest");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--example", "reliable_ingest"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the crash child failed");
-    }
-    bin
-}
+mod durability_support;
+use durability_support::{acked, child_binary, reported_lost, seen};
 
 fn spawn(bin: &Path, dir: &Path, out: &Path, wal: bool, seconds: f64) -> Child {
     spawn_with(bin, dir, out, wal, seconds, &[])
@@ -56,37 +39,6 @@ fn spawn_with(
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn child")
-}
-
-fn acked(out: &Path) -> u64 {
-    std::fs::read_to_string(out.join("source.offset"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn seen(out: &Path) -> HashSet<u64> {
-    let mut seen = HashSet::new();
-    for entry in std::fs::read_dir(out.join("batches")).expect("batches dir") {
-        let path = entry.unwrap().path();
-        if path.extension().is_some() {
-            continue; // a temp file of an interrupted write
-        }
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            if let Ok(n) = line.parse() {
-                seen.insert(n);
-            }
-        }
-    }
-    seen
-}
-
-fn reported_lost(out: &Path) -> u64 {
-    std::fs::read_to_string(out.join("lost.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().rev().nth(1)?.parse::<u64>().ok())
-        .sum()
 }
 
 /// Kills the child `kills` times at random moments, then lets it finish gracefully.

@@ -10,42 +10,10 @@ use std::time::{Duration, Instant};
 
 use tributary::testing::{Faults, FaultyStorage};
 use tributary::wal::WalConfig;
-use tributary::{Backoff, BoxError, ContextError, Receiver, ReceiverContext, StreamingContext};
+use tributary::{Backoff, ContextError, StreamingContext};
 
-/// Stores numbers reliably, 100 at a time, resuming after the last acknowledged one (its
-/// "source" keeps the acknowledged offset, as a broker would).
-struct Reliable {
-    acked: Arc<AtomicU64>,
-}
-
-#[derive(Debug)]
-struct Go;
-
-impl Receiver for Reliable {
-    type Msg = Go;
-    type State = u64;
-    type Record = String;
-
-    async fn pre_start(&self, ctx: &ReceiverContext<Self>) -> Result<u64, BoxError> {
-        let _ = ctx.myself().send(Go);
-        Ok(self.acked.load(Ordering::SeqCst))
-    }
-
-    async fn handle(
-        &self,
-        ctx: &ReceiverContext<Self>,
-        _: Go,
-        next: &mut u64,
-    ) -> Result<(), BoxError> {
-        ctx.store_reliably((*next..*next + 100).map(|n| n.to_string()))
-            .await?;
-        *next += 100;
-        self.acked.store(*next, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let _ = ctx.myself().send(Go);
-        Ok(())
-    }
-}
+mod durability_support;
+use durability_support::Reliable;
 
 /// Output keyed by batch id: a batch run again replaces its earlier output.
 type Output = Arc<Mutex<BTreeMap<u64, Vec<u64>>>>;
@@ -70,11 +38,18 @@ fn job(
             b = b.write_ahead_log(WalConfig::default());
         }
         let ctx = b.build()?;
-        ctx.receiver_stream("numbers", Reliable { acked })?
-            .map(|s: String| s.parse::<u64>().unwrap())
-            .for_each_batch(move |batch| {
-                out.lock().unwrap().insert(batch.id.0, batch.records);
-            })?;
+        ctx.receiver_stream(
+            "numbers",
+            Reliable {
+                acked,
+                limit: u64::MAX,
+                pause: Duration::from_millis(2),
+            },
+        )?
+        .map(|s: String| s.parse::<u64>().unwrap())
+        .for_each_batch(move |batch| {
+            out.lock().unwrap().insert(batch.id.0, batch.records);
+        })?;
         Ok(ctx)
     })
     .unwrap()
@@ -142,7 +117,19 @@ async fn round(wal: bool, abrupt: bool, fault: impl Fn(&Faults, bool), for_how_l
     first.unwrap();
 
     // The directory must start again, and the job go on.
-    let ctx = job(&dir, wal, acked.clone(), out.clone(), faults.clone());
+    restart_and_check(&dir, wal, &acked, &out, &faults).await;
+}
+
+/// Starts the job again on `dir`, waits for new acknowledgements, stops it gracefully, and
+/// checks the output.
+async fn restart_and_check(
+    dir: &Path,
+    wal: bool,
+    acked: &Arc<AtomicU64>,
+    out: &Output,
+    faults: &Faults,
+) {
+    let ctx = job(dir, wal, acked.clone(), out.clone(), faults.clone());
     ctx.start().await.unwrap();
     let before = acked.load(Ordering::SeqCst);
     wait_for("acks after the restart", Duration::from_secs(20), || {
@@ -150,7 +137,7 @@ async fn round(wal: bool, abrupt: bool, fault: impl Fn(&Faults, bool), for_how_l
     })
     .await;
     ctx.stop(true).await.unwrap();
-    check(&out, acked.load(Ordering::SeqCst));
+    check(out, acked.load(Ordering::SeqCst));
 }
 
 fn wal_full(f: &Faults, on: bool) {
@@ -222,13 +209,5 @@ async fn a_metadata_log_that_stays_full_stops_the_context_with_a_clear_error() {
     );
     // Space again: the directory starts, and nothing acknowledged is missing.
     metadata_full(&faults, false);
-    let ctx = job(&dir, true, acked.clone(), out.clone(), faults.clone());
-    ctx.start().await.unwrap();
-    let before = acked.load(Ordering::SeqCst);
-    wait_for("acks after the restart", Duration::from_secs(20), || {
-        acked.load(Ordering::SeqCst) >= before + 1_000
-    })
-    .await;
-    ctx.stop(true).await.unwrap();
-    check(&out, acked.load(Ordering::SeqCst));
+    restart_and_check(&dir, true, &acked, &out, &faults).await;
 }

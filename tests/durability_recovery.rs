@@ -5,44 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tributary::wal::{recover, DirStorage, WalConfig};
-use tributary::{BoxError, ContextError, Receiver, ReceiverContext, StreamingContext};
+use tributary::{ContextError, StreamingContext};
 
-/// Stores numbers reliably, 100 at a time, and records how far it got acknowledged.
-struct Reliable {
-    acked: Arc<AtomicU64>,
-    limit: u64,
-}
-
-#[derive(Debug)]
-struct Go;
-
-impl Receiver for Reliable {
-    type Msg = Go;
-    type State = u64;
-    type Record = String;
-
-    async fn pre_start(&self, ctx: &ReceiverContext<Self>) -> Result<u64, BoxError> {
-        let _ = ctx.myself().send(Go);
-        Ok(self.acked.load(Ordering::SeqCst))
-    }
-
-    async fn handle(
-        &self,
-        ctx: &ReceiverContext<Self>,
-        _: Go,
-        next: &mut u64,
-    ) -> Result<(), BoxError> {
-        if *next >= self.limit {
-            return Ok(());
-        }
-        ctx.store_reliably((*next..*next + 100).map(|n| n.to_string()))
-            .await?;
-        *next += 100;
-        self.acked.store(*next, Ordering::SeqCst);
-        let _ = ctx.myself().send(Go);
-        Ok(())
-    }
-}
+mod durability_support;
+use durability_support::Reliable;
 
 fn job(
     dir: &std::path::Path,
@@ -56,9 +22,16 @@ fn job(
             .block_interval(Duration::from_millis(50))
             .write_ahead_log(WalConfig::default())
             .build()?;
-        ctx.receiver_stream("numbers", Reliable { acked, limit })?
-            .map(|s: String| s.parse::<u64>().unwrap())
-            .for_each_batch(move |b| seen.lock().unwrap().extend(b.records))?;
+        ctx.receiver_stream(
+            "numbers",
+            Reliable {
+                acked,
+                limit,
+                pause: Duration::ZERO,
+            },
+        )?
+        .map(|s: String| s.parse::<u64>().unwrap())
+        .for_each_batch(move |b| seen.lock().unwrap().extend(b.records))?;
         Ok(ctx)
     })
 }
@@ -120,6 +93,7 @@ async fn foreign_incompatible_and_unwritable_directories_are_clear_errors() {
             Reliable {
                 acked: Arc::default(),
                 limit: 0,
+                pause: Duration::ZERO,
             },
         )?;
         Ok(ctx)
