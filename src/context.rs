@@ -414,13 +414,15 @@ impl StreamingContext {
             }
         };
         match (built, requested) {
-            (_, Some(graceful)) => {
+            // Stopped while starting (and nothing failed on its own): the stop's outcome.
+            (Ok(_) | Err(ContextError::StoppedDuringStart), Some(graceful)) => {
                 stages.teardown(graceful).await;
                 tracing::info!("stopped while starting");
                 self.inner.end(Ok(()));
                 Err(ContextError::StoppedDuringStart)
             }
-            (Err(e), None) => {
+            // A stage failed: that error wins, even if a stop was asked for meanwhile.
+            (Err(e), _) => {
                 tracing::error!(error = %e, "start failed; stopping what had started");
                 stages.teardown(false).await;
                 self.inner.end(Err(e.clone()));
