@@ -13,6 +13,9 @@
 //!
 //! `--no-wal` runs without the log: then blocks only in memory at the crash are lost, and that
 //! loss is printed at restart and, per batch, appended to `OUT/lost.log` (never silent).
+//! After every batch, `OUT/ledger.txt` says where every acknowledged record stands (stored =
+//! completed + pending + lost, kept across restarts).
+//!
 //! A damaged log (a flipped byte, a cut older segment) makes the start refuse, naming the
 //! segment and offset; `--quarantine-damaged` goes on instead: the damaged segment is copied
 //! to `DIR/wal/quarantine/`, cut at the damage, and what it held is printed as lost.
@@ -214,8 +217,20 @@ async fn main() -> anyhow::Result<()> {
 
     let mut reports = ctx.subscribe_batches();
     let lost_log2 = args.out.join("lost.log");
+    let ledger_file = args.out.join("ledger.txt");
     tokio::spawn(async move {
         while let Ok(info) = reports.recv().await {
+            // Where every acknowledged record stands: stored = completed + pending + lost.
+            let t = info.ledger.total();
+            let line = format!(
+                "stored {} completed {} pending {} lost {} balances {}\n",
+                t.stored,
+                t.completed,
+                t.pending,
+                t.lost_total(),
+                info.ledger.balances()
+            );
+            let _ = write_atomically(&ledger_file, line.as_bytes());
             if info.lost_records > 0 {
                 append_line(
                     &lost_log2,

@@ -61,6 +61,9 @@ pub struct BatchInfo {
     pub task_retries: u32,
     /// Why the batch failed, if it did.
     pub failed: Option<String>,
+    /// Where every acknowledged record stands after this batch, per receiver: stored =
+    /// completed + pending + lost (each loss with its cause).
+    pub ledger: crate::checkpoint::Ledger,
 }
 
 /// The work of one task: runs over a block and returns a partial result.

@@ -100,12 +100,93 @@ pub(crate) struct Allocation {
     pub(crate) blocks: Vec<(u32, u64, u32)>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Why records were lost (see [`Ledger`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossCause {
+    /// Every worker holding the block died before its batch ran (replication `k = 1`, or
+    /// all `k` replicas lost).
+    WorkerLost,
+    /// The driver stopped without the write-ahead log while the block was only in memory.
+    DriverStoppedWithoutWal,
+    /// The block was in a damaged write-ahead log segment that recovery quarantined.
+    Quarantined,
+}
+
+/// A completed batch as logged: its id and the blocks of it that were lost, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Completion {
+    pub(crate) id: u64,
+    /// `(stream, seq, cause)` of each lost block.
+    #[serde(default)]
+    pub(crate) lost: Vec<(u32, u64, LossCause)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Entry {
+pub(crate) enum Entry {
     Added((u32, u64, u32)),
     Alloc(Allocation),
-    Done(u64),
+    Done(Completion),
+    /// Acknowledged blocks that recovery found gone (a quarantined segment), recorded so that
+    /// a later start knows them lost rather than refusing again.
+    Missing(Vec<(u32, u64, LossCause)>),
+}
+
+/// Where the records of one receiver went. It balances: `stored` = `completed` + `pending`
+/// + every loss, each loss with its cause.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamLedger {
+    /// Records acknowledged (in blocks recorded as durable).
+    pub stored: u64,
+    /// Records in batches that completed.
+    pub completed: u64,
+    /// Records acknowledged and not in a completed batch yet.
+    pub pending: u64,
+    /// Records lost, per cause.
+    pub lost: BTreeMap<LossCause, u64>,
+}
+
+impl StreamLedger {
+    /// Records lost, all causes.
+    pub fn lost_total(&self) -> u64 {
+        self.lost.values().sum()
+    }
+
+    /// Whether `stored == completed + pending + lost`.
+    pub fn balances(&self) -> bool {
+        self.stored == self.completed + self.pending + self.lost_total()
+    }
+}
+
+/// Per receiver stream (by name) and in total: records stored, completed, pending, lost with
+/// causes. Kept by the driver across restarts (in the metadata log), given in every
+/// [`BatchInfo`](crate::BatchInfo) and by [`StreamingContext::ledger`](crate::StreamingContext::ledger).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    /// Per receiver stream.
+    pub streams: BTreeMap<String, StreamLedger>,
+}
+
+impl Ledger {
+    /// All streams added up.
+    pub fn total(&self) -> StreamLedger {
+        let mut t = StreamLedger::default();
+        for s in self.streams.values() {
+            t.stored += s.stored;
+            t.completed += s.completed;
+            t.pending += s.pending;
+            for (c, n) in &s.lost {
+                *t.lost.entry(*c).or_default() += n;
+            }
+        }
+        t
+    }
+
+    /// Whether every stream, and so the total, balances.
+    pub fn balances(&self) -> bool {
+        self.streams.values().all(StreamLedger::balances)
+    }
 }
 
 /// The driver's state as of the last durable decision.
@@ -122,10 +203,18 @@ pub(crate) struct DriverState {
     pub(crate) max_seq: BTreeMap<u32, u64>,
     /// The last batch id allocated (batch time in ms).
     pub(crate) last_batch: u64,
+    /// Per stream: records stored, completed and lost (pending is derived).
+    #[serde(default)]
+    pub(crate) ledger: BTreeMap<u32, StreamLedger>,
+    /// Acknowledged, unprocessed blocks known to be gone, and why (until their batch ends).
+    #[serde(default, with = "as_missing")]
+    pub(crate) missing: BTreeMap<(u32, u64), LossCause>,
 }
 
 impl DriverState {
-    fn apply(&mut self, e: Entry) {
+    /// Applies an entry that was written (or, without a checkpoint directory, decided).
+    /// Idempotent: replaying the log over a checkpoint that already holds an entry is harmless.
+    pub(crate) fn apply(&mut self, e: Entry) {
         match e {
             Entry::Added((stream, seq, records)) => {
                 let done = self
@@ -136,8 +225,11 @@ impl DriverState {
                     .pending
                     .values()
                     .any(|a| a.blocks.iter().any(|b| b.0 == stream && b.1 == seq));
-                if !done && !allocated {
-                    self.unallocated.insert((stream, seq), records);
+                // Counted once: a replay of an entry already in the checkpoint finds the
+                // block queued, allocated or processed.
+                if !done && !allocated && self.unallocated.insert((stream, seq), records).is_none()
+                {
+                    self.ledger.entry(stream).or_default().stored += u64::from(records);
                 }
                 let m = self.max_seq.entry(stream).or_insert(seq);
                 *m = (*m).max(seq);
@@ -151,16 +243,60 @@ impl DriverState {
                 self.last_batch = self.last_batch.max(a.id);
                 self.pending.insert(a.id, a);
             }
-            Entry::Done(id) => {
-                if let Some(a) = self.pending.remove(&id) {
-                    for b in a.blocks {
-                        let p = self.processed_through.entry(b.0).or_insert(b.1);
-                        *p = (*p).max(b.1);
+            Entry::Missing(blocks) => {
+                for (stream, seq, cause) in blocks {
+                    let done = self
+                        .processed_through
+                        .get(&stream)
+                        .is_some_and(|p| seq <= *p);
+                    if !done {
+                        self.missing.insert((stream, seq), cause);
                     }
                 }
-                self.last_batch = self.last_batch.max(id);
+            }
+            Entry::Done(done) => {
+                if let Some(a) = self.pending.remove(&done.id) {
+                    for b in a.blocks {
+                        self.missing.remove(&(b.0, b.1));
+                        let p = self.processed_through.entry(b.0).or_insert(b.1);
+                        *p = (*p).max(b.1);
+                        let l = self.ledger.entry(b.0).or_default();
+                        match done.lost.iter().find(|(s, q, _)| *s == b.0 && *q == b.1) {
+                            Some((_, _, cause)) => {
+                                *l.lost.entry(*cause).or_default() += u64::from(b.2)
+                            }
+                            None => l.completed += u64::from(b.2),
+                        }
+                    }
+                }
+                self.last_batch = self.last_batch.max(done.id);
             }
         }
+    }
+
+    /// The ledger, with receiver names for the streams (`names[stream]`).
+    pub(crate) fn ledger(&self, names: &[String]) -> Ledger {
+        let mut streams: BTreeMap<String, StreamLedger> = BTreeMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let stream = i as u32;
+            let mut l = self.ledger.get(&stream).cloned().unwrap_or_default();
+            l.pending = self
+                .pending
+                .values()
+                .flat_map(|a| a.blocks.iter())
+                .chain(
+                    self.unallocated
+                        .iter()
+                        .map(|(k, r)| (k.0, k.1, *r))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                )
+                .filter(|b| b.0 == stream)
+                .map(|b| u64::from(b.2))
+                .sum();
+            streams.insert(name.clone(), l);
+        }
+        Ledger { streams }
     }
 
     /// Whether block `id` was processed already.
@@ -168,6 +304,30 @@ impl DriverState {
         self.processed_through
             .get(&id.stream)
             .is_some_and(|p| id.seq <= *p)
+    }
+}
+
+/// `(stream, seq) -> cause` as a list of triples.
+mod as_missing {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::LossCause;
+
+    pub(super) fn serialize<S: Serializer>(
+        m: &BTreeMap<(u32, u64), LossCause>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let v: Vec<(u32, u64, LossCause)> = m.iter().map(|(k, c)| (k.0, k.1, *c)).collect();
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(u32, u64), LossCause>, D::Error> {
+        let v: Vec<(u32, u64, LossCause)> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|(a, b, c)| ((a, b), c)).collect())
     }
 }
 
@@ -415,14 +575,19 @@ impl MetadataLog {
         self.write(Entry::Added((id.stream, id.seq, records)))
     }
 
+    /// Logs acknowledged blocks that recovery found gone, with why.
+    pub(crate) fn missing(&mut self, blocks: Vec<(u32, u64, LossCause)>) -> std::io::Result<()> {
+        self.write(Entry::Missing(blocks))
+    }
+
     /// Logs a batch allocation (before the batch runs).
     pub(crate) fn allocated(&mut self, a: Allocation) -> std::io::Result<()> {
         self.write(Entry::Alloc(a))
     }
 
     /// Logs a completed batch; every 100 completions, compacts the log into a checkpoint.
-    pub(crate) fn completed(&mut self, id: u64) -> std::io::Result<()> {
-        self.write(Entry::Done(id))?;
+    pub(crate) fn completed(&mut self, done: Completion) -> std::io::Result<()> {
+        self.write(Entry::Done(done))?;
         self.since_checkpoint += 1;
         if self.since_checkpoint >= 100 {
             self.checkpoint()?;
@@ -474,7 +639,11 @@ mod tests {
             blocks: vec![(0, 1, 5)],
         })
         .unwrap();
-        log.completed(1000).unwrap();
+        log.completed(Completion {
+            id: 1000,
+            lost: vec![],
+        })
+        .unwrap();
         drop(log);
 
         let s = load(dir.path(), &names()).unwrap().unwrap();

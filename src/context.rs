@@ -29,11 +29,12 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::batch::{BatchInfo, Executor, TaskFn, TaskId, TaskRegistry, TaskRunner};
 use crate::block::{BlockId, Record};
+use crate::checkpoint::Ledger;
 use crate::config::StreamingContextBuilder;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
 use crate::driver::receiver_tracker::{
-    PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerStart,
+    PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerHandle, TrackerStart,
 };
 use crate::driver::recovery::{recover, RecoveryReport};
 use crate::error::{ConfigError, SupervisorError};
@@ -90,6 +91,7 @@ struct Handles {
     stop: mpsc::UnboundedSender<bool>,
     receivers: SupervisorHandle,
     blocks: BlockManagerMaster,
+    tracker: TrackerHandle,
 }
 
 struct Inner {
@@ -401,11 +403,12 @@ impl StreamingContext {
         let requested = {
             let mut phase = lock(&self.inner.phase);
             match (&built, &*phase) {
-                (Ok((receivers, blocks)), Phase::Starting { stop: None }) => {
+                (Ok((receivers, blocks, tracker)), Phase::Starting { stop: None }) => {
                     *phase = Phase::Running(Handles {
                         stop: stop_tx,
                         receivers: receivers.clone(),
                         blocks: blocks.clone(),
+                        tracker: tracker.clone(),
                     });
                     None
                 }
@@ -451,7 +454,7 @@ impl StreamingContext {
         receivers: Vec<PendingReceiver>,
         outputs: Vec<OutputFn>,
         tasks: TaskRegistry,
-    ) -> Result<(SupervisorHandle, BlockManagerMaster), ContextError> {
+    ) -> Result<(SupervisorHandle, BlockManagerMaster, TrackerHandle), ContextError> {
         let cfg = &self.inner.config;
         let start_err = |what: &str, e: &dyn std::fmt::Display| ContextError::Start {
             what: what.to_string(),
@@ -538,6 +541,7 @@ impl StreamingContext {
                 wals: recovered.wals,
                 unallocated: recovered.unallocated,
                 first_seq: recovered.first_seq,
+                decisions: recovered.decisions,
             },
         )
         .await?;
@@ -552,7 +556,8 @@ impl StreamingContext {
             policy: cfg.on_batch_failure,
             rerun: recovered.rerun,
             last_batch: recovered.last_batch,
-            tracker: handle,
+            lost_at_restart: recovered.lost_at_restart,
+            tracker: handle.clone(),
             outputs,
             runner,
             blocks: blocks.clone(),
@@ -560,7 +565,7 @@ impl StreamingContext {
                 .clone()
                 .unwrap_or_else(|| broadcast::channel(1).0),
         }));
-        Ok((receivers, blocks))
+        Ok((receivers, blocks, handle))
     }
 
     /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records
@@ -638,6 +643,14 @@ impl StreamingContext {
             Some(b) => b.all_locations().await,
             None => Vec::new(),
         }
+    }
+
+    /// Where every acknowledged record stands, per receiver: stored = completed + pending +
+    /// lost, each loss with its cause (kept across restarts with a checkpoint directory).
+    /// `None` when the context is not running; each [`BatchInfo`] carries it too.
+    pub async fn ledger(&self) -> Option<Ledger> {
+        let tracker = self.inner.running(|h| h.tracker.clone())?;
+        tracker.ledger().await
     }
 
     /// The BlockManagerMaster's handle while running.

@@ -136,6 +136,7 @@ pub mod wal;
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, ByteString, DecodeError, Record};
 pub use block_manager::BlockError;
+pub use checkpoint::{Ledger, LossCause, StreamLedger};
 pub use config::StreamingContextBuilder;
 pub use context::{ContextError, StreamingContext};
 pub use driver::{OnBatchFailure, RecoveryReport};

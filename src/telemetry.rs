@@ -219,3 +219,6 @@ pub const METADATA_WRITE_FAILURES_TOTAL: &str = "tributary_metadata_write_failur
 pub const WAL_WRITE_FAILURES_TOTAL: &str = "tributary_wal_write_failures_total";
 /// Counter: times a failed write-ahead log was repaired and took appends again.
 pub const WAL_RECOVERED_TOTAL: &str = "tributary_wal_recovered_total";
+/// Gauge: the ledger, per receiver stream (`stream` label) and `kind` (stored, completed,
+/// pending, lost), after each batch.
+pub const LEDGER_RECORDS: &str = "tributary_ledger_records";

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod durability_support;
-use durability_support::{acked, child_binary, conflicts, reported_lost, seen};
+use durability_support::{acked, child_binary, conflicts, ledger, reported_lost, seen};
 
 /// A child that is killed when dropped (so that a failing test leaves nothing running).
 struct Job {
@@ -171,6 +171,7 @@ fn kills_and_damage_lose_nothing_unreported() {
     let mut quarantine_next = false;
     let mut kills_while_acking = 0;
     let mut io_rounds = 0;
+    let mut ledger_checks = 0;
     for round in 0..rounds {
         assert!(
             Instant::now() < deadline,
@@ -206,6 +207,15 @@ fn kills_and_damage_lose_nothing_unreported() {
         }
         if at_kill > before {
             kills_while_acking += 1;
+        }
+        // The ledger balances after every round: stored = completed + pending + lost.
+        if let Some((stored, completed, pending, lost, balances)) = ledger(&out) {
+            assert!(
+                balances && stored == completed + pending + lost,
+                "round {round} (seed {seed}): ledger does not balance: stored {stored}, \
+                 completed {completed}, pending {pending}, lost {lost}"
+            );
+            ledger_checks += 1;
         }
         if rng.u8(0..4) == 0 {
             if let Some(what) = damage(tmp, &mut rng) {
@@ -248,6 +258,25 @@ fn kills_and_damage_lose_nothing_unreported() {
         damaged.len()
     );
     assert!(acked > 0);
+    let (stored, completed, pending, ledger_lost, balances) =
+        ledger(&out).expect("the final run wrote its ledger");
+    eprintln!(
+        "chaos: ledger: stored {stored}, completed {completed}, pending {pending}, lost {ledger_lost} \
+         (checked after {ledger_checks} rounds)"
+    );
+    assert!(balances, "seed {seed}: final ledger does not balance");
+    assert_eq!(
+        pending, 0,
+        "seed {seed}: a graceful stop leaves nothing pending"
+    );
+    assert!(
+        missing <= ledger_lost,
+        "seed {seed}: {missing} acknowledged records missing, the ledger says {ledger_lost} lost"
+    );
+    assert!(
+        ledger_checks * 2 >= rounds,
+        "seed {seed}: too few ledger checks"
+    );
     if damaged.is_empty() {
         assert_eq!(missing, 0, "seed {seed}: acknowledged records missing");
         assert_eq!(reported, 0, "seed {seed}: losses reported without damage");

@@ -22,7 +22,10 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
 use crate::block::BatchId;
-use crate::checkpoint::CheckpointError;
+use std::collections::HashMap;
+
+use crate::block::BlockId;
+use crate::checkpoint::{CheckpointError, LossCause};
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::receiver_tracker::TrackerHandle;
@@ -46,6 +49,8 @@ pub(crate) struct SchedulerParts {
     pub(crate) rerun: Vec<ScheduledBatch>,
     /// The last batch id a previous run used.
     pub(crate) last_batch: u64,
+    /// Acknowledged blocks recovery found gone, and why.
+    pub(crate) lost_at_restart: HashMap<BlockId, LossCause>,
     pub(crate) tracker: TrackerHandle,
     pub(crate) outputs: Vec<OutputFn>,
     pub(crate) runner: TaskRunner,
@@ -80,6 +85,7 @@ impl JobScheduler {
             parts.last_batch,
         ));
         let runner = Runner {
+            lost_at_restart: parts.lost_at_restart,
             outputs: parts.outputs,
             runner: parts.runner,
             blocks: parts.blocks,
@@ -187,6 +193,7 @@ async fn cut_batches(
 
 /// Runs batches in order.
 struct Runner {
+    lost_at_restart: HashMap<BlockId, LossCause>,
     outputs: Vec<OutputFn>,
     runner: TaskRunner,
     blocks: BlockManagerMaster,
@@ -235,9 +242,21 @@ impl Runner {
                     }
                 }
             }
-            let logged = self.tracker.completed(id, all).await;
-            let ended = SystemTime::now();
             let stats = std::mem::take(&mut *run.stats.lock().unwrap_or_else(|p| p.into_inner()));
+            let lost: Vec<(BlockId, LossCause)> = stats
+                .lost
+                .iter()
+                .map(|b| {
+                    let cause = self
+                        .lost_at_restart
+                        .get(b)
+                        .copied()
+                        .unwrap_or(LossCause::WorkerLost);
+                    (*b, cause)
+                })
+                .collect();
+            let logged = self.tracker.completed(id, all, lost).await;
+            let ended = SystemTime::now();
             let lost_records: u64 = batch
                 .by_stream
                 .values()
@@ -256,6 +275,7 @@ impl Runner {
                 total_delay: ended.duration_since(time).unwrap_or_default(),
                 task_retries: stats.retries,
                 failed: failed.as_ref().map(|e| e.to_string()),
+                ledger: logged.clone().ok().flatten().unwrap_or_default(),
             };
             if info.lost_blocks > 0 {
                 tracing::error!(%id, lost_blocks = info.lost_blocks, lost_records, "batch lost blocks");
@@ -263,8 +283,20 @@ impl Runner {
             metrics::counter!(crate::telemetry::BATCHES_TOTAL).increment(1);
             metrics::counter!(crate::telemetry::BATCH_RECORDS_TOTAL).increment(info.records);
             tracing::debug!(%id, records = info.records, processing = ?info.processing_time, "batch done");
+            for (name, l) in &info.ledger.streams {
+                for (kind, n) in [
+                    ("stored", l.stored),
+                    ("completed", l.completed),
+                    ("pending", l.pending),
+                    ("lost", l.lost_total()),
+                ] {
+                    metrics::gauge!(crate::telemetry::LEDGER_RECORDS, "stream" => name.clone(), "kind" => kind)
+                        .set(n as f64);
+                }
+            }
             let _ = self.reports.send(info);
-            if let Err(reason) = logged {
+            if let Err(reason) = &logged {
+                let reason = reason.clone();
                 // The output ran but its completion is not in the log: stop here, keeping
                 // the blocks; a restart runs this batch again with the same id.
                 return Err(ContextError::Checkpoint(CheckpointError::WriteFailed {

@@ -31,7 +31,9 @@ use crate::block::{BatchId, Block, BlockId};
 use crate::block_generator::BlockGenerator;
 use crate::block_manager::WorkerId;
 use crate::buffer_pool::BufferPool;
-use crate::checkpoint::{Allocation, MetadataLog};
+use crate::checkpoint::{
+    Allocation, Completion, DriverState, Entry, Ledger, LossCause, MetadataLog,
+};
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::{BlockManagerMaster, ClusterEvent};
 use crate::error::SupervisorError;
@@ -78,6 +80,8 @@ pub(crate) struct TrackerStart {
     pub(crate) wals: HashMap<u32, Arc<Wal>>,
     pub(crate) unallocated: Vec<(BlockId, u32)>,
     pub(crate) first_seq: HashMap<u32, u64>,
+    /// The driver's decisions so far (the ledger is derived from it).
+    pub(crate) decisions: DriverState,
 }
 
 enum Command {
@@ -93,8 +97,10 @@ enum Command {
     Completed {
         id: BatchId,
         blocks: Vec<BlockId>,
-        reply: oneshot::Sender<Result<(), String>>,
+        lost: Vec<(BlockId, LossCause)>,
+        reply: oneshot::Sender<Result<Ledger, String>>,
     },
+    Ledger(oneshot::Sender<Ledger>),
     Close,
 }
 
@@ -129,19 +135,40 @@ impl TrackerHandle {
         }
     }
 
-    /// Batch `id` completed (or was given up on): logged, then its blocks are freed. `Err`
-    /// if the completion could not be logged (after retries): then the blocks are kept (a
-    /// restart runs the batch again, with the same id).
-    pub(crate) async fn completed(&self, id: BatchId, blocks: Vec<BlockId>) -> Result<(), String> {
+    /// Batch `id` completed (or was given up on), with `lost` blocks: logged, then its
+    /// blocks are freed; returns the ledger after it. `Err` if the completion could not be
+    /// logged (after retries): then the blocks are kept (a restart runs the batch again, with
+    /// the same id). `Ok(None)` once the tracker has stopped.
+    pub(crate) async fn completed(
+        &self,
+        id: BatchId,
+        blocks: Vec<BlockId>,
+        lost: Vec<(BlockId, LossCause)>,
+    ) -> Result<Option<Ledger>, String> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
-            .send(Command::Completed { id, blocks, reply })
+            .send(Command::Completed {
+                id,
+                blocks,
+                lost,
+                reply,
+            })
             .is_err()
         {
-            return Ok(());
+            return Ok(None);
         }
-        rx.await.unwrap_or(Ok(()))
+        match rx.await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Where every acknowledged record went, per receiver (`None` once stopped).
+    pub(crate) async fn ledger(&self) -> Option<Ledger> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Ledger(reply)).ok()?;
+        rx.await.ok()
     }
 }
 
@@ -204,7 +231,10 @@ impl ReceiverTracker {
             prepared.push((p, Arc::new(generator), queue, home_rx));
         }
         let wals = from.wals;
+        let names = prepared.iter().map(|(p, ..)| p.name.clone()).collect();
         let state = TrackerState {
+            decisions: from.decisions,
+            names,
             acked: from.unallocated,
             meta: from.meta.map(|m| Arc::new(Mutex::new(m))),
             wals: wals.clone(),
@@ -360,6 +390,11 @@ async fn push_blocks(
 
 /// The state the tracker task owns.
 struct TrackerState {
+    /// The decisions applied so far, as the metadata log holds them (the log keeps its own
+    /// copy for compaction, on the blocking pool; this one is read here, on the runtime).
+    decisions: DriverState,
+    /// Receiver names, by stream.
+    names: Vec<String>,
     /// Acknowledged blocks not allocated to a batch yet, in acknowledgement order.
     acked: Vec<(BlockId, u32)>,
     meta: Option<Arc<Mutex<MetadataLog>>>,
@@ -402,6 +437,8 @@ impl TrackerState {
                 let r = self.log(move |m| m.added(id, records)).await;
                 if r.is_ok() {
                     self.acked.push((id, records));
+                    self.decisions
+                        .apply(Entry::Added((id.stream, id.seq, records)));
                 }
                 let _ = reply.send(r);
             }
@@ -427,7 +464,8 @@ impl TrackerState {
                             .map(|(bid, r)| (bid.stream, bid.seq, *r))
                             .collect(),
                     };
-                    if let Err(e) = self.log(move |m| m.allocated(alloc)).await {
+                    let logged = alloc.clone();
+                    if let Err(e) = self.log(move |m| m.allocated(logged)).await {
                         // Not logged (rolled back): the batch does not exist. Its blocks go
                         // back to the front of the queue, for the next batch.
                         tracing::error!(%id, error = %e, "could not log the batch allocation; its blocks wait for the next batch");
@@ -438,10 +476,23 @@ impl TrackerState {
                         let _ = reply.send(Err(e));
                         return;
                     }
+                    self.decisions.apply(Entry::Alloc(alloc));
                 }
                 let _ = reply.send(Ok(b));
             }
-            Command::Completed { id, blocks, reply } => {
+            Command::Completed {
+                id,
+                blocks,
+                lost,
+                reply,
+            } => {
+                let done = Completion {
+                    id: id.0,
+                    lost: lost
+                        .iter()
+                        .map(|(b, cause)| (b.stream, b.seq, *cause))
+                        .collect(),
+                };
                 if !blocks.is_empty() {
                     // Logged before the blocks are released, so that a crash in between
                     // re-runs the batch rather than losing it. A failed write is retried a few
@@ -449,7 +500,8 @@ impl TrackerState {
                     // scheduler stops the context: a restart runs the batch again.
                     let mut attempt = 0u32;
                     loop {
-                        match self.log(move |m| m.completed(id.0)).await {
+                        let logged = done.clone();
+                        match self.log(move |m| m.completed(logged)).await {
                             Ok(()) => break,
                             Err(e) if attempt < COMPLETION_RETRIES => {
                                 tracing::warn!(%id, error = %e, attempt, "could not log the batch completion; retrying");
@@ -474,7 +526,11 @@ impl TrackerState {
                         w.processed(ids);
                     }
                 }
-                let _ = reply.send(Ok(()));
+                self.decisions.apply(Entry::Done(done));
+                let _ = reply.send(Ok(self.decisions.ledger(&self.names)));
+            }
+            Command::Ledger(reply) => {
+                let _ = reply.send(self.decisions.ledger(&self.names));
             }
             Command::Close => {}
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::batch::BatchBlocks;
 use crate::block::{BatchId, Block, BlockId};
-use crate::checkpoint::{CheckpointError, DriverState, MetadataLog};
+use crate::checkpoint::{CheckpointError, DriverState, LossCause, MetadataLog};
 use crate::config::StorageWrap;
 use crate::context::error::ContextError;
 use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError, WalRecovery};
@@ -76,6 +76,10 @@ pub(crate) struct Recovered {
     pub(crate) last_batch: u64,
     /// What was found (`None` for a new job).
     pub(crate) report: Option<RecoveryReport>,
+    /// The decisions the log holds (a new job: none).
+    pub(crate) decisions: DriverState,
+    /// Acknowledged blocks that are gone (and why): their batches report them lost.
+    pub(crate) lost_at_restart: HashMap<BlockId, LossCause>,
 }
 
 impl std::fmt::Debug for Recovered {
@@ -175,10 +179,44 @@ pub(crate) fn recover(
     let mut recovered = Recovered {
         meta: Some(meta),
         wals,
+        decisions: state.clone(),
         ..Recovered::default()
     };
     if !fresh {
-        plan(&mut recovered, state, from_wal);
+        // With the log on, a block can only be gone because a damaged segment was
+        // quarantined (a strict start refuses instead); without it, it was only in memory.
+        let cause = if wal.is_some() {
+            LossCause::Quarantined
+        } else {
+            LossCause::DriverStoppedWithoutWal
+        };
+        plan(&mut recovered, state, from_wal, cause);
+        // Record what the quarantine cost before going on: a later start (strict again)
+        // then knows these blocks lost instead of refusing.
+        let newly: Vec<(u32, u64, LossCause)> = recovered
+            .lost_at_restart
+            .iter()
+            .filter(|(id, c)| {
+                **c == LossCause::Quarantined
+                    && !recovered
+                        .decisions
+                        .missing
+                        .contains_key(&(id.stream, id.seq))
+            })
+            .map(|(id, c)| (id.stream, id.seq, *c))
+            .collect();
+        if !newly.is_empty() {
+            if let Some(meta) = &mut recovered.meta {
+                meta.missing(newly.clone())
+                    .map_err(|e| CheckpointError::WriteFailed {
+                        file: "metadata.log".into(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            recovered
+                .decisions
+                .apply(crate::checkpoint::Entry::Missing(newly));
+        }
     }
     if let Some(r) = &mut recovered.report {
         r.quarantined_segments = quarantined;
@@ -193,7 +231,12 @@ pub(crate) fn recover(
 
 /// Works out the batches to run again and the blocks to restore from the decisions log and
 /// what the write-ahead logs still hold.
-fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>) {
+fn plan(
+    out: &mut Recovered,
+    state: DriverState,
+    wal: Vec<crate::wal::Recovered>,
+    cause: LossCause,
+) {
     let mut report = RecoveryReport::default();
     let first_seq = &mut out.first_seq;
     let mut in_wal: BTreeMap<BlockId, Block> = BTreeMap::new();
@@ -211,24 +254,27 @@ fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>
         let next = first_seq.entry(*stream).or_insert(0);
         *next = (*next).max(seq + 1);
     }
-    fn restore_one(
-        in_wal: &mut BTreeMap<BlockId, Block>,
-        to_put: &mut Vec<Block>,
-        (id, records): (BlockId, u32),
-        report: &mut RecoveryReport,
-    ) {
+    let known_missing = state.missing.clone();
+    let mut restore_one = |in_wal: &mut BTreeMap<BlockId, Block>,
+                           (id, records): (BlockId, u32),
+                           report: &mut RecoveryReport| {
         match in_wal.remove(&id) {
             Some(block) => {
                 report.recovered_blocks += 1;
                 report.recovered_records += u64::from(records);
-                to_put.push(block);
+                out.blocks.push(block);
             }
             None => {
                 report.lost_blocks += 1;
                 report.lost_records += u64::from(records);
+                let cause = known_missing
+                    .get(&(id.stream, id.seq))
+                    .copied()
+                    .unwrap_or(cause);
+                out.lost_at_restart.insert(id, cause);
             }
         }
-    }
+    };
     for (id, alloc) in &state.pending {
         let mut bb = BatchBlocks {
             recovered: true,
@@ -236,7 +282,7 @@ fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>
         };
         for &(stream, seq, records) in &alloc.blocks {
             let bid = BlockId { stream, seq };
-            restore_one(&mut in_wal, &mut out.blocks, (bid, records), &mut report);
+            restore_one(&mut in_wal, (bid, records), &mut report);
             bb.by_stream.entry(stream).or_default().push((bid, records));
         }
         report.rerun_batches.push(BatchId(*id));
@@ -255,7 +301,7 @@ fn plan(out: &mut Recovered, state: DriverState, wal: Vec<crate::wal::Recovered>
         .map(|(&(stream, seq), &records)| (BlockId { stream, seq }, records))
         .collect();
     for (id, records) in unallocated {
-        restore_one(&mut in_wal, &mut out.blocks, (id, records), &mut report);
+        restore_one(&mut in_wal, (id, records), &mut report);
         // A lost block still goes into the next batch, which reports it lost and lets the
         // log record it as processed.
         out.unallocated.push((id, records));
@@ -292,7 +338,8 @@ fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Recovered]) -> Res
         .chain(state.unallocated.iter().map(|(&(s, q), &r)| (s, q, r)))
     {
         let id = BlockId { stream, seq };
-        if logged.contains(&stream) && !found.contains(&id) {
+        let known = state.missing.contains_key(&(stream, seq));
+        if logged.contains(&stream) && !found.contains(&id) && !known {
             let m = missing.entry(stream).or_default();
             m.0 += 1;
             m.1 += u64::from(records);

@@ -117,3 +117,11 @@ pub fn conflicts(out: &Path) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// The example's last ledger line: `(stored, completed, pending, lost, balances)`.
+pub fn ledger(out: &Path) -> Option<(u64, u64, u64, u64, bool)> {
+    let text = std::fs::read_to_string(out.join("ledger.txt")).ok()?;
+    let w: Vec<&str> = text.split_whitespace().collect();
+    let num = |i: usize| w.get(i)?.parse::<u64>().ok();
+    Some((num(1)?, num(3)?, num(5)?, num(7)?, *w.get(9)? == "true"))
+}
