@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod durability_support;
-use durability_support::{acked, child_binary, reported_lost, seen};
+use durability_support::{acked, child_binary, ledger, reported_lost, seen};
 
 fn spawn(bin: &Path, dir: &Path, out: &Path, wal: bool, seconds: f64) -> Child {
     spawn_with(bin, dir, out, wal, seconds, &[])
@@ -114,6 +114,15 @@ fn without_the_wal_the_loss_is_reported_not_hidden() {
     assert!(
         missing <= reported,
         "{missing} acknowledged records missing but only {reported} reported lost"
+    );
+    // The ledger (kept across the restarts) balances and accounts for what is missing.
+    let (stored, completed, pending, lost, balances) = ledger(&out).expect("a ledger");
+    eprintln!("without WAL: ledger stored {stored}, completed {completed}, pending {pending}, lost {lost}");
+    assert!(balances && stored == completed + pending + lost);
+    assert_eq!(pending, 0, "a graceful stop leaves nothing pending");
+    assert!(
+        missing <= lost,
+        "{missing} missing, the ledger says {lost} lost"
     );
     let conflicts = std::fs::read_dir(out.join("conflicts")).unwrap().count();
     assert_eq!(conflicts, 0);

@@ -88,6 +88,17 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
         processed,
         "no duplicates among the survivors"
     );
+    // The ledger of the last batch: every stored record completed or lost to the worker.
+    let ledger = &infos.last().expect("a batch").ledger;
+    let l = &ledger.streams["synthetic"];
+    assert!(ledger.balances(), "{ledger:?}");
+    assert_eq!(l.stored, n);
+    assert_eq!(l.completed, processed);
+    assert_eq!(l.pending, 0);
+    assert_eq!(
+        l.lost,
+        std::collections::BTreeMap::from([(tributary::LossCause::WorkerLost, lost_records)])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
