@@ -191,6 +191,30 @@ impl Stages {
     }
 }
 
+/// Tears down a start that was abandoned (its future dropped) before it finished.
+struct StartGuard {
+    stages: Option<Stages>,
+    inner: Arc<Inner>,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        let Some(mut stages) = self.stages.take() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        tracing::warn!("start() was abandoned before it finished; stopping what had started");
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                stages.teardown(false).await;
+                inner.end(Err(ContextError::StoppedDuringStart));
+            });
+        } else {
+            inner.end(Err(ContextError::StoppedDuringStart));
+        }
+    }
+}
+
 /// Owns the running stages until something ends the job, then tears them down and
 /// publishes the outcome. It is never aborted: it is what ends the context.
 async fn lifecycle(inner: Arc<Inner>, mut stages: Stages, mut stop: mpsc::UnboundedReceiver<bool>) {
@@ -395,10 +419,17 @@ impl StreamingContext {
                 TaskRegistry::new(std::mem::take(&mut d.tasks)),
             )
         };
-        let mut stages = Stages::default();
-        let built = self
-            .build_stages(&mut stages, receivers, outputs, tasks)
-            .await;
+        // If this future is dropped halfway (a caller's timeout), the guard tears down what
+        // was built and ends the context, so nothing is left running.
+        let mut guard = StartGuard {
+            stages: Some(Stages::default()),
+            inner: self.inner.clone(),
+        };
+        let built = match guard.stages.as_mut() {
+            Some(stages) => self.build_stages(stages, receivers, outputs, tasks).await,
+            None => Err(ContextError::NotRunning),
+        };
+        let mut stages = guard.stages.take().unwrap_or_default();
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let requested = {
             let mut phase = lock(&self.inner.phase);

@@ -432,3 +432,31 @@ async fn stop_during_recovery_returns_and_leaves_nothing_running() {
         assert_eq!(threads_named("tributary-wal"), 0, "no WAL thread left");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_start_leaves_nothing_running() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    leave_unprocessed_wal(dir.path()).await;
+    for delay_us in [0u64, 200, 1_000, 5_000] {
+        let ctx = the_same_job(dir.path(), Arc::new(AtomicU64::new(0)));
+        // The caller gives up on start (a timeout): its future is dropped halfway.
+        let abandoned = tokio::time::timeout(Duration::from_micros(delay_us), ctx.start()).await;
+        if abandoned.is_ok() {
+            // It finished in time: an ordinary stop.
+            within("stop", ctx.stop(false)).await.unwrap();
+        } else {
+            let ended = within("await_termination", ctx.await_termination()).await;
+            assert!(
+                matches!(ended, Err(ContextError::StoppedDuringStart)),
+                "{ended:?}"
+            );
+        }
+        // The teardown runs in the background: give it a moment, bounded.
+        let t0 = Instant::now();
+        while threads_named("tributary-wal") > 0 && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(threads_named("tributary-wal"), 0, "no WAL thread left");
+    }
+}
