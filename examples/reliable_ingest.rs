@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::testing::{Faults, FaultyStorage};
+use tributary::testing::{CrashPoint, Faults, FaultyStorage};
 use tributary::wal::{WalConfig, WalRecovery};
 use tributary::{BoxError, Receiver, ReceiverContext, StreamingContext};
 
@@ -53,6 +53,13 @@ struct Args {
     /// moment under the write-ahead log or the metadata log (ENOSPC after a short write).
     #[arg(long)]
     chaos_io: Option<u64>,
+    /// End the process (abort, like a kill) at a step of the logs' life: `segment-rolled`,
+    /// `segment-deleted`, `compacting` or `compacted` (for crash tests).
+    #[arg(long)]
+    crash_at: Option<String>,
+    /// Compact the metadata log every this many batches.
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u32,
     /// Stop gracefully after this many seconds (0: until Ctrl-C).
     #[arg(long, default_value_t = 0.0)]
     seconds: f64,
@@ -163,13 +170,26 @@ async fn main() -> anyhow::Result<()> {
     let out = args.out.clone();
     let faults = Faults::new();
     let chaos_faults = faults.clone();
+    let checkpoint_every = args.checkpoint_every;
+    let crash_at = match args.crash_at.as_deref() {
+        None => None,
+        Some("segment-rolled") => Some(CrashPoint::SegmentRolled),
+        Some("segment-deleted") => Some(CrashPoint::SegmentDeleted),
+        Some("compacting") => Some(CrashPoint::Compacting),
+        Some("compacted") => Some(CrashPoint::Compacted),
+        Some(other) => anyhow::bail!(
+            "--crash-at {other}: expected segment-rolled, segment-deleted, compacting or compacted"
+        ),
+    };
+    faults.crash_at(crash_at);
     let ctx = StreamingContext::get_or_create(&args.dir, move |builder| {
         let mut builder = builder
             .batch_interval(Duration::from_millis(200))
             .block_interval(Duration::from_millis(50))
             .workers(2)
             .replication(2);
-        if args.chaos_io.is_some() {
+        builder = builder.checkpoint_interval(checkpoint_every);
+        if args.chaos_io.is_some() || crash_at.is_some() {
             builder = builder
                 .wrap_storage(move |inner| Arc::new(FaultyStorage::new(inner, faults.clone())));
         }

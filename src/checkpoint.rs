@@ -235,6 +235,17 @@ impl DriverState {
                 *m = (*m).max(seq);
             }
             Entry::Alloc(a) => {
+                // A batch already completed (its blocks are within the processed prefix) is
+                // an entry the checkpoint holds already: replaying it must not make it
+                // pending again (its completion would be counted twice).
+                let completed = !a.blocks.is_empty()
+                    && a.blocks
+                        .iter()
+                        .all(|b| self.processed_through.get(&b.0).is_some_and(|p| b.1 <= *p));
+                if completed {
+                    self.last_batch = self.last_batch.max(a.id);
+                    return;
+                }
                 for b in &a.blocks {
                     self.unallocated.remove(&(b.0, b.1));
                     let m = self.max_seq.entry(b.0).or_insert(b.1);
@@ -369,6 +380,8 @@ pub(crate) struct MetadataLog {
     dirty: bool,
     state: DriverState,
     since_checkpoint: u32,
+    /// Completions between compactions into `checkpoint.json`.
+    checkpoint_every: u32,
 }
 
 impl std::fmt::Debug for MetadataLog {
@@ -524,6 +537,7 @@ impl MetadataLog {
             dirty: false,
             state,
             since_checkpoint: 0,
+            checkpoint_every: 100,
         })
     }
 
@@ -536,6 +550,11 @@ impl MetadataLog {
     ) -> Result<MetadataLog, CheckpointError> {
         let storage = Arc::new(crate::wal::DirStorage::new(dir).map_err(|e| unusable(dir, e))?);
         Self::open(dir, streams, state, storage)
+    }
+
+    /// Compacts into `checkpoint.json` every `batches` completions (at least 1).
+    pub(crate) fn checkpoint_every(&mut self, batches: u32) {
+        self.checkpoint_every = batches.max(1);
     }
 
     fn write(&mut self, e: Entry) -> std::io::Result<()> {
@@ -589,7 +608,7 @@ impl MetadataLog {
     pub(crate) fn completed(&mut self, done: Completion) -> std::io::Result<()> {
         self.write(Entry::Done(done))?;
         self.since_checkpoint += 1;
-        if self.since_checkpoint >= 100 {
+        if self.since_checkpoint >= self.checkpoint_every {
             self.checkpoint()?;
         }
         Ok(())

@@ -29,6 +29,7 @@ pub struct StreamingContextBuilder {
     pub(crate) checkpoint_dir: Option<std::path::PathBuf>,
     pub(crate) wal: Option<WalConfig>,
     pub(crate) storage_wrap: Option<StorageWrap>,
+    pub(crate) checkpoint_every: u32,
 }
 
 /// Wraps the storage of the checkpoint directory's logs (see
@@ -77,6 +78,7 @@ impl Default for StreamingContextBuilder {
             checkpoint_dir: None,
             wal: None,
             storage_wrap: None,
+            checkpoint_every: 100,
         }
     }
 }
@@ -170,6 +172,13 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Compacts the metadata log into `checkpoint.json` every `batches` completed batches
+    /// (default 100; must be at least 1).
+    pub fn checkpoint_interval(mut self, batches: u32) -> Self {
+        self.checkpoint_every = batches;
+        self
+    }
+
     /// Writes the checkpoint directory's logs (write-ahead log segments and `metadata.log`)
     /// through `wrap(storage)` instead of straight to the directory: for fault injection
     /// ([`FaultyStorage`](crate::testing::FaultyStorage) fails appends or syncs on command)
@@ -252,6 +261,12 @@ impl StreamingContextBuilder {
         }
         if let Some(make) = &self.receiver_strategy {
             (make.0)().validate()?;
+        }
+        if self.checkpoint_every == 0 {
+            return Err(ConfigError::new(
+                "checkpoint_interval",
+                "must be at least 1 batch",
+            ));
         }
         if self.wal.is_some() && self.checkpoint_dir.is_none() {
             return Err(ConfigError::new(

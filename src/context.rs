@@ -500,8 +500,9 @@ impl StreamingContext {
             cfg.wal,
             cfg.storage_wrap.clone(),
         );
+        let every = cfg.checkpoint_every;
         let recovered = tokio::task::spawn_blocking(move || {
-            recover(dir.as_deref(), wal, wrap.as_ref(), &names, &streams)
+            recover(dir.as_deref(), wal, wrap.as_ref(), every, &names, &streams)
         })
         .await
         .map_err(|e| start_err("recovery", &e))??;

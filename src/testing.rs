@@ -239,8 +239,23 @@ pub struct Faults {
     inner: Arc<Mutex<FaultState>>,
 }
 
+/// A step of the logs' life at which [`Faults::crash_at`] ends the process (as a kill would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Just after the first write to a new write-ahead log segment (a roll), past the first.
+    SegmentRolled,
+    /// Just after a processed write-ahead log segment was deleted.
+    SegmentDeleted,
+    /// During a compaction: `checkpoint.json` written, `metadata.log` not yet emptied.
+    Compacting,
+    /// Just after a compaction emptied `metadata.log`.
+    Compacted,
+}
+
 #[derive(Debug, Default)]
 struct FaultState {
+    crash: Option<CrashPoint>,
+    segments_seen: std::collections::HashSet<String>,
     full: bool,
     fail_syncs: u32,
     only: Option<String>,
@@ -273,6 +288,18 @@ impl Faults {
     /// `".wal"`); `None` for every file.
     pub fn only_files(&self, pattern: Option<&str>) {
         self.state().only = pattern.map(str::to_owned);
+    }
+
+    /// Ends the process (`abort`, no cleanup, like SIGKILL) when the logs reach `point`.
+    pub fn crash_at(&self, point: Option<CrashPoint>) {
+        self.state().crash = point;
+    }
+
+    fn crash_if(&self, point: CrashPoint) {
+        if self.state().crash == Some(point) {
+            eprintln!("FaultyStorage: crashing at {point:?}");
+            std::process::abort();
+        }
     }
 
     /// Appends failed so far.
@@ -308,7 +335,16 @@ impl crate::wal::Storage for FaultyStorage {
             self.inner.append(name, &bytes[..bytes.len() / 2])?;
             return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
         }
-        self.inner.append(name, bytes)
+        let rolled = name.ends_with(".wal") && !bytes.is_empty() && {
+            let mut st = self.faults.state();
+            let first = st.segments_seen.is_empty();
+            st.segments_seen.insert(name.to_owned()) && !first
+        };
+        self.inner.append(name, bytes)?;
+        if rolled {
+            self.faults.crash_if(CrashPoint::SegmentRolled);
+        }
+        Ok(())
     }
 
     fn sync(&self, name: &str) -> std::io::Result<()> {
@@ -341,10 +377,22 @@ impl crate::wal::Storage for FaultyStorage {
     }
 
     fn truncate(&self, name: &str, len: u64) -> std::io::Result<()> {
-        self.inner.truncate(name, len)
+        let compaction = name == "metadata.log" && len == 0;
+        if compaction {
+            self.faults.crash_if(CrashPoint::Compacting);
+        }
+        self.inner.truncate(name, len)?;
+        if compaction {
+            self.faults.crash_if(CrashPoint::Compacted);
+        }
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> std::io::Result<()> {
-        self.inner.remove(name)
+        self.inner.remove(name)?;
+        if name.ends_with(".wal") {
+            self.faults.crash_if(CrashPoint::SegmentDeleted);
+        }
+        Ok(())
     }
 }

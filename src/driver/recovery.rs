@@ -98,6 +98,7 @@ pub(crate) fn recover(
     dir: Option<&Path>,
     wal: Option<WalConfig>,
     wrap: Option<&StorageWrap>,
+    checkpoint_every: u32,
     names: &[String],
     streams: &[u32],
 ) -> Result<Recovered, ContextError> {
@@ -175,7 +176,8 @@ pub(crate) fn recover(
             reason: e.to_string(),
         }
     })?));
-    let meta = MetadataLog::open(dir, names, state.clone(), meta_storage)?;
+    let mut meta = MetadataLog::open(dir, names, state.clone(), meta_storage)?;
+    meta.checkpoint_every(checkpoint_every);
     let mut recovered = Recovered {
         meta: Some(meta),
         wals,
