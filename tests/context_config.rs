@@ -37,6 +37,7 @@ fn each_invalid_setting_is_named() {
     assert_eq!(refused(b().rate_limit(f64::NAN)), "rate_limit");
     assert_eq!(refused(b().task_attempts(0)), "task_attempts");
     assert_eq!(refused(b().block_queue(0)), "block_queue");
+    assert_eq!(refused(b().checkpoint_interval(0)), "checkpoint_interval");
     let msg = b()
         .workers(2)
         .replication(3)
