@@ -83,22 +83,27 @@ fn check(out: &Output, acked: u64) {
     );
 }
 
+/// Starts the job on a new `dir` and waits for its first acknowledgements.
+async fn started(dir: &Path, wal: bool) -> (StreamingContext, Arc<AtomicU64>, Output, Faults) {
+    let acked = Arc::new(AtomicU64::new(0));
+    let out: Output = Arc::default();
+    let faults = Faults::new();
+    let ctx = job(dir, wal, acked.clone(), out.clone(), faults.clone());
+    ctx.start().await.unwrap();
+    wait_for("first acks", Duration::from_secs(20), || {
+        acked.load(Ordering::SeqCst) >= 2_000
+    })
+    .await;
+    (ctx, acked, out, faults)
+}
+
 /// Runs the job, injects `fault` for `for_how_long` while it ingests, lifts it, checks that
 /// acknowledgements resume, stops it (abruptly if `abrupt`), starts it again on the same
 /// directory, lets it run, stops it gracefully, and checks the output.
 async fn round(wal: bool, abrupt: bool, fault: impl Fn(&Faults, bool), for_how_long: Duration) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
-    let acked = Arc::new(AtomicU64::new(0));
-    let out: Output = Arc::default();
-    let faults = Faults::new();
-
-    let ctx = job(&dir, wal, acked.clone(), out.clone(), faults.clone());
-    ctx.start().await.unwrap();
-    wait_for("first acks", Duration::from_secs(20), || {
-        acked.load(Ordering::SeqCst) >= 2_000
-    })
-    .await;
+    let (ctx, acked, out, faults) = started(&dir, wal).await;
     fault(&faults, true);
     tokio::time::sleep(for_how_long).await;
     fault(&faults, false);
@@ -185,15 +190,7 @@ async fn failed_wal_fsyncs_are_not_acknowledged_and_the_log_goes_on() {
 async fn a_metadata_log_that_stays_full_stops_the_context_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
-    let acked = Arc::new(AtomicU64::new(0));
-    let out: Output = Arc::default();
-    let faults = Faults::new();
-    let ctx = job(&dir, true, acked.clone(), out.clone(), faults.clone());
-    ctx.start().await.unwrap();
-    wait_for("first acks", Duration::from_secs(20), || {
-        acked.load(Ordering::SeqCst) >= 2_000
-    })
-    .await;
+    let (ctx, acked, out, faults) = started(&dir, true).await;
     metadata_full(&faults, true);
     let ended = tokio::time::timeout(Duration::from_secs(60), ctx.await_termination())
         .await
