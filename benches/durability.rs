@@ -8,7 +8,8 @@
 //!   and the ratio of the log's write rate to the disk bandwidth above;
 //! * `recovery_after_sigkill`: a child process fills the log with ~1 GB of unprocessed blocks
 //!   (its batch function never completes), is SIGKILLed, and a new process recovers: time from
-//!   process start to the first recovered batch done.
+//!   process start to the first recovered batch done, to every recovered record processed, and
+//!   the recovering process's peak RSS, under a `BENCH_RECOVER_MEMORY_MIB` budget (default 256).
 //!
 //! `BENCH_SECONDS` (default 6) sets the ingest run's length; `BENCH_WAL_GB` (default 1.0) the
 //! size of the log to recover. The temporary directory is under `BENCH_DIR` (default: system temp).
@@ -62,7 +63,11 @@ fn disk_bandwidth(dir: &Path) -> f64 {
 }
 
 /// A context with the WAL on, counting records at the batch function.
-fn job(dir: &Path, block_on_first_batch: bool) -> (StreamingContext, Arc<AtomicU64>) {
+fn job(
+    dir: &Path,
+    block_on_first_batch: bool,
+    memory: usize,
+) -> (StreamingContext, Arc<AtomicU64>) {
     let processed = Arc::new(AtomicU64::new(0));
     let p = processed.clone();
     let dir = dir.to_path_buf();
@@ -72,7 +77,7 @@ fn job(dir: &Path, block_on_first_batch: bool) -> (StreamingContext, Arc<AtomicU
             .block_interval(Duration::from_millis(200))
             .workers(2)
             .replication(2)
-            .memory_limit(3 << 30)
+            .memory_limit(memory)
             .write_ahead_log(WalConfig::default())
             .build()?;
         ctx.receiver_stream("synthetic", SyntheticReceiver::new().chunk(2000))?
@@ -92,7 +97,7 @@ fn job(dir: &Path, block_on_first_batch: bool) -> (StreamingContext, Arc<AtomicU
 
 async fn ingest(dir: &Path, bandwidth: f64) {
     let seconds = env_f64("BENCH_SECONDS", 6.0);
-    let (ctx, processed) = job(dir, false);
+    let (ctx, processed) = job(dir, false, 3 << 30);
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
@@ -117,17 +122,30 @@ async fn ingest(dir: &Path, bandwidth: f64) {
     );
 }
 
+/// This process's peak resident set (VmHWM), in MB; 0 where /proc is missing.
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024 / 1_000_000)
+}
+
 /// Child modes (the bench re-executes itself).
 async fn child(mode: &str, dir: PathBuf) {
     match mode {
         "fill" => {
-            let (ctx, _) = job(&dir, true);
+            let (ctx, _) = job(&dir, true, 3 << 30);
             ctx.start().await.unwrap();
             std::future::pending::<()>().await;
         }
         "recover" => {
             let t0 = Instant::now();
-            let (ctx, processed) = job(&dir, false);
+            let memory = env_f64("BENCH_RECOVER_MEMORY_MIB", 256.0) as usize * (1 << 20);
+            let (ctx, processed) = job(&dir, false, memory);
             let mut reports = ctx.subscribe_batches();
             ctx.start().await.unwrap();
             let started = t0.elapsed();
@@ -135,11 +153,22 @@ async fn child(mode: &str, dir: PathBuf) {
             // The first batch done is the first re-run batch.
             let first = tokio::time::timeout(Duration::from_secs(120), reports.recv()).await;
             let done = t0.elapsed();
+            // Then until every recovered record went through a batch.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while processed.load(Ordering::SeqCst) < report.recovered_records
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let all = t0.elapsed();
             println!(
                 "{}",
                 json!({
                     "recovery_to_first_batch_s": done.as_secs_f64(),
+                    "all_recovered_processed_s": all.as_secs_f64(),
                     "start_s": started.as_secs_f64(),
+                    "memory_limit_mib": memory >> 20,
+                    "peak_rss_mb": peak_rss_mb(),
                     "first_batch_records": first.ok().and_then(|r| r.ok()).map(|i| i.records),
                     "recovered_blocks": report.recovered_blocks,
                     "recovered_records": report.recovered_records,

@@ -518,12 +518,13 @@ impl StreamingContext {
                 .await
                 .map_err(|e| start_err("workers", &e))?;
         stages.blocks = Some(blocks.clone());
-        for block in recovered.blocks {
-            let home = block.id.stream as usize % cfg.workers;
-            if let Err(e) = blocks.put(block, home, None).await {
-                tracing::error!(error = %e, "could not restore a recovered block");
-            }
-        }
+        // Recovered blocks stay in the log until their batch runs; their memory is taken
+        // from the budget now, before any receiver can take it.
+        let mut restorer = recovered.restorer;
+        restorer
+            .reserve(&blocks, cfg.workers)
+            .await
+            .map_err(|e| start_err("workers", &e))?;
 
         // Executors: Restart on any failure (a panicking task restarts its executor in place).
         // No cap: the failures come from user code in tasks, which `task_attempts` already
@@ -572,6 +573,8 @@ impl StreamingContext {
                 meta: recovered.meta,
                 wals: recovered.wals,
                 unallocated: recovered.unallocated,
+                recovered_bytes: restorer.sizes(),
+                batch_bytes: cfg.memory_bytes as u64,
                 first_seq: recovered.first_seq,
                 decisions: recovered.decisions,
             },
@@ -587,6 +590,7 @@ impl StreamingContext {
             interval: cfg.batch_interval,
             policy: cfg.on_batch_failure,
             rerun: recovered.rerun,
+            restorer,
             last_batch: recovered.last_batch,
             lost_at_restart: recovered.lost_at_restart,
             tracker: handle.clone(),

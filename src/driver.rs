@@ -2,6 +2,8 @@
 //!
 //! ```text
 //!  Recovery ─────────► the state the others start from (checkpoint directory, WAL)
+//!  Restorer ─────────► recovered blocks read back from the WAL one batch at a time, within
+//!                      the memory budget (used by the JobScheduler before each batch)
 //!  BlockManagerMaster  where each block lives; k replicas on workers; re-replication; losses
 //!  ReceiverTracker ──► receivers and their placement, acknowledged blocks, durability,
 //!                      metadata log and write-ahead logs
@@ -17,6 +19,7 @@ pub(crate) mod block_manager_master;
 pub(crate) mod job_scheduler;
 pub(crate) mod receiver_tracker;
 pub(crate) mod recovery;
+pub(crate) mod restorer;
 
 pub use job_scheduler::OnBatchFailure;
 pub use recovery::RecoveryReport;

@@ -174,7 +174,7 @@ fn encode(block: &Block, out: &mut Vec<u8>) {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    let mut payload = Vec::with_capacity(24 + block.data.len());
+    let mut payload = Vec::with_capacity(PAYLOAD_HEAD + block.data.len());
     payload.extend_from_slice(&block.id.stream.to_le_bytes());
     payload.extend_from_slice(&block.id.seq.to_le_bytes());
     payload.extend_from_slice(&created.to_le_bytes());
@@ -183,16 +183,25 @@ fn encode(block: &Block, out: &mut Vec<u8>) {
     record::frame(&payload, out);
 }
 
-fn decode(payload: &[u8]) -> Option<Block> {
+/// Bytes before a block's data in its payload: stream, seq, created, records.
+const PAYLOAD_HEAD: usize = 24;
+
+fn decode_head(payload: &[u8]) -> Option<(BlockId, u32)> {
     let stream = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?);
     let seq = u64::from_le_bytes(payload.get(4..12)?.try_into().ok()?);
-    let created = u64::from_le_bytes(payload.get(12..20)?.try_into().ok()?);
     let records = u32::from_le_bytes(payload.get(20..24)?.try_into().ok()?);
+    Some((BlockId { stream, seq }, records))
+}
+
+/// The block in `payload`; its data is a slice of the same buffer (no copy).
+fn decode_owned(payload: Vec<u8>) -> Option<Block> {
+    let (id, records) = decode_head(&payload)?;
+    let created = u64::from_le_bytes(payload.get(12..20)?.try_into().ok()?);
     Some(Block {
-        id: BlockId { stream, seq },
+        id,
         created: UNIX_EPOCH + Duration::from_micros(created),
         records,
-        data: Bytes::copy_from_slice(payload.get(24..)?),
+        data: Bytes::from(payload).slice(PAYLOAD_HEAD..),
     })
 }
 
@@ -207,24 +216,56 @@ pub struct Recovered {
     pub truncated: Vec<(String, u64)>,
     /// The next segment number to use.
     pub next_segment: u64,
-    /// Torn tails found by [`read`], as `(segment, valid length)`, cut by [`truncate_torn`].
+}
+
+/// A block found in the log, without its data: [`load`] reads it when it is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Logged {
+    pub(crate) id: BlockId,
+    pub(crate) records: u32,
+    /// Bytes of its data.
+    pub(crate) bytes: u64,
+    pub(crate) location: Location,
+}
+
+/// What [`scan`] found for one stream: blocks by location, not their data.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub(crate) stream: u32,
+    /// Every intact block, in log order.
+    pub(crate) blocks: Vec<Logged>,
+    /// Segments whose torn tail is to be cut: `(segment, bytes cut)`.
+    pub(crate) truncated: Vec<(String, u64)>,
+    pub(crate) next_segment: u64,
+    /// Torn tails found, as `(segment, valid length)`, cut by [`truncate_torn`].
     torn: Vec<(String, u64)>,
 }
 
 /// Reads every segment of `stream`: verifies checksums, truncates torn tails (reported in the
-/// result and logged), fails on corruption.
+/// result and logged), fails on corruption. Every block is read into memory: the context
+/// itself uses [`scan`] and reads blocks one batch at a time.
 pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError> {
-    let r = read(storage, stream)?;
-    truncate_torn(storage, &r)?;
-    Ok(r)
+    let s = scan(storage, stream)?;
+    truncate_torn(storage, &s)?;
+    let mut blocks = Vec::with_capacity(s.blocks.len());
+    for b in s.blocks {
+        blocks.push((load(storage, &b.location)?, b.location));
+    }
+    Ok(Recovered {
+        stream,
+        blocks,
+        truncated: s.truncated,
+        next_segment: s.next_segment,
+    })
 }
 
-/// Like [`recover`], without changing any file: the torn tails found are cut by
-/// [`truncate_torn`], once the caller has checked that nothing acknowledged was in them.
-pub(crate) fn read(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError> {
-    let mut out = Recovered {
+/// Like [`recover`], without changing any file and without keeping block data: one segment
+/// is in memory at a time. The torn tails found are cut by [`truncate_torn`], once the
+/// caller has checked that nothing acknowledged was in them.
+pub(crate) fn scan(storage: &dyn Storage, stream: u32) -> Result<Scan, WalError> {
+    let mut out = Scan {
         stream,
-        ..Recovered::default()
+        ..Scan::default()
     };
     let mut names: Vec<(u64, String)> = storage
         .list()
@@ -244,17 +285,19 @@ pub(crate) fn read(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalE
         let bytes = storage.read(&name).map_err(|e| io_err(&name, e))?;
         let (frames, ending) = record::read_frames(&bytes, Some(k) == newest);
         for (offset, payload) in frames {
-            let block = decode(payload).ok_or(WalError::BadRecord {
+            let (id, records) = decode_head(payload).ok_or(WalError::BadRecord {
                 segment: name.clone(),
                 offset: offset as u64,
             })?;
-            out.blocks.push((
-                block,
-                Location {
+            out.blocks.push(Logged {
+                id,
+                records,
+                bytes: (payload.len() - PAYLOAD_HEAD) as u64,
+                location: Location {
                     segment: name.clone(),
                     offset: offset as u64,
                 },
-            ));
+            });
         }
         match ending {
             record::Ending::Clean => {}
@@ -275,8 +318,31 @@ pub(crate) fn read(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalE
     Ok(out)
 }
 
-/// Cuts the torn tails that [`read`] found at their last good frame.
-pub(crate) fn truncate_torn(storage: &dyn Storage, r: &Recovered) -> Result<(), WalError> {
+/// Reads the block at `loc`, verifying both of its frame's checksums again (the file may have
+/// changed since it was scanned).
+pub(crate) fn load(storage: &dyn Storage, loc: &Location) -> Result<Block, WalError> {
+    let corrupt = || WalError::Corrupt {
+        segment: loc.segment.clone(),
+        offset: loc.offset,
+    };
+    let head = storage
+        .read_at(&loc.segment, loc.offset, record::HEADER)
+        .map_err(|e| io_err(&loc.segment, e))?;
+    let (len, crc) = record::parse_header(&head).ok_or_else(corrupt)?;
+    let payload = storage
+        .read_at(&loc.segment, loc.offset + record::HEADER as u64, len)
+        .map_err(|e| io_err(&loc.segment, e))?;
+    if crc32c::crc32c(&payload) != crc {
+        return Err(corrupt());
+    }
+    decode_owned(payload).ok_or(WalError::BadRecord {
+        segment: loc.segment.clone(),
+        offset: loc.offset,
+    })
+}
+
+/// Cuts the torn tails that [`scan`] found at their last good frame.
+pub(crate) fn truncate_torn(storage: &dyn Storage, r: &Scan) -> Result<(), WalError> {
     for (name, valid_len) in &r.torn {
         tracing::warn!(segment = %name, valid_len, "write-ahead log: torn tail truncated");
         storage
@@ -640,6 +706,44 @@ mod tests {
                 "ack {seq} without a sync after its append: {ops:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_scan_keeps_no_data_and_a_load_verifies_the_frame_again() {
+        let (m, s) = mem();
+        let wal = Wal::open(s.clone(), 3, WalConfig::default(), 0, &[]);
+        for seq in 0..3 {
+            wal.append(block(seq, b"some payload")).await.unwrap();
+        }
+        drop(wal);
+        let found = scan(s.as_ref(), 3).unwrap();
+        assert_eq!(found.blocks.len(), 3);
+        assert!(found.blocks.iter().all(|b| b.bytes == 12 && b.records == 1));
+        let second = &found.blocks[1];
+        let back = load(s.as_ref(), &second.location).unwrap();
+        let want = block(1, b"some payload");
+        assert_eq!(
+            (back.id, back.records, back.created),
+            (want.id, want.records, want.created)
+        );
+        assert_eq!(back.data, want.data);
+        // Damage after the scan (a payload byte) is found when the block is read back.
+        let at = second.location.offset as usize + record::HEADER + PAYLOAD_HEAD + 2;
+        m.corrupt(&second.location.segment, at, 0x40);
+        assert!(matches!(
+            load(s.as_ref(), &second.location),
+            Err(WalError::Corrupt { offset, .. }) if offset == second.location.offset
+        ));
+        // And a damaged header.
+        m.corrupt(
+            &second.location.segment,
+            second.location.offset as usize + 1,
+            0x01,
+        );
+        assert!(matches!(
+            load(s.as_ref(), &second.location),
+            Err(WalError::Corrupt { .. })
+        ));
     }
 
     #[tokio::test]

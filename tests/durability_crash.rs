@@ -105,7 +105,8 @@ fn with_the_wal_every_acknowledged_record_survives_repeated_sigkill() {
 
 #[test]
 fn without_the_wal_the_loss_is_reported_not_hidden() {
-    let (out, _tmp) = crash_loop(false, 5);
+    let kills = 5;
+    let (out, _tmp) = crash_loop(false, kills);
     let acked = acked(&out);
     let seen = seen(&out);
     let missing = (0..acked).filter(|n| !seen.contains(n)).count() as u64;
@@ -114,6 +115,15 @@ fn without_the_wal_the_loss_is_reported_not_hidden() {
     assert!(
         missing <= reported,
         "{missing} acknowledged records missing but only {reported} reported lost"
+    );
+    // Exact but for one thing: a kill between the driver's acknowledgement of a block and the
+    // source's offset write loses that block *and* has the source send its records again
+    // (reported lost, yet not missing). The source has one call in flight (200 records), so
+    // each kill can add at most that much; anything more is over-reporting.
+    let in_flight = 200 * kills as u64;
+    assert!(
+        reported <= missing + in_flight,
+        "{reported} reported lost but only {missing} missing (+ at most {in_flight} in flight)"
     );
     // The ledger (kept across the restarts) balances and accounts for what is missing.
     let (stored, completed, pending, lost, balances) = ledger(&out).expect("a ledger");

@@ -131,3 +131,145 @@ async fn foreign_incompatible_and_unwritable_directories_are_clear_errors() {
         .unwrap_err();
     assert_eq!(err.setting, "write_ahead_log");
 }
+
+/// Stores records of `RECORD` bytes (a number, padded), 100 per call, reliably.
+struct Wide {
+    acked: Arc<AtomicU64>,
+    limit: u64,
+}
+
+const RECORD: usize = 1024;
+
+impl tributary::Receiver for Wide {
+    type Msg = durability_support::Go;
+    type State = u64;
+    type Record = String;
+
+    async fn pre_start(
+        &self,
+        ctx: &tributary::ReceiverContext<Self>,
+    ) -> Result<u64, tributary::BoxError> {
+        let _ = ctx.myself().send(durability_support::Go);
+        Ok(self.acked.load(Ordering::SeqCst))
+    }
+
+    async fn handle(
+        &self,
+        ctx: &tributary::ReceiverContext<Self>,
+        _: durability_support::Go,
+        next: &mut u64,
+    ) -> Result<(), tributary::BoxError> {
+        if *next >= self.limit {
+            return Ok(());
+        }
+        ctx.store_reliably((*next..*next + 100).map(|n| format!("{n:0>RECORD$}")))
+            .await?;
+        *next += 100;
+        self.acked.store(*next, Ordering::SeqCst);
+        let _ = ctx.myself().send(durability_support::Go);
+        Ok(())
+    }
+}
+
+fn wide_job(
+    dir: &std::path::Path,
+    acked: Arc<AtomicU64>,
+    memory: usize,
+    batches: Arc<Mutex<Vec<Vec<u64>>>>,
+) -> Result<StreamingContext, ContextError> {
+    StreamingContext::get_or_create(dir, move |b| {
+        let ctx = b
+            .batch_interval(Duration::from_millis(200))
+            .block_interval(Duration::from_millis(20))
+            .max_block_bytes(64 * 1024)
+            .memory_limit(memory)
+            .write_ahead_log(WalConfig::default())
+            .build()?;
+        ctx.receiver_stream(
+            "wide",
+            Wide {
+                acked,
+                limit: 20_000,
+            },
+        )?
+        .map(|s: String| s.parse::<u64>().unwrap())
+        .for_each_batch(move |b| batches.lock().unwrap().push(b.records))?;
+        Ok(ctx)
+    })
+}
+
+/// 20 MB acknowledged and unprocessed in the log; the next start has a 1 MiB budget. Recovery
+/// reads the blocks back a batch at a time, each batch within the budget (before: every
+/// recovered block was read into memory at start, and the first batch held all of them),
+/// and every record is processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_reads_the_log_back_within_the_memory_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let acked = Arc::new(AtomicU64::new(0));
+    let batches: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+
+    // First run: the default budget holds everything; stopped before its first batch.
+    let first = StreamingContext::get_or_create(&dir, {
+        let acked = acked.clone();
+        move |b| {
+            let ctx = b
+                .batch_interval(Duration::from_secs(60))
+                .block_interval(Duration::from_millis(20))
+                .max_block_bytes(64 * 1024)
+                .write_ahead_log(WalConfig::default())
+                .build()?;
+            ctx.receiver_stream(
+                "wide",
+                Wide {
+                    acked,
+                    limit: 20_000,
+                },
+            )?
+            .count()
+            .for_each_batch(|_| {})?;
+            Ok(ctx)
+        }
+    })
+    .unwrap();
+    first.start().await.unwrap();
+    for _ in 0..3000 {
+        if acked.load(Ordering::SeqCst) >= 20_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        acked.load(Ordering::SeqCst),
+        20_000,
+        "first run acknowledged all"
+    );
+    first.stop(false).await.unwrap(); // abrupt, before the first (60 s) batch
+
+    let budget = 1 << 20;
+    let ctx = wide_job(&dir, acked.clone(), budget, batches.clone()).unwrap();
+    ctx.start().await.unwrap();
+    let report = ctx.recovery_report().expect("recovered");
+    assert_eq!(report.recovered_records, 20_000, "{report:?}");
+    for _ in 0..3000 {
+        let seen: usize = batches.lock().unwrap().iter().map(Vec::len).sum();
+        if seen >= 20_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ctx.stop(true).await.unwrap();
+    let batches = batches.lock().unwrap().clone();
+    let mut all: Vec<u64> = batches.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..20_000).collect::<Vec<_>>(), "each record once");
+    // A block holds at most 64 KiB of records: a batch may pass the budget by less than
+    // one block (the block that reaches it is the last one taken).
+    let per_batch_max = (budget + 64 * 1024) / RECORD;
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).filter(|n| *n > 0).collect();
+    assert!(
+        sizes.iter().all(|n| *n <= per_batch_max),
+        "a batch read more than the budget back: {sizes:?} (max {per_batch_max} records)"
+    );
+    assert!(sizes.len() >= 15, "recovered over many batches: {sizes:?}");
+}

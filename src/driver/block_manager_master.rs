@@ -93,7 +93,7 @@ impl std::fmt::Debug for BlockManagerMaster {
 }
 
 /// Memory budget unit: KiB (a semaphore permit is a `u32`).
-fn kib(bytes: usize) -> u32 {
+pub(crate) fn kib(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(1024))
         .unwrap_or(u32::MAX)
         .max(1)

@@ -30,6 +30,7 @@ use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::receiver_tracker::TrackerHandle;
 use crate::driver::recovery::ScheduledBatch;
+use crate::driver::restorer::Restorer;
 use crate::stream::OutputFn;
 
 /// What to do when a batch fails (a task failed on every attempt, or the output function failed).
@@ -47,6 +48,8 @@ pub(crate) struct SchedulerParts {
     pub(crate) policy: OnBatchFailure,
     /// Batches a previous run allocated and did not complete.
     pub(crate) rerun: Vec<ScheduledBatch>,
+    /// Blocks recovered from the write-ahead log, read back as their batches come.
+    pub(crate) restorer: Restorer,
     /// The last batch id a previous run used.
     pub(crate) last_batch: u64,
     /// Acknowledged blocks recovery found gone, and why.
@@ -85,6 +88,7 @@ impl JobScheduler {
             parts.last_batch,
         ));
         let runner = Runner {
+            restorer: parts.restorer,
             lost_at_restart: parts.lost_at_restart,
             outputs: parts.outputs,
             runner: parts.runner,
@@ -193,6 +197,7 @@ async fn cut_batches(
 
 /// Runs batches in order.
 struct Runner {
+    restorer: Restorer,
     lost_at_restart: HashMap<BlockId, LossCause>,
     outputs: Vec<OutputFn>,
     runner: TaskRunner,
@@ -205,7 +210,7 @@ struct Runner {
 impl Runner {
     /// Until the batch channel closes (`Ok`) or a batch fails under the Stop policy.
     async fn run(
-        self,
+        mut self,
         mut batches: mpsc::UnboundedReceiver<ScheduledBatch>,
     ) -> Result<(), ContextError> {
         while let Some((id, time, batch)) = batches.recv().await {
@@ -218,6 +223,13 @@ impl Runner {
                 runner: self.runner.clone(),
                 stats: Arc::new(Mutex::new(RunStats::default())),
             };
+            // Its blocks that are only in the write-ahead log go back on the workers first.
+            // A log that cannot be read now stops the context: the batch stays pending, and
+            // the next start runs it again (or refuses, naming the damage).
+            if let Err(e) = self.restorer.restore(&batch, &self.blocks).await {
+                tracing::error!(%id, error = %e, "could not read recovered blocks back from the write-ahead log");
+                return Err(ContextError::Wal(e));
+            }
             let mut failed = None;
             let all = batch.all_ids();
             // A recovered batch whose blocks were all lost (in memory only when the driver

@@ -79,6 +79,10 @@ pub(crate) struct TrackerStart {
     pub(crate) meta: Option<MetadataLog>,
     pub(crate) wals: HashMap<u32, Arc<Wal>>,
     pub(crate) unallocated: Vec<(BlockId, u32)>,
+    /// Bytes of the recovered blocks still only in the write-ahead log.
+    pub(crate) recovered_bytes: HashMap<BlockId, u64>,
+    /// At most this many bytes of those go into one batch (the memory budget).
+    pub(crate) batch_bytes: u64,
     pub(crate) first_seq: HashMap<u32, u64>,
     /// The driver's decisions so far (the ledger is derived from it).
     pub(crate) decisions: DriverState,
@@ -236,6 +240,8 @@ impl ReceiverTracker {
             decisions: from.decisions,
             names,
             acked: from.unallocated,
+            recovered_bytes: from.recovered_bytes,
+            batch_bytes: from.batch_bytes,
             meta: from.meta.map(|m| Arc::new(Mutex::new(m))),
             wals: wals.clone(),
             homes,
@@ -397,6 +403,11 @@ struct TrackerState {
     names: Vec<String>,
     /// Acknowledged blocks not allocated to a batch yet, in acknowledgement order.
     acked: Vec<(BlockId, u32)>,
+    /// Bytes of acknowledged blocks still only in the write-ahead log (recovered, read back
+    /// when their batch runs).
+    recovered_bytes: HashMap<BlockId, u64>,
+    /// At most this many bytes of those per batch.
+    batch_bytes: u64,
     meta: Option<Arc<Mutex<MetadataLog>>>,
     wals: HashMap<u32, Arc<Wal>>,
     /// Each receiver's name and the worker its blocks go to first.
@@ -431,6 +442,26 @@ impl TrackerState {
         let _ = tokio::task::spawn_blocking(move || drop((wals, meta))).await;
     }
 
+    /// How many of the queued blocks the next batch takes: all of them, except that the
+    /// recovered blocks it reads back from the write-ahead log stay within the memory budget
+    /// (at least one block, so a batch always moves on). The rest wait, in order, for the
+    /// next batch.
+    fn allocatable(&self) -> usize {
+        if self.recovered_bytes.is_empty() {
+            return self.acked.len();
+        }
+        let mut bytes = 0u64;
+        for (i, (id, _)) in self.acked.iter().enumerate() {
+            if let Some(b) = self.recovered_bytes.get(id) {
+                if i > 0 && bytes + b > self.batch_bytes {
+                    return i;
+                }
+                bytes += b;
+            }
+        }
+        self.acked.len()
+    }
+
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Added { id, records, reply } => {
@@ -444,7 +475,13 @@ impl TrackerState {
             }
             Command::Allocate { id, reply } => {
                 let mut b = BatchBlocks::default();
-                for (bid, records) in std::mem::take(&mut self.acked) {
+                let take = self.allocatable();
+                let rest = self.acked.split_off(take);
+                let mut sizes = Vec::new();
+                for (bid, records) in std::mem::replace(&mut self.acked, rest) {
+                    if let Some(bytes) = self.recovered_bytes.remove(&bid) {
+                        sizes.push((bid, bytes));
+                    }
                     b.by_stream
                         .entry(bid.stream)
                         .or_default()
@@ -473,6 +510,7 @@ impl TrackerState {
                             b.by_stream.into_values().flatten().collect();
                         back.append(&mut self.acked);
                         self.acked = back;
+                        self.recovered_bytes.extend(sizes);
                         let _ = reply.send(Err(e));
                         return;
                     }

@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::batch::BatchBlocks;
-use crate::block::{BatchId, Block, BlockId};
+use crate::block::{BatchId, BlockId};
 use crate::checkpoint::{CheckpointError, DriverState, LossCause, MetadataLog};
 use crate::config::StorageWrap;
 use crate::context::error::ContextError;
-use crate::wal::{DirStorage, Location, Storage, Wal, WalConfig, WalError, WalRecovery};
+use crate::driver::restorer::Restorer;
+use crate::wal::{DirStorage, Location, Logged, Storage, Wal, WalConfig, WalError, WalRecovery};
 
 /// What a context found in its checkpoint directory at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,8 +67,8 @@ pub(crate) struct Recovered {
     pub(crate) wals: HashMap<u32, Arc<Wal>>,
     /// Batches allocated but not completed, in id order: they run first, unchanged.
     pub(crate) rerun: Vec<ScheduledBatch>,
-    /// Recovered blocks to put back on the workers.
-    pub(crate) blocks: Vec<Block>,
+    /// Recovered blocks to put back on the workers (read from the log one batch at a time).
+    pub(crate) restorer: Restorer,
     /// Blocks acknowledged but not allocated (lost ones too: the next batch reports them).
     pub(crate) unallocated: Vec<(BlockId, u32)>,
     /// Per stream, the first sequence number to use.
@@ -86,7 +87,7 @@ impl std::fmt::Debug for Recovered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recovered")
             .field("rerun", &self.rerun.len())
-            .field("blocks", &self.blocks.len())
+            .field("restorer", &self.restorer)
             .field("report", &self.report)
             .finish_non_exhaustive()
     }
@@ -114,6 +115,7 @@ pub(crate) fn recover(
     let state = state.unwrap_or_default();
     let mut wals = HashMap::new();
     let mut from_wal = Vec::new();
+    let mut wal_storage = None;
     let mut quarantined = Vec::new();
     if let Some(wcfg) = wal {
         let wal_dir = dir.join("wal");
@@ -126,7 +128,7 @@ pub(crate) fn recover(
             })?));
         for &stream in streams {
             let r = loop {
-                match crate::wal::read(storage.as_ref(), stream) {
+                match crate::wal::scan(storage.as_ref(), stream) {
                     Ok(r) => break r,
                     Err(
                         WalError::Corrupt { segment, offset }
@@ -154,14 +156,14 @@ pub(crate) fn recover(
             let live: Vec<(BlockId, Location)> = r
                 .blocks
                 .iter()
-                .filter(|(b, _)| wanted.contains(&b.id))
-                .map(|(b, l)| (b.id, l.clone()))
+                .filter(|b| wanted.contains(&b.id))
+                .map(|b| (b.id, b.location.clone()))
                 .collect();
             let done: Vec<BlockId> = r
                 .blocks
                 .iter()
-                .filter(|(b, _)| !wanted.contains(&b.id))
-                .map(|(b, _)| b.id)
+                .filter(|b| !wanted.contains(&b.id))
+                .map(|b| b.id)
                 .collect();
             let wal = Wal::open(storage.clone(), r.stream, wcfg, r.next_segment, &live);
             if !done.is_empty() {
@@ -169,6 +171,7 @@ pub(crate) fn recover(
             }
             wals.insert(r.stream, Arc::new(wal));
         }
+        wal_storage = Some(storage);
     }
     let meta_storage = wrapped(Arc::new(DirStorage::new(dir).map_err(|e| {
         CheckpointError::Unusable {
@@ -192,7 +195,8 @@ pub(crate) fn recover(
         } else {
             LossCause::DriverStoppedWithoutWal
         };
-        plan(&mut recovered, state, from_wal, cause);
+        let restore = plan(&mut recovered, state, from_wal, cause);
+        recovered.restorer = Restorer::new(wal_storage, restore);
         // Record what the quarantine cost before going on: a later start (strict again)
         // then knows these blocks lost instead of refusing.
         let newly: Vec<(u32, u64, LossCause)> = recovered
@@ -236,15 +240,16 @@ pub(crate) fn recover(
 fn plan(
     out: &mut Recovered,
     state: DriverState,
-    wal: Vec<crate::wal::Recovered>,
+    wal: Vec<crate::wal::Scan>,
     cause: LossCause,
-) {
+) -> Vec<Logged> {
     let mut report = RecoveryReport::default();
     let first_seq = &mut out.first_seq;
-    let mut in_wal: BTreeMap<BlockId, Block> = BTreeMap::new();
+    let mut in_wal: BTreeMap<BlockId, Logged> = BTreeMap::new();
+    let mut restore = Vec::new();
     for r in wal {
         report.truncated_segments.extend(r.truncated);
-        for (b, _) in r.blocks {
+        for b in r.blocks {
             let next = first_seq.entry(b.id.stream).or_insert(0);
             *next = (*next).max(b.id.seq + 1);
             if !state.is_processed(b.id) {
@@ -257,14 +262,14 @@ fn plan(
         *next = (*next).max(seq + 1);
     }
     let known_missing = state.missing.clone();
-    let mut restore_one = |in_wal: &mut BTreeMap<BlockId, Block>,
+    let mut restore_one = |in_wal: &mut BTreeMap<BlockId, Logged>,
                            (id, records): (BlockId, u32),
                            report: &mut RecoveryReport| {
         match in_wal.remove(&id) {
             Some(block) => {
                 report.recovered_blocks += 1;
                 report.recovered_records += u64::from(records);
-                out.blocks.push(block);
+                restore.push(block);
             }
             None => {
                 report.lost_blocks += 1;
@@ -316,13 +321,14 @@ fn plan(
     }
     out.last_batch = state.last_batch;
     out.report = Some(report);
+    restore
 }
 
 /// With the write-ahead log, every block the metadata log recorded as acknowledged and not
 /// processed must be in the log (it was synced there before it was recorded): one missing
 /// means the log was damaged, and recovery refuses rather than lose it silently. Streams
 /// whose log has no segment at all (the WAL was just turned on) are not checked.
-fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Recovered]) -> Result<(), WalError> {
+fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Scan]) -> Result<(), WalError> {
     let logged: std::collections::BTreeSet<u32> = wal
         .iter()
         .filter(|r| r.next_segment > 0)
@@ -330,7 +336,7 @@ fn check_acknowledged(state: &DriverState, wal: &[crate::wal::Recovered]) -> Res
         .collect();
     let found: std::collections::BTreeSet<BlockId> = wal
         .iter()
-        .flat_map(|r| r.blocks.iter().map(|(b, _)| b.id))
+        .flat_map(|r| r.blocks.iter().map(|b| b.id))
         .collect();
     let mut missing: BTreeMap<u32, (usize, u64)> = BTreeMap::new();
     for (stream, seq, records) in state

@@ -32,6 +32,19 @@ pub(crate) fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// The payload length and checksum of a frame header, if the header's own checksum holds and
+/// the length is plausible.
+pub(crate) fn parse_header(head: &[u8]) -> Option<(usize, u32)> {
+    let head: &[u8; HEADER] = head.get(..HEADER)?.try_into().ok()?;
+    let hcrc = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if crc32c::crc32c(&head[..8]) != hcrc {
+        return None;
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    (len <= MAX_PAYLOAD).then_some((len, crc))
+}
+
 /// How reading a segment ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Ending {
