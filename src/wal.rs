@@ -243,7 +243,7 @@ pub(crate) struct Scan {
 
 /// Reads every segment of `stream`: verifies checksums, truncates torn tails (reported in the
 /// result and logged), fails on corruption. Every block is read into memory: the context
-/// itself uses [`scan`] and reads blocks one batch at a time.
+/// itself scans the log and reads blocks back one batch at a time.
 pub fn recover(storage: &dyn Storage, stream: u32) -> Result<Recovered, WalError> {
     let s = scan(storage, stream)?;
     truncate_torn(storage, &s)?;
