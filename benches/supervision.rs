@@ -42,6 +42,9 @@ enum Msg {
     Done(oneshot::Sender<u64>),
 }
 
+// The bare `ractor` actor in the comparison uses it directly (ractor's `cluster` feature is on).
+impl ractor::Message for Msg {}
+
 /// Records when a failure happened (outside the state, which a restart discards) and how long
 /// it took until the next message was handled.
 struct LatencyProbe {

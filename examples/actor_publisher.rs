@@ -25,6 +25,9 @@ enum FeederMsg {
     Tick,
 }
 
+// Tributary runs `ractor` with its `cluster` feature: an actor's message type says it is one.
+impl ractor::Message for FeederMsg {}
+
 impl From<PublisherMsg<String>> for FeederMsg {
     fn from(m: PublisherMsg<String>) -> Self {
         FeederMsg::Subscription(m)

@@ -20,6 +20,11 @@
 //! segment and offset; `--quarantine-damaged` goes on instead: the damaged segment is copied
 //! to `DIR/wal/quarantine/`, cut at the damage, and what it held is printed as lost.
 //! Stops gracefully on Ctrl-C or after `--seconds`.
+//!
+//! Workers in other processes: `--cluster-listen 127.0.0.1:0 --cookie S` makes the driver
+//! accept worker processes (the address is printed and written to `OUT/cluster.addr`); start
+//! each with `reliable_ingest --worker --driver ADDR --cookie S`. Replicas of a block go to
+//! distinct processes; `--local-workers 0` keeps none in the driver.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tributary::cluster::{ClusterConfig, WorkerConfig};
 use tributary::testing::{CrashPoint, Faults, FaultyStorage};
 use tributary::wal::{WalConfig, WalRecovery};
 use tributary::{BoxError, Receiver, ReceiverContext, StreamingContext};
@@ -34,11 +40,29 @@ use tributary::{BoxError, Receiver, ReceiverContext, StreamingContext};
 #[derive(Parser, Debug)]
 struct Args {
     /// Checkpoint directory (metadata log, checkpoints, write-ahead log).
-    #[arg(long)]
-    dir: PathBuf,
+    #[arg(long, required_unless_present = "worker")]
+    dir: Option<PathBuf>,
     /// Output directory (source offset, batch files, loss log).
+    #[arg(long, required_unless_present = "worker")]
+    out: Option<PathBuf>,
+    /// Accept worker processes on this address (e.g. 127.0.0.1:0); the address chosen is
+    /// written to `OUT/cluster.addr`, the live worker count to `OUT/live_workers`.
     #[arg(long)]
-    out: PathBuf,
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// Run as a worker process of the driver at `--driver`: host block replicas for it.
+    #[arg(long)]
+    worker: bool,
+    /// The driver to join (with `--worker`).
+    #[arg(long, requires = "worker")]
+    driver: Option<std::net::SocketAddr>,
+    /// The cluster's shared secret (needed with `--cluster-listen` and `--worker`; else
+    /// read from TRIBUTARY_COOKIE).
+    #[arg(long)]
+    cookie: Option<String>,
+    /// In-process workers of the driver (0 only with `--cluster-listen`: every replica in
+    /// worker processes).
+    #[arg(long, default_value_t = 2)]
+    local_workers: usize,
     /// Run without the write-ahead log.
     #[arg(long)]
     no_wal: bool,
@@ -140,12 +164,32 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let args = Args::parse();
-    let batches_dir = args.out.join("batches");
-    let conflicts_dir = args.out.join("conflicts");
+    let mut args = Args::parse();
+    if args.cookie.is_none() {
+        args.cookie = std::env::var("TRIBUTARY_COOKIE").ok();
+    }
+    if args.worker {
+        let (Some(driver), Some(cookie)) = (args.driver, args.cookie.clone()) else {
+            anyhow::bail!("--worker needs --driver ADDR and --cookie (or TRIBUTARY_COOKIE)");
+        };
+        let exit = tributary::cluster::run_worker(WorkerConfig::new(driver, cookie)).await?;
+        println!("worker: {exit:?}");
+        return Ok(());
+    }
+    let (Some(dir), Some(out)) = (args.dir.clone(), args.out.clone()) else {
+        anyhow::bail!("--dir and --out are required");
+    };
+    let cluster = match (args.cluster_listen, args.cookie.clone()) {
+        (Some(listen), Some(cookie)) => Some(ClusterConfig::new(listen, cookie)),
+        (Some(_), None) => anyhow::bail!("--cluster-listen needs --cookie (or TRIBUTARY_COOKIE)"),
+        _ => None,
+    };
+    let local_workers = args.local_workers;
+    let batches_dir = out.join("batches");
+    let conflicts_dir = out.join("conflicts");
     std::fs::create_dir_all(&batches_dir)?;
     std::fs::create_dir_all(&conflicts_dir)?;
-    let offset_file = args.out.join("source.offset");
+    let offset_file = out.join("source.offset");
     let acked_at_start: u64 = std::fs::read_to_string(&offset_file)
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -167,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
         WalRecovery::Strict
     };
     let hold_output = Duration::from_millis(args.hold_output_ms);
-    let out = args.out.clone();
+    let out_dir = out.clone();
     let faults = Faults::new();
     let chaos_faults = faults.clone();
     let checkpoint_every = args.checkpoint_every;
@@ -182,12 +226,15 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     faults.crash_at(crash_at);
-    let ctx = StreamingContext::get_or_create(&args.dir, move |builder| {
+    let ctx = StreamingContext::get_or_create(&dir, move |builder| {
         let mut builder = builder
             .batch_interval(Duration::from_millis(200))
             .block_interval(Duration::from_millis(50))
-            .workers(2)
+            .workers(local_workers)
             .replication(2);
+        if let Some(c) = cluster {
+            builder = builder.cluster(c);
+        }
         builder = builder.checkpoint_interval(checkpoint_every);
         if args.chaos_io.is_some() || crash_at.is_some() {
             builder = builder
@@ -201,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
             });
         }
         let ctx = builder.build()?;
-        let out = out.clone();
+        let out = out_dir.clone();
         ctx.receiver_stream("numbers", source)?
             .for_each_batch(move |batch| {
                 let mut seqs: Vec<u64> = batch
@@ -236,8 +283,8 @@ async fn main() -> anyhow::Result<()> {
     })?;
 
     let mut reports = ctx.subscribe_batches();
-    let lost_log2 = args.out.join("lost.log");
-    let ledger_file = args.out.join("ledger.txt");
+    let lost_log2 = out.join("lost.log");
+    let ledger_file = out.join("ledger.txt");
     tokio::spawn(async move {
         while let Ok(info) = reports.recv().await {
             // Where every acknowledged record stands: stored = completed + pending + lost.
@@ -291,7 +338,20 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        None => println!("new job in {}", args.dir.display()),
+        None => println!("new job in {}", dir.display()),
+    }
+    if let Some(addr) = ctx.cluster_addr() {
+        println!("accepting workers on {addr}");
+        write_atomically(&out.join("cluster.addr"), addr.to_string().as_bytes())?;
+        let ctx2 = ctx.clone();
+        let live_file = out.join("live_workers");
+        tokio::spawn(async move {
+            loop {
+                let n = ctx2.live_workers().await.len();
+                let _ = write_atomically(&live_file, n.to_string().as_bytes());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
     }
     println!("source resumes at offset {acked_at_start}");
 

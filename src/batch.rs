@@ -111,6 +111,8 @@ pub(crate) enum ExecMsg {
     },
 }
 
+impl ractor::Message for ExecMsg {}
+
 /// An executor: runs tasks over blocks held by its worker.
 pub(crate) struct Executor {
     pub(crate) worker: WorkerId,

@@ -11,8 +11,10 @@
 
 use std::collections::HashMap;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::oneshot;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, BytesConvertable, RpcReplyPort};
 
 use crate::block::{Block, BlockId};
 
@@ -30,16 +32,144 @@ pub enum BlockError {
     ShutDown,
 }
 
-/// Messages of a worker's block store.
+/// Messages of a worker's block store. They are serializable: a block store may live in
+/// another process (a worker started with [`crate::cluster::run_worker`]) and be reached
+/// through `ractor_cluster`. In this process nothing is serialized.
+#[derive(ractor_cluster::RactorClusterMessage)]
 pub(crate) enum WorkerMsg {
-    /// Hold the block; reply once held.
-    Put(Block, oneshot::Sender<()>),
+    /// Hold the block; reply `true` once held (`false`: it arrived damaged, not held).
+    #[rpc]
+    Put(Wire<Block>, RpcReplyPort<bool>),
     /// The block, if held.
-    Get(BlockId, oneshot::Sender<Option<Block>>),
+    #[rpc]
+    Get(Wire<BlockId>, RpcReplyPort<Wire<Option<Block>>>),
     /// Drop these blocks.
-    Remove(Vec<BlockId>),
+    Remove(Wire<Vec<BlockId>>),
     /// How many blocks are held.
-    Count(oneshot::Sender<usize>),
+    #[rpc]
+    Count(RpcReplyPort<u64>),
+    /// Liveness: echoes the number (the driver's heartbeat).
+    #[rpc]
+    Ping(u64, RpcReplyPort<u64>),
+}
+
+/// A value as it crosses to another process: `None` if the bytes did not decode (a peer of
+/// another version, or damage), which the receiving side treats as an error rather than
+/// panicking (`ractor`'s decoding cannot fail).
+#[derive(Debug, Clone)]
+pub(crate) struct Wire<T>(pub(crate) Option<T>);
+
+impl<T> Wire<T> {
+    pub(crate) fn of(v: T) -> Wire<T> {
+        Wire(Some(v))
+    }
+}
+
+fn put_id(id: BlockId, out: &mut Vec<u8>) {
+    out.extend_from_slice(&id.stream.to_le_bytes());
+    out.extend_from_slice(&id.seq.to_le_bytes());
+}
+
+fn get_id(b: &[u8]) -> Option<BlockId> {
+    Some(BlockId {
+        stream: u32::from_le_bytes(b.get(0..4)?.try_into().ok()?),
+        seq: u64::from_le_bytes(b.get(4..12)?.try_into().ok()?),
+    })
+}
+
+fn put_block(block: &Block, out: &mut Vec<u8>) {
+    put_id(block.id, out);
+    let created = block
+        .created
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    out.extend_from_slice(&created.to_le_bytes());
+    out.extend_from_slice(&block.records.to_le_bytes());
+    out.extend_from_slice(&block.data);
+}
+
+fn get_block(bytes: Vec<u8>) -> Option<Block> {
+    let id = get_id(&bytes)?;
+    let created = u64::from_le_bytes(bytes.get(12..20)?.try_into().ok()?);
+    let records = u32::from_le_bytes(bytes.get(20..24)?.try_into().ok()?);
+    if bytes.len() < 24 {
+        return None;
+    }
+    Some(Block {
+        id,
+        created: UNIX_EPOCH + Duration::from_micros(created),
+        records,
+        data: Bytes::from(bytes).slice(24..),
+    })
+}
+
+impl BytesConvertable for Wire<Block> {
+    fn into_bytes(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.0 {
+            out.reserve(24 + b.data.len());
+            put_block(b, &mut out);
+        }
+        out
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        Wire(get_block(bytes))
+    }
+}
+
+impl BytesConvertable for Wire<Option<Block>> {
+    fn into_bytes(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self.0 {
+            Some(Some(b)) => {
+                out.push(1);
+                put_block(&b, &mut out);
+            }
+            _ => out.push(0),
+        }
+        out
+    }
+    fn from_bytes(mut bytes: Vec<u8>) -> Self {
+        match bytes.first() {
+            Some(0) if bytes.len() == 1 => Wire(Some(None)),
+            Some(1) => {
+                bytes.remove(0);
+                Wire(get_block(bytes).map(Some))
+            }
+            _ => Wire(None),
+        }
+    }
+}
+
+impl BytesConvertable for Wire<BlockId> {
+    fn into_bytes(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12);
+        if let Some(id) = self.0 {
+            put_id(id, &mut out);
+        }
+        out
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        Wire(get_id(&bytes).filter(|_| bytes.len() == 12))
+    }
+}
+
+impl BytesConvertable for Wire<Vec<BlockId>> {
+    fn into_bytes(self) -> Vec<u8> {
+        let ids = self.0.unwrap_or_default();
+        let mut out = Vec::with_capacity(12 * ids.len());
+        for id in ids {
+            put_id(id, &mut out);
+        }
+        out
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        if !bytes.len().is_multiple_of(12) {
+            return Wire(None);
+        }
+        Wire(bytes.chunks_exact(12).map(get_id).collect())
+    }
 }
 
 /// A worker's block store (an actor).
@@ -65,20 +195,29 @@ impl Actor for Worker {
         blocks: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WorkerMsg::Put(block, ack) => {
-                blocks.insert(block.id, block);
-                let _ = ack.send(());
+            WorkerMsg::Put(Wire(block), ack) => {
+                let held = block.is_some();
+                if let Some(block) = block {
+                    blocks.insert(block.id, block);
+                } else {
+                    tracing::error!("a block arrived damaged; not held");
+                }
+                let _ = ack.send(held);
             }
-            WorkerMsg::Get(id, reply) => {
-                let _ = reply.send(blocks.get(&id).cloned());
+            WorkerMsg::Get(Wire(id), reply) => {
+                let found = id.and_then(|id| blocks.get(&id).cloned());
+                let _ = reply.send(Wire::of(found));
             }
-            WorkerMsg::Remove(ids) => {
-                for id in ids {
+            WorkerMsg::Remove(Wire(ids)) => {
+                for id in ids.unwrap_or_default() {
                     blocks.remove(&id);
                 }
             }
             WorkerMsg::Count(reply) => {
-                let _ = reply.send(blocks.len());
+                let _ = reply.send(blocks.len() as u64);
+            }
+            WorkerMsg::Ping(n, reply) => {
+                let _ = reply.send(n);
             }
         }
         Ok(())

@@ -30,6 +30,7 @@ pub struct StreamingContextBuilder {
     pub(crate) wal: Option<WalConfig>,
     pub(crate) storage_wrap: Option<StorageWrap>,
     pub(crate) checkpoint_every: u32,
+    pub(crate) cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Wraps the storage of the checkpoint directory's logs (see
@@ -79,6 +80,7 @@ impl Default for StreamingContextBuilder {
             wal: None,
             storage_wrap: None,
             checkpoint_every: 100,
+            cluster: None,
         }
     }
 }
@@ -172,6 +174,18 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Accepts workers in other processes ([`crate::cluster`]): the driver listens on
+    /// `config.listen` for workers started with [`crate::cluster::run_worker`] and the same
+    /// cookie, and places block replicas in them, never two replicas of a block in one
+    /// process. The in-process workers (see [`workers`](Self::workers)) stay, as one
+    /// process: with k = 2, one replica is here and one in a worker process. Refused at build
+    /// time: an empty cookie, a heartbeat deadline under 50 ms, or `max_block_bytes` above
+    /// [`crate::cluster::MAX_CLUSTER_BLOCK_BYTES`].
+    pub fn cluster(mut self, config: crate::cluster::ClusterConfig) -> Self {
+        self.cluster = Some(config);
+        self
+    }
+
     /// Compacts the metadata log into `checkpoint.json` every `batches` completed batches
     /// (default 100; must be at least 1).
     pub fn checkpoint_interval(mut self, batches: u32) -> Self {
@@ -215,13 +229,16 @@ impl StreamingContextBuilder {
                 ),
             ));
         }
-        if self.workers == 0 {
-            return Err(ConfigError::new("workers", "must be at least 1"));
+        if self.workers == 0 && self.cluster.is_none() {
+            return Err(ConfigError::new(
+                "workers",
+                "must be at least 1 (0 only with a cluster: every replica in worker processes)",
+            ));
         }
         if self.replication == 0 {
             return Err(ConfigError::new("replication", "must be at least 1"));
         }
-        if self.replication > self.workers {
+        if self.replication > self.workers && self.cluster.is_none() {
             return Err(ConfigError::new(
                 "replication",
                 format!(
@@ -281,6 +298,10 @@ impl StreamingContextBuilder {
                     "segment_bytes and segment_age must be greater than zero",
                 ));
             }
+        }
+        if let Some(c) = &self.cluster {
+            c.validate(self.max_block_bytes)
+                .map_err(|e| ConfigError::new("cluster", e.to_string()))?;
         }
         if let Some(dir) = &self.checkpoint_dir {
             crate::checkpoint::check_usable(dir)

@@ -513,10 +513,14 @@ impl StreamingContext {
         self.inner.check_stop()?;
 
         // Workers and the BlockManagerMaster, with the recovered blocks put back.
-        let (blocks, cluster) =
-            BlockManagerMaster::start(cfg.workers, cfg.replication, cfg.memory_bytes)
-                .await
-                .map_err(|e| start_err("workers", &e))?;
+        let (blocks, cluster) = BlockManagerMaster::start_with(
+            cfg.workers,
+            cfg.replication,
+            cfg.memory_bytes,
+            cfg.cluster.as_ref(),
+        )
+        .await
+        .map_err(|e| start_err("workers", &e))?;
         stages.blocks = Some(blocks.clone());
         // Recovered blocks stay in the log until their batch runs; their memory is taken
         // from the budget now, before any receiver can take it.
@@ -539,7 +543,8 @@ impl StreamingContext {
         stages.executors = Some(executors.clone());
         let mut execs = Vec::with_capacity(cfg.executors);
         for i in 0..cfg.executors {
-            let worker = i % cfg.workers;
+            // With no in-process worker (a cluster), every read is remote.
+            let worker = i.checked_rem(cfg.workers).unwrap_or(usize::MAX);
             let (store, _unused) = Store::channel(1);
             let exec = Executor {
                 worker,
@@ -658,6 +663,12 @@ impl StreamingContext {
             Some(b) => b.live_workers().await,
             None => Vec::new(),
         }
+    }
+
+    /// The address worker processes join, with a [`cluster`](crate::StreamingContextBuilder::cluster)
+    /// configuration, while running (the port the OS chose when the configured one is 0).
+    pub fn cluster_addr(&self) -> Option<std::net::SocketAddr> {
+        self.blocks()?.cluster_addr()
     }
 
     /// Blocks acknowledged but not yet freed (their batch has not completed).

@@ -119,6 +119,7 @@ pub mod block;
 mod block_generator;
 mod block_manager;
 mod buffer_pool;
+pub mod cluster;
 
 pub mod checkpoint;
 mod config;

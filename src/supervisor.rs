@@ -438,6 +438,8 @@ pub(crate) enum SupervisorMsg {
     },
 }
 
+impl ractor::Message for SupervisorMsg {}
+
 impl fmt::Debug for SupervisorMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -205,6 +205,12 @@ pub const RECORDS_LOST_TOTAL: &str = "tributary_records_lost_total";
 pub const BLOCKS_REREPLICATED_TOTAL: &str = "tributary_blocks_rereplicated_total";
 /// Counter: workers lost.
 pub const WORKERS_LOST_TOTAL: &str = "tributary_workers_lost_total";
+/// Counter: worker processes that joined the driver.
+pub const WORKERS_JOINED_TOTAL: &str = "tributary_workers_joined_total";
+/// Counter: worker processes declared lost because they missed the heartbeat deadline.
+pub const HEARTBEAT_MISSES_TOTAL: &str = "tributary_heartbeat_misses_total";
+/// Counter: connections closed before they authenticated (e.g. a wrong cookie).
+pub const CLUSTER_REFUSED_TOTAL: &str = "tributary_cluster_refused_total";
 /// Counter: batches completed (or failed).
 pub const BATCHES_TOTAL: &str = "tributary_batches_total";
 /// Counter: batches that failed.

@@ -101,6 +101,8 @@ pub enum ProbeMsg {
     Finish,
 }
 
+impl ractor::Message for ProbeMsg {}
+
 /// A view of a probe's current state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeView {

@@ -26,6 +26,10 @@ pub enum PublisherMsg<T> {
     Unsubscribe(ActorId),
 }
 
+// `ractor` runs with its `cluster` feature in Tributary, so message types say they are
+// messages (local only: a `ReceiverRef` never crosses processes).
+impl<T: Send + 'static> ractor::Message for PublisherMsg<T> {}
+
 impl<T> fmt::Debug for PublisherMsg<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -82,7 +86,7 @@ pub struct SubscriberState {
 impl<T, M> Receiver for SubscriberReceiver<T, M>
 where
     T: Send + 'static,
-    M: From<PublisherMsg<T>> + Send + 'static,
+    M: From<PublisherMsg<T>> + ractor::Message,
 {
     type Msg = T;
     type State = SubscriberState;

@@ -14,6 +14,8 @@ enum FeedMsg {
     Count(RpcReplyPort<usize>),
 }
 
+impl ractor::Message for FeedMsg {}
+
 impl From<PublisherMsg<String>> for FeedMsg {
     fn from(m: PublisherMsg<String>) -> Self {
         FeedMsg::Sub(m)

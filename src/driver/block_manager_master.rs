@@ -27,8 +27,12 @@ use std::sync::Arc;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use std::time::Duration;
+
 use crate::block::{Block, BlockId};
-use crate::block_manager::{BlockError, Worker, WorkerId, WorkerMsg};
+use crate::block_manager::{BlockError, Wire, Worker, WorkerId, WorkerMsg};
+use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
+use crate::cluster::{ClusterConfig, ClusterError};
 
 /// What the block manager reports to the ReceiverTracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,8 +68,16 @@ enum Cmd {
     Tracked(Reply<usize>),
     Free(Vec<BlockId>),
     Kill(WorkerId, Reply<bool>),
-    /// A worker's actor ended.
+    /// A worker's actor ended (or its process missed the heartbeat deadline).
     WorkerDied(WorkerId),
+    /// A worker process's block store joined: a new worker, in the process `node`.
+    Join {
+        actor: ActorRef<WorkerMsg>,
+        node: u64,
+        reply: Reply<WorkerId>,
+    },
+    /// The connection to the process `node` closed: every worker there is lost.
+    NodeDown(u64),
     /// Re-replication copied `id` to `target`.
     AddReplica {
         id: BlockId,
@@ -79,6 +91,8 @@ enum Cmd {
 #[derive(Clone)]
 pub(crate) struct BlockManagerMaster {
     k: usize,
+    /// Where worker processes join (with a cluster configuration).
+    cluster_addr: Option<std::net::SocketAddr>,
     tx: mpsc::UnboundedSender<Cmd>,
     memory: Arc<Semaphore>,
     memory_kib: u32,
@@ -92,6 +106,15 @@ impl std::fmt::Debug for BlockManagerMaster {
     }
 }
 
+/// How long a worker has to answer a request. A worker in another process that does not is
+/// treated as not holding the block (its heartbeat declares it lost soon after).
+const REPLY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a worker acknowledged holding a block, within the deadline.
+async fn held(rx: oneshot::Receiver<bool>) -> bool {
+    matches!(tokio::time::timeout(REPLY_DEADLINE, rx).await, Ok(Ok(true)))
+}
+
 /// Memory budget unit: KiB (a semaphore permit is a `u32`).
 pub(crate) fn kib(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(1024))
@@ -102,15 +125,35 @@ pub(crate) fn kib(bytes: usize) -> u32 {
 impl BlockManagerMaster {
     /// Starts `workers` worker actors and the master task. `memory_bytes` bounds the bytes of
     /// unprocessed blocks.
+    #[cfg(test)]
     pub(crate) async fn start(
         workers: usize,
         k: usize,
         memory_bytes: usize,
     ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), ractor::SpawnErr> {
+        match Self::start_with(workers, k, memory_bytes, None).await {
+            Ok(started) => Ok(started),
+            Err(StartError::Spawn(e)) => Err(e),
+            Err(StartError::Cluster(e)) => Err(ractor::SpawnErr::StartupFailed(e.into())),
+        }
+    }
+
+    /// Like [`start`](Self::start); with `cluster`, also listens for worker processes.
+    pub(crate) async fn start_with(
+        workers: usize,
+        k: usize,
+        memory_bytes: usize,
+        cluster: Option<&ClusterConfig>,
+    ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), StartError> {
+        let node = match cluster {
+            Some(c) => Some(DriverNode::start(c).await.map_err(StartError::Cluster)?),
+            None => None,
+        };
         let (events, rx) = mpsc::unbounded_channel();
         let (tx, commands) = mpsc::unbounded_channel();
         let bm = BlockManagerMaster {
             k,
+            cluster_addr: node.as_ref().map(|(n, _)| n.addr()),
             tx: tx.clone(),
             memory: Arc::new(Semaphore::new(kib(memory_bytes) as usize)),
             memory_kib: kib(memory_bytes),
@@ -124,7 +167,7 @@ impl BlockManagerMaster {
                         let a: &ActorRef<WorkerMsg> = a;
                         a.stop(None);
                     }
-                    return Err(e);
+                    return Err(StartError::Spawn(e));
                 }
             };
             refs.push(actor);
@@ -134,16 +177,40 @@ impl BlockManagerMaster {
                 let _ = tx.send(Cmd::WorkerDied(id));
             });
         }
+        // In-process workers are one process when worker processes may join (replicas go to
+        // distinct processes); without a cluster each is its own placement domain, as before.
+        let domains = (0..workers)
+            .map(|w| {
+                if node.is_some() {
+                    Domain::Driver
+                } else {
+                    Domain::Local(w)
+                }
+            })
+            .collect();
+        let node = node.map(|(n, node_events)| {
+            let n = Arc::new(n);
+            let deadline = cluster.map_or(Duration::from_secs(2), |c| c.heartbeat_deadline);
+            tokio::spawn(membership(n.clone(), node_events, bm.clone(), deadline));
+            n
+        });
         let state = MasterState {
             workers: refs.into_iter().map(Some).collect(),
+            domains,
             meta: HashMap::new(),
             next_worker: 0,
             shutting_down: false,
             events,
             master: bm.clone(),
+            node,
         };
         tokio::spawn(state.run(commands));
         Ok((bm, rx))
+    }
+
+    /// Where worker processes join, with a cluster configuration.
+    pub(crate) fn cluster_addr(&self) -> Option<std::net::SocketAddr> {
+        self.cluster_addr
     }
 
     async fn ask<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Option<T> {
@@ -180,6 +247,7 @@ impl BlockManagerMaster {
         let id = block.id;
         let mut holders = Vec::with_capacity(self.k);
         let mut tried = Vec::new();
+        let mut waited = 0u64;
         while holders.len() < self.k {
             let n = self.k - holders.len();
             let exclude = tried.clone();
@@ -193,6 +261,17 @@ impl BlockManagerMaster {
                 .await
                 .ok_or(BlockError::ShutDown)?;
             if targets.is_empty() {
+                if holders.is_empty() && self.cluster_addr.is_some() {
+                    // No worker at all yet (or none left): with worker processes to come,
+                    // `store` waits for one rather than failing.
+                    if waited.is_multiple_of(100) {
+                        tracing::warn!(block = %id, "no live worker to hold the block; waiting for a worker process to join");
+                    }
+                    waited += 1;
+                    tried.clear();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 break;
             }
             let mut acks = Vec::with_capacity(targets.len());
@@ -200,14 +279,14 @@ impl BlockManagerMaster {
                 tried.push(w);
                 let (tx, rx) = oneshot::channel();
                 if actor
-                    .send_message(WorkerMsg::Put(block.clone(), tx))
+                    .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
                     .is_ok()
                 {
                     acks.push((w, rx));
                 }
             }
             for (w, rx) in acks {
-                if rx.await.is_ok() {
+                if held(rx).await {
                     holders.push(w);
                 }
             }
@@ -251,8 +330,13 @@ impl BlockManagerMaster {
     pub(crate) async fn get_from(&self, w: WorkerId, id: BlockId) -> Option<Block> {
         let actor = self.ask(|r| Cmd::Worker(w, r)).await??;
         let (tx, rx) = oneshot::channel();
-        actor.send_message(WorkerMsg::Get(id, tx)).ok()?;
-        rx.await.ok().flatten()
+        actor
+            .send_message(WorkerMsg::Get(Wire::of(id), tx.into()))
+            .ok()?;
+        match tokio::time::timeout(REPLY_DEADLINE, rx).await {
+            Ok(Ok(Wire(Some(found)))) => found,
+            _ => None,
+        }
     }
 
     /// Frees blocks whose batch completed: removed from every worker, memory returned.
@@ -269,8 +353,9 @@ impl BlockManagerMaster {
     pub(crate) async fn worker_block_count(&self, w: WorkerId) -> Option<usize> {
         let actor = self.ask(|r| Cmd::Worker(w, r)).await??;
         let (tx, rx) = oneshot::channel();
-        actor.send_message(WorkerMsg::Count(tx)).ok()?;
-        rx.await.ok()
+        actor.send_message(WorkerMsg::Count(tx.into())).ok()?;
+        let n = tokio::time::timeout(REPLY_DEADLINE, rx).await.ok()?.ok()?;
+        usize::try_from(n).ok()
     }
 
     /// Kills worker `w` abruptly (its blocks are gone), as a crash would. For tests and demos.
@@ -294,6 +379,11 @@ struct Meta {
 /// What the master task owns.
 struct MasterState {
     workers: Vec<Option<ActorRef<WorkerMsg>>>,
+    /// Each worker's placement domain (the process it is in): replicas of a block go to
+    /// distinct domains.
+    domains: Vec<Domain>,
+    /// The cluster node, with a cluster configuration.
+    node: Option<Arc<DriverNode>>,
     meta: HashMap<BlockId, Meta>,
     next_worker: usize,
     shutting_down: bool,
@@ -390,6 +480,23 @@ impl MasterState {
                 let _ = reply.send(alive);
             }
             Cmd::WorkerDied(w) => self.worker_lost(w),
+            Cmd::Join { actor, node, reply } => {
+                let w = self.workers.len();
+                self.workers.push(Some(actor));
+                self.domains.push(Domain::Node(node));
+                tracing::info!(worker = w, node, "a worker process joined");
+                metrics::counter!(crate::telemetry::WORKERS_JOINED_TOTAL).increment(1);
+                let _ = reply.send(w);
+                self.top_up();
+            }
+            Cmd::NodeDown(node) => {
+                let gone: Vec<WorkerId> = (0..self.workers.len())
+                    .filter(|w| self.domains[*w] == Domain::Node(node) && self.alive(*w))
+                    .collect();
+                for w in gone {
+                    self.worker_lost(w);
+                }
+            }
             Cmd::AddReplica { id, target, reply } => {
                 let target_alive = self.alive(target);
                 let added = match self.meta.get_mut(&id) {
@@ -401,7 +508,7 @@ impl MasterState {
                     None => {
                         // Freed meanwhile: do not leave a stray copy.
                         if let Some(Some(actor)) = self.workers.get(target) {
-                            let _ = actor.send_message(WorkerMsg::Remove(vec![id]));
+                            let _ = actor.send_message(WorkerMsg::Remove(Wire::of(vec![id])));
                         }
                         false
                     }
@@ -410,6 +517,9 @@ impl MasterState {
             }
             Cmd::Shutdown => {
                 self.shutting_down = true;
+                if let Some(node) = self.node.take() {
+                    node.stop();
+                }
                 for actor in self.workers.iter().flatten() {
                     actor.stop(None);
                 }
@@ -430,6 +540,8 @@ impl MasterState {
         matches!(self.workers.get(w), Some(Some(a)) if a.get_status() == ractor::ActorStatus::Running)
     }
 
+    /// Up to `n` live workers, round-robin from `preferred`, none in `exclude`, and each in a
+    /// placement domain (process) that neither `exclude` nor an earlier pick is in.
     fn pick(
         &mut self,
         preferred: WorkerId,
@@ -443,12 +555,46 @@ impl MasterState {
             self.next_worker
         };
         self.next_worker = (self.next_worker + 1) % count.max(1);
-        (0..count)
-            .map(|i| (start + i) % count)
-            .filter(|w| !exclude.contains(w))
-            .filter_map(|w| self.workers[w].clone().map(|a| (w, a)))
-            .take(n)
-            .collect()
+        let mut used: Vec<Domain> = exclude
+            .iter()
+            .filter_map(|w| self.domains.get(*w).copied())
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for w in (0..count).map(|i| (start + i) % count) {
+            if out.len() == n {
+                break;
+            }
+            if exclude.contains(&w) || used.contains(&self.domains[w]) {
+                continue;
+            }
+            if let Some(a) = self.workers[w].clone() {
+                used.push(self.domains[w]);
+                out.push((w, a));
+            }
+        }
+        out
+    }
+
+    /// Copies under-replicated blocks to more workers (a worker process joined).
+    fn top_up(&mut self) {
+        let short: Vec<(BlockId, Vec<WorkerId>)> = self
+            .meta
+            .iter()
+            .filter(|(_, m)| m.replicas.len() < self.master.k)
+            .map(|(id, m)| (*id, m.replicas.clone()))
+            .collect();
+        if !short.is_empty() {
+            tracing::info!(
+                blocks = short.len(),
+                "copying under-replicated blocks to the new worker"
+            );
+            tokio::spawn(re_replicate(
+                self.master.clone(),
+                self.events.clone(),
+                None,
+                short,
+            ));
+        }
     }
 
     fn free(&mut self, ids: &[BlockId]) {
@@ -462,7 +608,7 @@ impl MasterState {
         }
         for (w, ids) in per_worker {
             if let Some(Some(actor)) = self.workers.get(w) {
-                let _ = actor.send_message(WorkerMsg::Remove(ids));
+                let _ = actor.send_message(WorkerMsg::Remove(Wire::of(ids)));
             }
         }
     }
@@ -506,22 +652,27 @@ impl MasterState {
         tokio::spawn(re_replicate(
             self.master.clone(),
             self.events.clone(),
-            w,
+            Some(w),
             affected,
         ));
     }
 }
 
-/// Copies each block from its first survivor to one more live worker, then reports the loss
-/// of worker `w` to the tracker.
+/// Copies each block from its first survivor to more live workers until it has k replicas
+/// (or no other process can take one), then reports the loss of worker `lost`, if any, to
+/// the tracker.
 async fn re_replicate(
     master: BlockManagerMaster,
     events: mpsc::UnboundedSender<ClusterEvent>,
-    w: WorkerId,
+    lost: Option<WorkerId>,
     affected: Vec<(BlockId, Vec<WorkerId>)>,
 ) {
     let mut restored = 0usize;
     for (id, survivors) in affected {
+        let n = master.k.saturating_sub(survivors.len());
+        if n == 0 {
+            continue;
+        }
         let Some(block) = master.get_from(survivors[0], id).await else {
             continue;
         };
@@ -529,7 +680,7 @@ async fn re_replicate(
         let Some(targets) = master
             .ask(|reply| Cmd::Pick {
                 preferred: survivors[0],
-                n: 1,
+                n,
                 exclude,
                 reply,
             })
@@ -540,9 +691,9 @@ async fn re_replicate(
         for (target, actor) in targets {
             let (tx, rx) = oneshot::channel();
             if actor
-                .send_message(WorkerMsg::Put(block.clone(), tx))
+                .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
                 .is_ok()
-                && rx.await.is_ok()
+                && held(rx).await
                 && master
                     .ask(|reply| Cmd::AddReplica { id, target, reply })
                     .await
@@ -553,8 +704,127 @@ async fn re_replicate(
         }
     }
     metrics::counter!(crate::telemetry::BLOCKS_REREPLICATED_TOTAL).increment(restored as u64);
-    tracing::info!(worker = w, restored, "re-replication done");
-    let _ = events.send(ClusterEvent::WorkerLost(w));
+    tracing::info!(worker = ?lost, restored, "re-replication done");
+    if let Some(w) = lost {
+        let _ = events.send(ClusterEvent::WorkerLost(w));
+    }
+}
+
+/// A worker's placement domain: the process it lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Domain {
+    /// An in-process worker, without a cluster: its own domain.
+    Local(WorkerId),
+    /// The driver's process (in-process workers, with a cluster).
+    Driver,
+    /// A worker process, by its `ractor_cluster` node id.
+    Node(u64),
+}
+
+/// Why the block manager could not start.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    Spawn(ractor::SpawnErr),
+    Cluster(ClusterError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Spawn(e) => write!(f, "{e}"),
+            StartError::Cluster(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Follows the cluster node's sessions: a worker process that joins gets a worker (and a
+/// heartbeat); one whose connection closes is lost.
+async fn membership(
+    node: Arc<DriverNode>,
+    mut events: mpsc::UnboundedReceiver<NodeEvent>,
+    master: BlockManagerMaster,
+    deadline: Duration,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            NodeEvent::Ready { node: id, peer } => {
+                let stores = block_stores_of(id);
+                if stores.is_empty() {
+                    tracing::warn!(node = id, %peer, "a node joined without a block store; ignored");
+                }
+                for actor in stores {
+                    let Some(w) = master
+                        .ask(|reply| Cmd::Join {
+                            actor: actor.clone(),
+                            node: id,
+                            reply,
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    tokio::spawn(heartbeat(
+                        node.clone(),
+                        master.clone(),
+                        w,
+                        id,
+                        actor,
+                        deadline,
+                    ));
+                }
+            }
+            NodeEvent::Left { node: id, peer } => {
+                tracing::warn!(node = id, %peer, "a worker process's connection closed");
+                let _ = master.tx.send(Cmd::NodeDown(id));
+            }
+            NodeEvent::Refused { peer } => {
+                tracing::warn!(%peer, "a connection closed before authentication (wrong cookie, or not a Tributary worker)");
+                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+            }
+        }
+    }
+}
+
+/// Pings worker `w` (in the process `id`) every quarter of the deadline; no answer within the
+/// deadline: the worker is lost, and its connection closed so that this incarnation can never
+/// deliver into later batches (it exits; a new one joins as a new worker).
+async fn heartbeat(
+    node: Arc<DriverNode>,
+    master: BlockManagerMaster,
+    w: WorkerId,
+    id: u64,
+    actor: ActorRef<WorkerMsg>,
+    deadline: Duration,
+) {
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(deadline / 4);
+    loop {
+        tick.tick().await;
+        if master.tx.is_closed() {
+            return;
+        }
+        n += 1;
+        let (tx, rx) = oneshot::channel();
+        if actor.send_message(WorkerMsg::Ping(n, tx.into())).is_err() {
+            return; // the session closed: NodeDown handles it
+        }
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return, // the session closed
+            Err(_) => {
+                tracing::error!(
+                    worker = w,
+                    node = id,
+                    ?deadline,
+                    "worker missed the heartbeat deadline: lost, and fenced"
+                );
+                metrics::counter!(crate::telemetry::HEARTBEAT_MISSES_TOTAL).increment(1);
+                let _ = master.tx.send(Cmd::WorkerDied(w));
+                node.fence(id).await;
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,10 @@ pub(crate) enum Envelope<M> {
     Control(Control),
 }
 
+// Users' message types need no `Message` impl of their own: only the envelope crosses
+// ractor's mailbox (and it never crosses processes).
+impl<M: Send + 'static> ractor::Message for Envelope<M> {}
+
 pub(crate) struct ReceiverHost<R: Receiver> {
     pub(crate) receiver: R,
 }

@@ -1,0 +1,154 @@
+//! Workers in other processes: the driver listens, workers join it, and the driver places block
+//! replicas in their block stores. Built on `ractor_cluster`, the distribution layer of the
+//! actor runtime Tributary runs on (cookie authentication, remote actors, process groups).
+//!
+//! ```text
+//!  driver process                                   worker process (the same binary)
+//!  StreamingContext + ClusterConfig                 cluster::run_worker(WorkerConfig)
+//!    NodeServer ◄──── TCP, cookie challenge ──────── NodeServer
+//!    BlockManagerMaster ──Put/Get/Remove/Ping──────► block store (joins "tributary.block-stores")
+//!      heartbeat: no Ping answer within the deadline ⇒ the worker is lost and its connection
+//!      is closed (fenced: that incarnation can never deliver into later batches)
+//! ```
+//!
+//! Only ids and bytes cross the wire ([`crate::Block`]s in Tributary's own encoding), never
+//! closures. A worker exits when its driver goes away (or fences it): a process manager, or the
+//! driver in the one-machine mode, starts a new incarnation, which joins as a new worker.
+//!
+//! What `ractor_cluster` does not do, and what this module does instead: a node is only seen
+//! down when its connection closes, so a frozen process would go unnoticed; the driver runs a
+//! heartbeat with a deadline of its own ([`ClusterConfig::heartbeat_deadline`]). Its frames
+//! are capped at 16 MiB, so blocks are refused at configuration time above
+//! [`MAX_CLUSTER_BLOCK_BYTES`]. Its session writer queue is unbounded; Tributary never lets it
+//! grow with the input rate, since a block is sent only when the previous ones of the same
+//! receiver were acknowledged (the block queue bounds what is in flight).
+
+pub(crate) mod node;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use node::{run_worker, WorkerExit};
+
+/// The largest block (encoded records) that may cross to a worker process: `ractor_cluster`
+/// refuses frames above 16 MiB, and a block travels in one frame with a small envelope.
+pub const MAX_CLUSTER_BLOCK_BYTES: usize = 15 << 20;
+
+/// The process group workers' block stores join (how the driver finds them).
+pub(crate) const BLOCK_STORES: &str = "tributary.block-stores";
+
+/// Errors of the cluster layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// The driver could not listen on its address.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A worker could not reach its driver.
+    #[error("cannot connect to the driver at {addr}: {reason}")]
+    Connect {
+        /// The driver's address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The driver closed the connection before the worker was authenticated: a wrong cookie
+    /// (the shared secret), or not a Tributary driver.
+    #[error(
+        "the driver at {addr} refused this worker before authentication (wrong cookie, or not a Tributary driver)"
+    )]
+    Refused {
+        /// The driver's address.
+        addr: SocketAddr,
+    },
+    /// The actor runtime could not start a part of the node.
+    #[error("could not start {what}: {reason}")]
+    Start {
+        /// Which part.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// A setting is invalid.
+    #[error("invalid cluster setting: {0}")]
+    Config(String),
+}
+
+/// The driver's side of a cluster: where it listens for workers, the shared secret they must
+/// know, and how quickly a silent worker is declared lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Address to listen on for workers (port 0: one chosen by the OS, see
+    /// [`StreamingContext::cluster_addr`](crate::StreamingContext::cluster_addr)).
+    pub listen: SocketAddr,
+    /// The shared secret (cookie) a worker must prove it knows to join.
+    pub cookie: String,
+    /// A worker that answers no heartbeat for this long is lost (default 2 s).
+    pub heartbeat_deadline: Duration,
+}
+
+impl ClusterConfig {
+    /// Listen on `listen`; workers must know `cookie`.
+    pub fn new(listen: SocketAddr, cookie: impl Into<String>) -> ClusterConfig {
+        ClusterConfig {
+            listen,
+            cookie: cookie.into(),
+            heartbeat_deadline: Duration::from_secs(2),
+        }
+    }
+
+    /// A worker silent for `deadline` is lost (default 2 s; at least 50 ms).
+    pub fn heartbeat_deadline(mut self, deadline: Duration) -> ClusterConfig {
+        self.heartbeat_deadline = deadline;
+        self
+    }
+
+    pub(crate) fn validate(&self, max_block_bytes: usize) -> Result<(), ClusterError> {
+        if self.cookie.is_empty() {
+            return Err(ClusterError::Config(
+                "the cookie (shared secret) must not be empty".into(),
+            ));
+        }
+        if self.heartbeat_deadline < Duration::from_millis(50) {
+            return Err(ClusterError::Config(format!(
+                "heartbeat_deadline {:?} is below 50 ms",
+                self.heartbeat_deadline
+            )));
+        }
+        if max_block_bytes > MAX_CLUSTER_BLOCK_BYTES {
+            return Err(ClusterError::Config(format!(
+                "max_block_bytes {max_block_bytes} is above {MAX_CLUSTER_BLOCK_BYTES}, the largest block that crosses to a worker process"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A worker process's settings: the driver to join and the shared secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// The driver's cluster address.
+    pub driver: SocketAddr,
+    /// The shared secret (cookie), the same as the driver's.
+    pub cookie: String,
+    /// This worker's name, for logs (made unique with the process id).
+    pub name: String,
+    /// How long to keep trying to reach the driver at start (default 10 s).
+    pub connect_timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// Join the driver at `driver` with `cookie`.
+    pub fn new(driver: SocketAddr, cookie: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            driver,
+            cookie: cookie.into(),
+            name: "worker".into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The `ractor_cluster` nodes: the driver's (it accepts workers) and a worker's (it joins).
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorRef};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServer, NodeServerMessage};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::block_manager::{Worker, WorkerMsg};
+use crate::cluster::{ClusterConfig, ClusterError, WorkerConfig, BLOCK_STORES};
+
+/// A node's view of its sessions, as the driver's BlockManagerMaster and a worker need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NodeEvent {
+    /// A peer authenticated and synchronised its actors and groups.
+    Ready { node: u64, peer: String },
+    /// An authenticated peer's connection closed.
+    Left { node: u64, peer: String },
+    /// A connection closed before it authenticated (a wrong cookie, or not a Tributary node).
+    Refused { peer: String },
+}
+
+/// Forwards `ractor_cluster`'s session events into a channel.
+struct Subscription {
+    events: mpsc::UnboundedSender<NodeEvent>,
+    authenticated: Arc<Mutex<HashSet<u64>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ractor_cluster::NodeEventSubscription for Subscription {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        lock(&self.authenticated).insert(ses.node_id);
+    }
+
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        let _ = self.events.send(NodeEvent::Ready {
+            node: ses.node_id,
+            peer: ses.peer_addr,
+        });
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let was = lock(&self.authenticated).remove(&ses.node_id);
+        let peer = ses.peer_addr;
+        let _ = self.events.send(if was {
+            NodeEvent::Left {
+                node: ses.node_id,
+                peer,
+            }
+        } else {
+            NodeEvent::Refused { peer }
+        });
+    }
+}
+
+/// An accepted TCP connection handed to `ractor_cluster` (the driver accepts connections
+/// itself, so that it knows the port the OS chose and binds only the configured address).
+struct Tcp(TcpStream);
+
+impl ClusterBidiStream for Tcp {
+    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = self.0.into_split();
+        (Box::new(r), Box::new(w))
+    }
+    fn peer_label(&self) -> Option<String> {
+        self.0.peer_addr().ok().map(|a| a.to_string())
+    }
+    fn local_label(&self) -> Option<String> {
+        self.0.local_addr().ok().map(|a| a.to_string())
+    }
+}
+
+/// Starts a node server (its own listener on a loopback port the OS chooses, unused: the
+/// driver accepts connections itself, a worker only connects out).
+async fn node_server(
+    name: String,
+    cookie: String,
+) -> Result<
+    (
+        ActorRef<NodeServerMessage>,
+        mpsc::UnboundedReceiver<NodeEvent>,
+    ),
+    ClusterError,
+> {
+    let server = NodeServer::new(
+        0,
+        cookie,
+        name,
+        "127.0.0.1".into(),
+        None,
+        Some(NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let (server, _join) =
+        Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| ClusterError::Start {
+                what: "the cluster node".into(),
+                reason: e.to_string(),
+            })?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "tributary".into(),
+            subscription: Box::new(Subscription {
+                events: tx,
+                authenticated: Arc::default(),
+            }),
+        })
+        .map_err(|e| ClusterError::Start {
+            what: "the cluster node".into(),
+            reason: e.to_string(),
+        })?;
+    Ok((server, rx))
+}
+
+/// The driver's node: accepts workers on its address.
+pub(crate) struct DriverNode {
+    server: ActorRef<NodeServerMessage>,
+    accept: JoinHandle<()>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for DriverNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverNode")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DriverNode {
+    /// Listens on `cfg.listen` and starts the node.
+    pub(crate) async fn start(
+        cfg: &ClusterConfig,
+    ) -> Result<(DriverNode, mpsc::UnboundedReceiver<NodeEvent>), ClusterError> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| ClusterError::Listen {
+                addr: cfg.listen,
+                reason: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| ClusterError::Listen {
+            addr: cfg.listen,
+            reason: e.to_string(),
+        })?;
+        let name = format!("tributary-driver-{}-{}", std::process::id(), addr.port());
+        let (server, events) = node_server(name, cfg.cookie.clone()).await?;
+        let to = server.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tracing::debug!(%peer, "worker connection accepted");
+                        if to
+                            .cast(NodeServerMessage::ConnectionOpenedExternal {
+                                stream: Box::new(Tcp(stream)),
+                                is_server: true,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a worker connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        tracing::info!(%addr, "driver listening for workers");
+        Ok((
+            DriverNode {
+                server,
+                accept,
+                addr,
+            },
+            events,
+        ))
+    }
+
+    /// The address workers connect to.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the connection of `node`: that incarnation of the worker can no longer reach
+    /// the driver (it exits; a new one joins as a new worker).
+    pub(crate) async fn fence(&self, node: u64) {
+        let sessions = ractor::call_t!(self.server, NodeServerMessage::GetSessions, 2_000);
+        if let Ok(sessions) = sessions {
+            if let Some(s) = sessions.get(&node) {
+                s.actor
+                    .stop(Some("fenced: missed the heartbeat deadline".into()));
+            }
+        }
+    }
+
+    /// Stops accepting and closes every session.
+    pub(crate) fn stop(&self) {
+        self.accept.abort();
+        self.server.stop(None);
+    }
+}
+
+impl Drop for DriverNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The block stores of the node `node` (a worker process), as the driver sees them.
+pub(crate) fn block_stores_of(node: u64) -> Vec<ActorRef<WorkerMsg>> {
+    ractor::pg::get_members(&BLOCK_STORES.to_string())
+        .into_iter()
+        .filter(|c: &ActorCell| !c.get_id().is_local() && c.get_id().node() == node)
+        .map(ActorRef::from)
+        .collect()
+}
+
+/// How a worker process's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// The driver went away or closed the connection (it fenced this worker, or stopped).
+    DriverGone,
+    /// Ctrl-C.
+    Interrupted,
+}
+
+/// Runs a worker: joins the driver at `cfg.driver` and hosts a block store for it until the
+/// driver goes away (or fences this worker), or Ctrl-C. A wrong cookie is
+/// [`ClusterError::Refused`]; a driver that cannot be reached within
+/// `cfg.connect_timeout` is [`ClusterError::Connect`].
+pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
+    let name = format!("{}-{}", cfg.name, std::process::id());
+    let (server, mut events) = node_server(name.clone(), cfg.cookie.clone()).await?;
+    let guard = StopOnDrop(server.get_cell());
+    let (store, _join) = Actor::spawn(None, Worker, ())
+        .await
+        .map_err(|e| ClusterError::Start {
+            what: "the block store".into(),
+            reason: e.to_string(),
+        })?;
+    let _store_guard = StopOnDrop(store.get_cell());
+    ractor::pg::join(BLOCK_STORES.to_string(), vec![store.get_cell()]);
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    loop {
+        match ractor_cluster::client_connect(&server, cfg.driver).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(driver = %cfg.driver, error = %e, "driver not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(ClusterError::Connect {
+                    addr: cfg.driver,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    let mut joined = false;
+    let exit = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(NodeEvent::Ready { .. }) => {
+                    joined = true;
+                    tracing::info!(worker = %name, driver = %cfg.driver, "joined the driver");
+                }
+                Some(NodeEvent::Left { .. }) | None => {
+                    tracing::warn!(worker = %name, "the driver closed the connection; exiting");
+                    break Ok(WorkerExit::DriverGone);
+                }
+                Some(NodeEvent::Refused { .. }) => {
+                    break Err(ClusterError::Refused { addr: cfg.driver });
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break Ok(WorkerExit::Interrupted),
+        }
+    };
+    if !joined && exit == Ok(WorkerExit::DriverGone) {
+        return Err(ClusterError::Refused { addr: cfg.driver });
+    }
+    drop(guard);
+    exit
+}
+
+/// Stops an actor when dropped.
+struct StopOnDrop(ActorCell);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop(None);
+    }
+}
