@@ -63,6 +63,9 @@ struct Args {
     /// worker processes).
     #[arg(long, default_value_t = 2)]
     local_workers: usize,
+    /// Replicas of each block (k).
+    #[arg(long, default_value_t = 2)]
+    replication: usize,
     /// Run without the write-ahead log.
     #[arg(long)]
     no_wal: bool,
@@ -185,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let local_workers = args.local_workers;
+    let replication = args.replication;
     let batches_dir = out.join("batches");
     let conflicts_dir = out.join("conflicts");
     std::fs::create_dir_all(&batches_dir)?;
@@ -231,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
             .batch_interval(Duration::from_millis(200))
             .block_interval(Duration::from_millis(50))
             .workers(local_workers)
-            .replication(2);
+            .replication(replication);
         if let Some(c) = cluster {
             builder = builder.cluster(c);
         }
