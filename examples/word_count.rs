@@ -5,6 +5,10 @@
 //! reads newline-delimited text from a TCP server instead (try `nc -lk 9999` in another
 //! terminal, then `cargo run --example word_count -- --socket 127.0.0.1:9999 --duration 0`).
 //!
+//! `--worker-processes N` runs the same job with N worker processes of this binary on
+//! loopback (it launches them itself, relaunching one that dies): every block's replicas go to
+//! distinct processes (`--workers 0` keeps none in the driver).
+//!
 //! Prints a line per batch (records, top words, delays), stops after `--duration` seconds
 //! (default 5; 0 = until Ctrl-C) or on Ctrl-C, gracefully: receivers stop, buffered records
 //! are cut into blocks and the remaining batches run. Then it prints the totals.
@@ -14,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{BatchId, ByteString, StreamingContext};
+use tributary::{cluster, BatchId, ByteString, StreamingContext};
 use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -39,6 +43,14 @@ struct Args {
     /// Replicas per block.
     #[arg(long, default_value_t = 2)]
     replication: usize,
+    /// Also run this many worker processes (this binary, in the worker role, on loopback):
+    /// block replicas go to distinct processes; a worker process that dies is relaunched.
+    #[arg(long, default_value_t = 0)]
+    worker_processes: usize,
+    /// Run as a worker process of the driver at this address (the cookie comes in
+    /// TRIBUTARY_COOKIE). `--worker-processes` starts these itself.
+    #[arg(long, value_name = "HOST:PORT")]
+    worker_of: Option<std::net::SocketAddr>,
 }
 
 fn top_words(counts: &[(String, u64)], n: usize) -> String {
@@ -59,18 +71,30 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(driver) = args.worker_of {
+        let cookie = std::env::var("TRIBUTARY_COOKIE")
+            .map_err(|_| anyhow::anyhow!("--worker-of needs the cookie in TRIBUTARY_COOKIE"))?;
+        let exit = cluster::run_worker(cluster::WorkerConfig::new(driver, cookie)).await?;
+        println!("worker: {exit:?}");
+        return Ok(());
+    }
     if !(args.duration >= 0.0 && args.duration.is_finite()) {
         anyhow::bail!("--duration must be a number of seconds >= 0");
     }
 
-    let ctx = StreamingContext::builder()
+    let mut builder = StreamingContext::builder()
         .batch_interval(Duration::from_millis(args.batch_ms))
         .block_interval(Duration::from_millis(args.batch_ms.min(200)))
         .workers(args.workers)
         .replication(args.replication)
         // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
-        .receiver_strategy(recommended_strategy)
-        .build()?;
+        .receiver_strategy(recommended_strategy);
+    let cookie = cluster::random_cookie()?;
+    if args.worker_processes > 0 {
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        builder = builder.cluster(cluster::ClusterConfig::new(listen, cookie.clone()));
+    }
+    let ctx = builder.build()?;
 
     let words = match &args.socket {
         Some(addr) => {
@@ -143,6 +167,28 @@ async fn main() -> anyhow::Result<()> {
     });
 
     ctx.start().await?;
+    let launcher = match ctx.cluster_addr() {
+        Some(addr) => {
+            let launch = cluster::LaunchConfig::new(
+                std::env::current_exe()?,
+                ["--worker-of".to_string(), addr.to_string()],
+                cookie,
+                args.worker_processes,
+            );
+            let launcher = cluster::WorkerLauncher::start(launch);
+            let mut events = launcher.events();
+            tokio::spawn(async move {
+                while let Ok(e) = events.recv().await {
+                    println!("{e}");
+                }
+            });
+            println!("{} worker processes joining {addr}", args.worker_processes);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            println!("worker pids: {:?}", launcher.pids());
+            Some(launcher)
+        }
+        None => None,
+    };
     let stop_reason = tokio::select! {
         _ = async {
             if args.duration > 0.0 {
@@ -160,6 +206,9 @@ async fn main() -> anyhow::Result<()> {
     println!("{stop_reason}: stopping gracefully...");
     ctx.stop(true).await?;
     drop(ctx);
+    if let Some(l) = launcher {
+        l.shutdown().await;
+    }
     let (batches, records) = tokio::time::timeout(Duration::from_secs(5), printer).await??;
 
     let totals = totals.lock().unwrap();

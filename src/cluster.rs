@@ -23,11 +23,13 @@
 //! grow with the input rate, since a block is sent only when the previous ones of the same
 //! receiver were acknowledged (the block queue bounds what is in flight).
 
+mod launcher;
 pub(crate) mod node;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use launcher::{LaunchConfig, WorkerLauncher};
 pub use node::{run_worker, WorkerExit};
 
 /// The largest block (encoded records) that may cross to a worker process: `ractor_cluster`
@@ -76,6 +78,20 @@ pub enum ClusterError {
     /// A setting is invalid.
     #[error("invalid cluster setting: {0}")]
     Config(String),
+}
+
+/// A fresh random cookie (128 bits from the OS, as hex), for a driver that launches its own
+/// workers ([`WorkerLauncher`]) and so can hand it to them.
+pub fn random_cookie() -> Result<String, ClusterError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| ClusterError::Start {
+            what: "a random cookie".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The driver's side of a cluster: where it listens for workers, the shared secret they must

@@ -43,7 +43,7 @@ use crate::telemetry::{EventBus, EventKind, SupervisionEvent};
 pub(crate) mod backoff;
 pub(crate) mod decider;
 pub(crate) mod link;
-mod restart_budget;
+pub(crate) mod restart_budget;
 
 pub use backoff::Backoff;
 pub use decider::{Directive, RestartLimit, Strategy, StrategyKind};

@@ -205,6 +205,8 @@ pub const RECORDS_LOST_TOTAL: &str = "tributary_records_lost_total";
 pub const BLOCKS_REREPLICATED_TOTAL: &str = "tributary_blocks_rereplicated_total";
 /// Counter: workers lost.
 pub const WORKERS_LOST_TOTAL: &str = "tributary_workers_lost_total";
+/// Counter: worker processes relaunched by a [`crate::cluster::WorkerLauncher`].
+pub const WORKER_RELAUNCHES_TOTAL: &str = "tributary_worker_relaunches_total";
 /// Counter: worker processes that joined the driver.
 pub const WORKERS_JOINED_TOTAL: &str = "tributary_workers_joined_total";
 /// Counter: worker processes declared lost because they missed the heartbeat deadline.

@@ -335,3 +335,90 @@ fn a_frozen_worker_is_declared_lost_by_the_heartbeat_and_fenced() {
     eprintln!("frozen worker declared lost after {detected:?}");
     drop(workers);
 }
+
+/// `target/<profile>/examples/word_count` (built by `cargo test --workspace`; built here if
+/// missing).
+fn word_count_binary() -> PathBuf {
+    let reliable = child_binary();
+    let bin = reliable.with_file_name("word_count");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--quiet", "--example", "word_count"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "building word_count failed");
+    }
+    bin
+}
+
+#[test]
+fn the_driver_relaunches_a_worker_process_that_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("word_count.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(word_count_binary())
+        .args([
+            "--worker-processes",
+            "2",
+            "--workers",
+            "0",
+            "--duration",
+            "6",
+        ])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut driver = Proc {
+        child,
+        log: log.clone(),
+    };
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(
+        "the worker pids",
+        Duration::from_secs(20),
+        || read().contains("worker pids: [Some("),
+        &[&driver],
+    );
+    let text = read();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("worker pids:"))
+        .unwrap();
+    let first: i32 = line
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a pid");
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(first, "-KILL");
+    wait_until(
+        "the killed worker relaunched",
+        Duration::from_secs(10),
+        || read().contains("workers/worker-0 restarted"),
+        &[&driver],
+    );
+    let status = driver
+        .wait(Duration::from_secs(60))
+        .expect("driver finished");
+    assert!(
+        status.success(),
+        "driver failed: {status}\n{}",
+        driver.output()
+    );
+    let out = read();
+    assert!(
+        out.contains("workers/worker-0 failed (worker process exited: signal: 9"),
+        "the death is a supervision event:\n{out}"
+    );
+    assert!(out.contains("totals:"), "the job finished:\n{out}");
+    // Every worker process is gone once the driver is.
+    let alive = Command::new("kill")
+        .args(["-0", &first.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(!alive, "the killed worker's pid is not running");
+}
