@@ -46,7 +46,8 @@ struct Args {
     #[arg(long, required_unless_present = "worker")]
     out: Option<PathBuf>,
     /// Accept worker processes on this address (e.g. 127.0.0.1:0); the address chosen is
-    /// written to `OUT/cluster.addr`, the live worker count to `OUT/live_workers`.
+    /// written to `OUT/cluster.addr`, the live worker count to `OUT/live_workers`, the blocks
+    /// with fewer than k replicas to `OUT/under_replicated`.
     #[arg(long)]
     cluster_listen: Option<std::net::SocketAddr>,
     /// Run as a worker process of the driver at `--driver`: host block replicas for it.
@@ -349,10 +350,19 @@ async fn main() -> anyhow::Result<()> {
         write_atomically(&out.join("cluster.addr"), addr.to_string().as_bytes())?;
         let ctx2 = ctx.clone();
         let live_file = out.join("live_workers");
+        let under_file = out.join("under_replicated");
         tokio::spawn(async move {
             loop {
                 let n = ctx2.live_workers().await.len();
                 let _ = write_atomically(&live_file, n.to_string().as_bytes());
+                // Blocks with fewer than k replicas right now (re-replication pending).
+                let under = ctx2
+                    .block_locations()
+                    .await
+                    .iter()
+                    .filter(|(_, at)| at.len() < replication)
+                    .count();
+                let _ = write_atomically(&under_file, under.to_string().as_bytes());
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
