@@ -446,7 +446,9 @@ fn repeated_worker_kills_lose_nothing_with_two_replicas() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver(tmp.path(), 3600.0, &[]);
-    let mut workers: Vec<Proc> = (0..3).map(|i| worker(tmp.path(), &addr, COOKIE, i)).collect();
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
+        .collect();
     wait_until(
         "3 workers joined",
         Duration::from_secs(20),
@@ -490,5 +492,8 @@ fn repeated_worker_kills_lose_nothing_with_two_replicas() {
     let status = d.wait(Duration::from_secs(60)).expect("driver finished");
     assert!(status.success(), "driver failed: {status}\n{}", d.output());
     assert_nothing_lost(&out, &d);
-    eprintln!("worker kill loop: {} records acknowledged, none lost", acked(&out));
+    eprintln!(
+        "worker kill loop: {} records acknowledged, none lost",
+        acked(&out)
+    );
 }

@@ -785,9 +785,10 @@ async fn membership(
     }
 }
 
-/// Pings worker `w` (in the process `id`) every quarter of the deadline; no answer within the
-/// deadline: the worker is lost, and its connection closed so that this incarnation can never
-/// deliver into later batches (it exits; a new one joins as a new worker).
+/// Pings worker `w` (in the process `id`) ten times per deadline; no answer for the deadline
+/// since its last answer: the worker is lost, and its connection closed so that this
+/// incarnation can never deliver into later batches (it exits; a new one joins as a new
+/// worker). A frozen worker is so declared lost between 0.9 and 1 deadline after it froze.
 async fn heartbeat(
     node: Arc<DriverNode>,
     master: BlockManagerMaster,
@@ -796,20 +797,24 @@ async fn heartbeat(
     actor: ActorRef<WorkerMsg>,
     deadline: Duration,
 ) {
+    let every = (deadline / 10).max(Duration::from_millis(10));
+    let mut last_answer = tokio::time::Instant::now();
     let mut n = 0u64;
-    let mut tick = tokio::time::interval(deadline / 4);
     loop {
-        tick.tick().await;
         if master.tx.is_closed() {
             return;
         }
         n += 1;
+        let sent = tokio::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         if actor.send_message(WorkerMsg::Ping(n, tx.into())).is_err() {
             return; // the session closed: NodeDown handles it
         }
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(_)) => {}
+        match tokio::time::timeout_at(last_answer + deadline, rx).await {
+            Ok(Ok(_)) => {
+                last_answer = tokio::time::Instant::now();
+                tokio::time::sleep_until(sent + every).await;
+            }
             Ok(Err(_)) => return, // the session closed
             Err(_) => {
                 tracing::error!(
