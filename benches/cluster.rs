@@ -68,8 +68,9 @@ async fn launch(ctx: &StreamingContext, n: usize, cookie: &str) -> WorkerLaunche
     let addr = ctx.cluster_addr().expect("a cluster");
     let exe = std::env::current_exe().unwrap();
     let args = ["--worker-of".to_string(), addr.to_string()];
+    let local = ctx.live_workers().await.len();
     let launcher = WorkerLauncher::start(LaunchConfig::new(exe, args, cookie, n));
-    wait_live(ctx, n, Duration::from_secs(30)).await;
+    wait_live(ctx, local + n, Duration::from_secs(30)).await;
     launcher
 }
 

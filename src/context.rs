@@ -518,6 +518,7 @@ impl StreamingContext {
             cfg.replication,
             cfg.memory_bytes,
             cfg.cluster.as_ref(),
+            recovered.wal_storage.clone(),
         )
         .await
         .map_err(|e| start_err("workers", &e))?;

@@ -207,6 +207,8 @@ pub const BLOCKS_REREPLICATED_TOTAL: &str = "tributary_blocks_rereplicated_total
 pub const WORKERS_LOST_TOTAL: &str = "tributary_workers_lost_total";
 /// Counter: worker processes relaunched by a [`crate::cluster::WorkerLauncher`].
 pub const WORKER_RELAUNCHES_TOTAL: &str = "tributary_worker_relaunches_total";
+/// Counter: blocks whose replicas were all lost, read back from the write-ahead log.
+pub const BLOCKS_RELOADED_TOTAL: &str = "tributary_blocks_reloaded_total";
 /// Counter: worker processes that joined the driver.
 pub const WORKERS_JOINED_TOTAL: &str = "tributary_workers_joined_total";
 /// Counter: worker processes declared lost because they missed the heartbeat deadline.

@@ -97,8 +97,16 @@ fn live_workers(out: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// A driver with every replica in worker processes (k = 2), running `seconds`.
+/// A driver with every replica in worker processes (k = 2), running `seconds`, without the
+/// write-ahead log.
 fn driver(tmp: &Path, seconds: f64, extra: &[&str]) -> (Proc, PathBuf, String) {
+    let mut args = vec!["--no-wal"];
+    args.extend_from_slice(extra);
+    driver_with(tmp, seconds, &args)
+}
+
+/// A driver with every replica in worker processes, running `seconds`.
+fn driver_with(tmp: &Path, seconds: f64, extra: &[&str]) -> (Proc, PathBuf, String) {
     let (dir, out) = (tmp.join("ckpt"), tmp.join("out"));
     let secs = seconds.to_string();
     let mut args = vec![
@@ -106,7 +114,6 @@ fn driver(tmp: &Path, seconds: f64, extra: &[&str]) -> (Proc, PathBuf, String) {
         dir.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--no-wal",
         "--cluster-listen",
         "127.0.0.1:0",
         "--cookie",
@@ -254,6 +261,49 @@ fn with_one_replica_a_killed_worker_process_loses_exactly_what_is_reported() {
         "missing {missing}, lost {lost}"
     );
     drop(workers.pop());
+}
+
+/// With the write-ahead log and k = 1, a worker process SIGKILLed takes the only replica of
+/// its blocks: the driver reads them back from the log and places them on the survivor.
+#[test]
+fn with_the_log_and_one_replica_a_killed_worker_process_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut d, out, addr) = driver_with(tmp.path(), 6.0, &["--replication", "1"]);
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
+        .collect();
+    wait_until(
+        "2 workers joined",
+        Duration::from_secs(20),
+        || live_workers(&out) == 2,
+        &[&d],
+    );
+    wait_until(
+        "records flowing",
+        Duration::from_secs(10),
+        || acked(&out) > 5_000,
+        &[&d],
+    );
+    // Kill every worker: each unprocessed block loses its only replica. `store` waits for a
+    // worker; a new one joins; the lost blocks are read back from the log onto it.
+    signal(workers[0].pid(), "-KILL");
+    signal(workers[1].pid(), "-KILL");
+    wait_until(
+        "both losses noticed",
+        Duration::from_secs(5),
+        || live_workers(&out) == 0,
+        &[&d],
+    );
+    workers.push(worker(tmp.path(), &addr, COOKIE, 2));
+    let status = d.wait(Duration::from_secs(60)).expect("driver finished");
+    assert!(status.success(), "driver failed: {status}\n{}", d.output());
+    assert_nothing_lost(&out, &d);
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(
+        log.contains("block read back from the write-ahead log"),
+        "no block needed the log: the test did not test it\n{}",
+        d.output()
+    );
 }
 
 #[test]

@@ -273,3 +273,55 @@ async fn recovery_reads_the_log_back_within_the_memory_budget() {
     );
     assert!(sizes.len() >= 15, "recovered over many batches: {sizes:?}");
 }
+
+/// With the write-ahead log on and k = 1, a worker that dies takes the only replica of its
+/// unprocessed blocks: they are read back from the log and placed on a survivor, not lost
+/// (before: reported lost, cause WorkerLost, although the log held them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_log_a_block_whose_last_replica_dies_is_read_back_not_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let acked = Arc::new(AtomicU64::new(0));
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (a, s) = (acked.clone(), seen.clone());
+    let ctx = StreamingContext::get_or_create(&dir, move |b| {
+        let ctx = b
+            .batch_interval(Duration::from_secs(1))
+            .block_interval(Duration::from_millis(20))
+            .workers(2)
+            .replication(1)
+            .write_ahead_log(WalConfig::default())
+            .build()?;
+        ctx.receiver_stream(
+            "numbers",
+            Reliable {
+                acked: a,
+                limit: 20_000,
+                pause: Duration::from_millis(2),
+            },
+        )?
+        .map(|s: String| s.parse::<u64>().unwrap())
+        .for_each_batch(move |b| s.lock().unwrap().extend(b.records))?;
+        Ok(ctx)
+    })
+    .unwrap();
+    ctx.start().await.unwrap();
+    wait_until(|| acked.load(Ordering::SeqCst) >= 3_000).await;
+    // Every unprocessed block has its only replica on worker 0 (the receiver's home).
+    let held = ctx.worker_block_count(0).await.unwrap_or(0);
+    assert!(held > 0, "worker 0 holds blocks");
+    assert!(ctx.kill_worker(0).await);
+    wait_until(|| acked.load(Ordering::SeqCst) >= 20_000).await;
+    ctx.stop(true).await.unwrap();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let missing = (0..20_000u64)
+        .filter(|n| got.binary_search(n).is_err())
+        .count();
+    assert_eq!(
+        missing, 0,
+        "{missing} acknowledged records lost with the worker"
+    );
+    got.dedup();
+    assert_eq!(got.len(), 20_000);
+}

@@ -33,6 +33,7 @@ use crate::block::{Block, BlockId};
 use crate::block_manager::{BlockError, Wire, Worker, WorkerId, WorkerMsg};
 use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
 use crate::cluster::{ClusterConfig, ClusterError};
+use crate::wal::{Location, Storage};
 
 /// What the block manager reports to the ReceiverTracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +79,17 @@ enum Cmd {
     },
     /// The connection to the process `node` closed: every worker there is lost.
     NodeDown(u64),
+    /// Block `id` is in the write-ahead log at `location`.
+    Logged {
+        id: BlockId,
+        location: Location,
+    },
+    /// Block `id`, whose replicas were all lost, was read back from the write-ahead log and
+    /// placed on `holders` (empty: it could not be).
+    Reloaded {
+        id: BlockId,
+        holders: Vec<WorkerId>,
+    },
     /// Re-replication copied `id` to `target`.
     AddReplica {
         id: BlockId,
@@ -131,7 +143,7 @@ impl BlockManagerMaster {
         k: usize,
         memory_bytes: usize,
     ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), ractor::SpawnErr> {
-        match Self::start_with(workers, k, memory_bytes, None).await {
+        match Self::start_with(workers, k, memory_bytes, None, None).await {
             Ok(started) => Ok(started),
             Err(StartError::Spawn(e)) => Err(e),
             Err(StartError::Cluster(e)) => Err(ractor::SpawnErr::StartupFailed(e.into())),
@@ -144,6 +156,7 @@ impl BlockManagerMaster {
         k: usize,
         memory_bytes: usize,
         cluster: Option<&ClusterConfig>,
+        wal: Option<Arc<dyn Storage>>,
     ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), StartError> {
         let node = match cluster {
             Some(c) => Some(DriverNode::start(c).await.map_err(StartError::Cluster)?),
@@ -203,6 +216,8 @@ impl BlockManagerMaster {
             events,
             master: bm.clone(),
             node,
+            wal,
+            waiting: HashMap::new(),
         };
         tokio::spawn(state.run(commands));
         Ok((bm, rx))
@@ -244,6 +259,28 @@ impl BlockManagerMaster {
         preferred: WorkerId,
         memory: Option<OwnedSemaphorePermit>,
     ) -> Result<Vec<WorkerId>, BlockError> {
+        let id = block.id;
+        let records = block.records;
+        let holders = self.place(&block, preferred).await?;
+        let holders = self
+            .ask(|reply| Cmd::Register {
+                id,
+                holders,
+                records,
+                memory,
+                reply,
+            })
+            .await
+            .ok_or(BlockError::ShutDown)?;
+        if holders.is_empty() {
+            return Err(BlockError::NoLiveWorker(id));
+        }
+        Ok(holders)
+    }
+
+    /// Puts `block` on `k` distinct live workers (in distinct processes) and returns those
+    /// that acknowledged it; the master does not track it yet.
+    async fn place(&self, block: &Block, preferred: WorkerId) -> Result<Vec<WorkerId>, BlockError> {
         let id = block.id;
         let mut holders = Vec::with_capacity(self.k);
         let mut tried = Vec::new();
@@ -297,21 +334,13 @@ impl BlockManagerMaster {
         if holders.len() < self.k {
             tracing::warn!(block = %id, replicas = holders.len(), k = self.k, "block under-replicated: not enough live workers");
         }
-        let records = block.records;
-        let holders = self
-            .ask(|reply| Cmd::Register {
-                id,
-                holders,
-                records,
-                memory,
-                reply,
-            })
-            .await
-            .ok_or(BlockError::ShutDown)?;
-        if holders.is_empty() {
-            return Err(BlockError::NoLiveWorker(id));
-        }
         Ok(holders)
+    }
+
+    /// Block `id` is in the write-ahead log at `location`: if its last replica is lost
+    /// before its batch completes, it is read back from there instead of being lost.
+    pub(crate) fn logged(&self, id: BlockId, location: Location) {
+        let _ = self.tx.send(Cmd::Logged { id, location });
     }
 
     /// Live workers holding `id`.
@@ -374,6 +403,10 @@ struct Meta {
     replicas: Vec<WorkerId>,
     records: u32,
     _memory: Option<OwnedSemaphorePermit>,
+    /// Where it is in the write-ahead log, when it is there.
+    logged: Option<Location>,
+    /// Its replicas were all lost and it is being read back from the write-ahead log.
+    reloading: bool,
 }
 
 /// What the master task owns.
@@ -384,6 +417,11 @@ struct MasterState {
     domains: Vec<Domain>,
     /// The cluster node, with a cluster configuration.
     node: Option<Arc<DriverNode>>,
+    /// The write-ahead log's storage (when on): blocks that lose every replica are read
+    /// back from it.
+    wal: Option<Arc<dyn Storage>>,
+    /// Asked for the locations of a block being read back: answered once it is placed.
+    waiting: HashMap<BlockId, Vec<Reply<Vec<WorkerId>>>>,
     meta: HashMap<BlockId, Meta>,
     next_worker: usize,
     shutting_down: bool,
@@ -430,10 +468,15 @@ impl MasterState {
                             replicas: holders.clone(),
                             records,
                             _memory: memory,
+                            logged: None,
+                            reloading: false,
                         },
                     );
                 }
                 let _ = reply.send(holders);
+            }
+            Cmd::Locations(id, reply) if self.meta.get(&id).is_some_and(|m| m.reloading) => {
+                self.waiting.entry(id).or_default().push(reply);
             }
             Cmd::Locations(id, reply) => {
                 let at = self
@@ -488,6 +531,40 @@ impl MasterState {
                 metrics::counter!(crate::telemetry::WORKERS_JOINED_TOTAL).increment(1);
                 let _ = reply.send(w);
                 self.top_up();
+            }
+            Cmd::Logged { id, location } => {
+                if let Some(m) = self.meta.get_mut(&id) {
+                    m.logged = Some(location);
+                }
+            }
+            Cmd::Reloaded { id, mut holders } => {
+                holders.retain(|w| self.alive(*w));
+                let waiters = self.waiting.remove(&id).unwrap_or_default();
+                match self.meta.get_mut(&id) {
+                    Some(m) if !holders.is_empty() => {
+                        m.replicas = holders.clone();
+                        m.reloading = false;
+                        metrics::counter!(crate::telemetry::BLOCKS_RELOADED_TOTAL).increment(1);
+                        tracing::info!(block = %id, replicas = holders.len(), "block read back from the write-ahead log after its replicas were lost");
+                    }
+                    Some(m) => {
+                        let records = m.records;
+                        self.meta.remove(&id);
+                        self.report_lost(id, records);
+                    }
+                    None => {
+                        // Freed meanwhile: do not leave stray copies.
+                        for w in &holders {
+                            if let Some(Some(actor)) = self.workers.get(*w) {
+                                let _ = actor.send_message(WorkerMsg::Remove(Wire::of(vec![id])));
+                            }
+                        }
+                        holders.clear();
+                    }
+                }
+                for w in waiters {
+                    let _ = w.send(holders.clone());
+                }
             }
             Cmd::NodeDown(node) => {
                 let gone: Vec<WorkerId> = (0..self.workers.len())
@@ -600,6 +677,9 @@ impl MasterState {
     fn free(&mut self, ids: &[BlockId]) {
         let mut per_worker: HashMap<WorkerId, Vec<BlockId>> = HashMap::new();
         for id in ids {
+            for w in self.waiting.remove(id).unwrap_or_default() {
+                let _ = w.send(Vec::new());
+            }
             if let Some(meta) = self.meta.remove(id) {
                 for w in meta.replicas {
                     per_worker.entry(w).or_default().push(*id);
@@ -640,8 +720,20 @@ impl MasterState {
             }
         }
         for (id, records) in lost {
-            self.meta.remove(&id);
-            self.report_lost(id, records);
+            let logged = self.meta.get(&id).and_then(|m| m.logged.clone());
+            match (logged, self.wal.clone()) {
+                (Some(location), Some(storage)) => {
+                    if let Some(m) = self.meta.get_mut(&id) {
+                        m.reloading = true;
+                    }
+                    tracing::warn!(block = %id, "every replica lost; reading the block back from the write-ahead log");
+                    tokio::spawn(reload(self.master.clone(), storage, id, location));
+                }
+                _ => {
+                    self.meta.remove(&id);
+                    self.report_lost(id, records);
+                }
+            }
         }
         tracing::warn!(
             worker = w,
@@ -708,6 +800,33 @@ async fn re_replicate(
     if let Some(w) = lost {
         let _ = events.send(ClusterEvent::WorkerLost(w));
     }
+}
+
+/// Reads block `id` back from the write-ahead log and places it on k workers again.
+async fn reload(
+    master: BlockManagerMaster,
+    storage: Arc<dyn Storage>,
+    id: BlockId,
+    location: Location,
+) {
+    let read =
+        tokio::task::spawn_blocking(move || crate::wal::load(storage.as_ref(), &location)).await;
+    let holders = match read {
+        Ok(Ok(block)) if block.id == id => master
+            .place(&block, id.stream as usize)
+            .await
+            .unwrap_or_default(),
+        Ok(Ok(_)) => {
+            tracing::error!(block = %id, "the write-ahead log holds another block at its location");
+            Vec::new()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(block = %id, error = %e, "could not read the block back from the write-ahead log");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
+    let _ = master.tx.send(Cmd::Reloaded { id, holders });
 }
 
 /// A worker's placement domain: the process it lives in.

@@ -373,6 +373,10 @@ async fn push_blocks(
         let (wal_result, put_result) = match &wal {
             Some(w) => {
                 let (a, b) = tokio::join!(w.append(block), put);
+                if let (Ok(location), Ok(_)) = (&a, &b) {
+                    // Should its replicas all be lost, it is read back from the log.
+                    blocks.logged(id, location.clone());
+                }
                 (a.map(|_| ()).map_err(|e| e.to_string()), b)
             }
             None => (Ok(()), put.await),

@@ -69,6 +69,8 @@ pub(crate) struct Recovered {
     pub(crate) rerun: Vec<ScheduledBatch>,
     /// Recovered blocks to put back on the workers (read from the log one batch at a time).
     pub(crate) restorer: Restorer,
+    /// The write-ahead log's storage (when on).
+    pub(crate) wal_storage: Option<Arc<dyn Storage>>,
     /// Blocks acknowledged but not allocated (lost ones too: the next batch reports them).
     pub(crate) unallocated: Vec<(BlockId, u32)>,
     /// Per stream, the first sequence number to use.
@@ -196,7 +198,7 @@ pub(crate) fn recover(
             LossCause::DriverStoppedWithoutWal
         };
         let restore = plan(&mut recovered, state, from_wal, cause);
-        recovered.restorer = Restorer::new(wal_storage, restore);
+        recovered.restorer = Restorer::new(wal_storage.clone(), restore);
         // Record what the quarantine cost before going on: a later start (strict again)
         // then knows these blocks lost instead of refusing.
         let newly: Vec<(u32, u64, LossCause)> = recovered
@@ -224,6 +226,7 @@ pub(crate) fn recover(
                 .apply(crate::checkpoint::Entry::Missing(newly));
         }
     }
+    recovered.wal_storage = wal_storage;
     if let Some(r) = &mut recovered.report {
         r.quarantined_segments = quarantined;
     } else if !quarantined.is_empty() {

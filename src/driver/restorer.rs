@@ -121,14 +121,14 @@ impl Restorer {
             "restoring recovered blocks from the write-ahead log"
         );
         let read = tokio::task::spawn_blocking(move || {
-            want.iter()
-                .map(|(_, loc, _)| crate::wal::load(storage.as_ref(), loc))
+            want.into_iter()
+                .map(|(_, loc, _)| crate::wal::load(storage.as_ref(), &loc).map(|b| (b, loc)))
                 .collect::<Result<Vec<_>, WalError>>()
         })
         .await
         .map_err(|_| WalError::Closed)??;
         let mut permit = Some(permit);
-        for (i, block) in read.into_iter().enumerate() {
+        for (i, (block, location)) in read.into_iter().enumerate() {
             let home = block.id.stream as usize % self.workers;
             // Each block carries its share of the reservation (returned when it is freed);
             // the last one the rest.
@@ -140,8 +140,10 @@ impl Restorer {
                     .as_mut()
                     .and_then(|p| p.split(k.min(p.num_permits() as u32) as usize))
             };
-            if let Err(e) = blocks.put(block, home, share).await {
-                tracing::error!(error = %e, "could not restore a recovered block");
+            let id = block.id;
+            match blocks.put(block, home, share).await {
+                Ok(_) => blocks.logged(id, location),
+                Err(e) => tracing::error!(error = %e, "could not restore a recovered block"),
             }
         }
         if self.waiting.is_empty() {
