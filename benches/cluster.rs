@@ -310,7 +310,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
     {
         let cookie = std::env::var("TRIBUTARY_COOKIE").expect("cookie");
-        let cfg = cluster::WorkerConfig::new(driver.parse().expect("driver address"), cookie);
+        let cfg = cluster::WorkerConfig::new(driver.as_str(), cookie);
         let _ = rt.block_on(cluster::run_worker(cfg));
         return;
     }

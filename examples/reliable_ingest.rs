@@ -55,7 +55,7 @@ struct Args {
     worker: bool,
     /// The driver to join (with `--worker`).
     #[arg(long, requires = "worker")]
-    driver: Option<std::net::SocketAddr>,
+    driver: Option<String>,
     /// The cluster's shared secret (needed with `--cluster-listen` and `--worker`; else
     /// read from TRIBUTARY_COOKIE).
     #[arg(long)]
@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         args.cookie = std::env::var("TRIBUTARY_COOKIE").ok();
     }
     if args.worker {
-        let (Some(driver), Some(cookie)) = (args.driver, args.cookie.clone()) else {
+        let (Some(driver), Some(cookie)) = (args.driver.clone(), args.cookie.clone()) else {
             anyhow::bail!("--worker needs --driver ADDR and --cookie (or TRIBUTARY_COOKIE)");
         };
         let exit = tributary::cluster::run_worker(WorkerConfig::new(driver, cookie)).await?;

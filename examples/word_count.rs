@@ -50,7 +50,11 @@ struct Args {
     /// Run as a worker process of the driver at this address (the cookie comes in
     /// TRIBUTARY_COOKIE). `--worker-processes` starts these itself.
     #[arg(long, value_name = "HOST:PORT")]
-    worker_of: Option<std::net::SocketAddr>,
+    worker_of: Option<String>,
+    /// Accept worker processes started elsewhere (`--worker-of`) on this address; the
+    /// cookie comes in TRIBUTARY_COOKIE.
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_listen: Option<std::net::SocketAddr>,
 }
 
 fn top_words(counts: &[(String, u64)], n: usize) -> String {
@@ -71,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if let Some(driver) = args.worker_of {
+    if let Some(driver) = args.worker_of.clone() {
         let cookie = std::env::var("TRIBUTARY_COOKIE")
             .map_err(|_| anyhow::anyhow!("--worker-of needs the cookie in TRIBUTARY_COOKIE"))?;
         let exit = cluster::run_worker(cluster::WorkerConfig::new(driver, cookie)).await?;
@@ -89,9 +93,17 @@ async fn main() -> anyhow::Result<()> {
         .replication(args.replication)
         // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
         .receiver_strategy(recommended_strategy);
-    let cookie = cluster::random_cookie()?;
-    if args.worker_processes > 0 {
-        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let cookie = match std::env::var("TRIBUTARY_COOKIE") {
+        Ok(c) => c,
+        Err(_) if args.cluster_listen.is_some() => {
+            anyhow::bail!("--cluster-listen needs the cookie in TRIBUTARY_COOKIE")
+        }
+        Err(_) => cluster::random_cookie()?,
+    };
+    if args.worker_processes > 0 || args.cluster_listen.is_some() {
+        let listen = args
+            .cluster_listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         builder = builder.cluster(cluster::ClusterConfig::new(listen, cookie.clone()));
     }
     let ctx = builder.build()?;
@@ -168,6 +180,10 @@ async fn main() -> anyhow::Result<()> {
 
     ctx.start().await?;
     let launcher = match ctx.cluster_addr() {
+        Some(addr) if args.worker_processes == 0 => {
+            println!("accepting worker processes on {addr}");
+            None
+        }
         Some(addr) => {
             let launch = cluster::LaunchConfig::new(
                 std::env::current_exe()?,

@@ -54,7 +54,7 @@ pub enum ClusterError {
     #[error("cannot connect to the driver at {addr}: {reason}")]
     Connect {
         /// The driver's address.
-        addr: SocketAddr,
+        addr: String,
         /// Why.
         reason: String,
     },
@@ -65,7 +65,7 @@ pub enum ClusterError {
     )]
     Refused {
         /// The driver's address.
-        addr: SocketAddr,
+        addr: String,
     },
     /// The actor runtime could not start a part of the node.
     #[error("could not start {what}: {reason}")]
@@ -147,8 +147,9 @@ impl ClusterConfig {
 /// A worker process's settings: the driver to join and the shared secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
-    /// The driver's cluster address.
-    pub driver: SocketAddr,
+    /// The driver's cluster address, `host:port` (a name is resolved at each connection
+    /// attempt).
+    pub driver: String,
     /// The shared secret (cookie), the same as the driver's.
     pub cookie: String,
     /// This worker's name, for logs (made unique with the process id).
@@ -159,9 +160,9 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     /// Join the driver at `driver` with `cookie`.
-    pub fn new(driver: SocketAddr, cookie: impl Into<String>) -> WorkerConfig {
+    pub fn new(driver: impl Into<String>, cookie: impl Into<String>) -> WorkerConfig {
         WorkerConfig {
-            driver,
+            driver: driver.into(),
             cookie: cookie.into(),
             name: "worker".into(),
             connect_timeout: Duration::from_secs(10),

@@ -258,7 +258,7 @@ pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
     ractor::pg::join(BLOCK_STORES.to_string(), vec![store.get_cell()]);
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
     loop {
-        match ractor_cluster::client_connect(&server, cfg.driver).await {
+        match ractor_cluster::client_connect(&server, cfg.driver.as_str()).await {
             Ok(()) => break,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(driver = %cfg.driver, error = %e, "driver not reachable yet; retrying");
@@ -266,7 +266,7 @@ pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
             }
             Err(e) => {
                 return Err(ClusterError::Connect {
-                    addr: cfg.driver,
+                    addr: cfg.driver.clone(),
                     reason: e.to_string(),
                 })
             }
@@ -285,14 +285,16 @@ pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
                     break Ok(WorkerExit::DriverGone);
                 }
                 Some(NodeEvent::Refused { .. }) => {
-                    break Err(ClusterError::Refused { addr: cfg.driver });
+                    break Err(ClusterError::Refused { addr: cfg.driver.clone() });
                 }
             },
             _ = tokio::signal::ctrl_c() => break Ok(WorkerExit::Interrupted),
         }
     };
     if !joined && exit == Ok(WorkerExit::DriverGone) {
-        return Err(ClusterError::Refused { addr: cfg.driver });
+        return Err(ClusterError::Refused {
+            addr: cfg.driver.clone(),
+        });
     }
     drop(guard);
     exit

@@ -75,6 +75,7 @@ enum Cmd {
     Join {
         actor: ActorRef<WorkerMsg>,
         node: u64,
+        host: Option<std::net::IpAddr>,
         reply: Reply<WorkerId>,
     },
     /// The connection to the process `node` closed: every worker there is lost.
@@ -210,6 +211,7 @@ impl BlockManagerMaster {
         let state = MasterState {
             workers: refs.into_iter().map(Some).collect(),
             domains,
+            hosts: vec![None; workers],
             meta: HashMap::new(),
             next_worker: 0,
             shutting_down: false,
@@ -415,6 +417,8 @@ struct MasterState {
     /// Each worker's placement domain (the process it is in): replicas of a block go to
     /// distinct domains.
     domains: Vec<Domain>,
+    /// Each worker's host (`None`: this machine): replicas go to distinct hosts first.
+    hosts: Vec<Option<std::net::IpAddr>>,
     /// The cluster node, with a cluster configuration.
     node: Option<Arc<DriverNode>>,
     /// The write-ahead log's storage (when on): blocks that lose every replica are read
@@ -523,10 +527,16 @@ impl MasterState {
                 let _ = reply.send(alive);
             }
             Cmd::WorkerDied(w) => self.worker_lost(w),
-            Cmd::Join { actor, node, reply } => {
+            Cmd::Join {
+                actor,
+                node,
+                host,
+                reply,
+            } => {
                 let w = self.workers.len();
                 self.workers.push(Some(actor));
                 self.domains.push(Domain::Node(node));
+                self.hosts.push(host);
                 tracing::info!(worker = w, node, "a worker process joined");
                 metrics::counter!(crate::telemetry::WORKERS_JOINED_TOTAL).increment(1);
                 let _ = reply.send(w);
@@ -618,7 +628,8 @@ impl MasterState {
     }
 
     /// Up to `n` live workers, round-robin from `preferred`, none in `exclude`, and each in a
-    /// placement domain (process) that neither `exclude` nor an earlier pick is in.
+    /// placement domain (process) that neither `exclude` nor an earlier pick is in; on hosts
+    /// not used yet first, when there are such.
     fn pick(
         &mut self,
         preferred: WorkerId,
@@ -636,17 +647,28 @@ impl MasterState {
             .iter()
             .filter_map(|w| self.domains.get(*w).copied())
             .collect();
+        let mut hosts: Vec<Option<std::net::IpAddr>> = exclude
+            .iter()
+            .filter_map(|w| self.hosts.get(*w).copied())
+            .collect();
         let mut out = Vec::with_capacity(n);
-        for w in (0..count).map(|i| (start + i) % count) {
-            if out.len() == n {
-                break;
-            }
-            if exclude.contains(&w) || used.contains(&self.domains[w]) {
-                continue;
-            }
-            if let Some(a) = self.workers[w].clone() {
-                used.push(self.domains[w]);
-                out.push((w, a));
+        // First pass: distinct hosts (and so distinct processes); second: distinct processes.
+        for distinct_hosts in [true, false] {
+            for w in (0..count).map(|i| (start + i) % count) {
+                if out.len() == n {
+                    return out;
+                }
+                if exclude.contains(&w)
+                    || used.contains(&self.domains[w])
+                    || (distinct_hosts && hosts.contains(&self.hosts[w]))
+                {
+                    continue;
+                }
+                if let Some(a) = self.workers[w].clone() {
+                    used.push(self.domains[w]);
+                    hosts.push(self.hosts[w]);
+                    out.push((w, a));
+                }
             }
         }
         out
@@ -759,42 +781,52 @@ async fn re_replicate(
     lost: Option<WorkerId>,
     affected: Vec<(BlockId, Vec<WorkerId>)>,
 ) {
-    let mut restored = 0usize;
-    for (id, survivors) in affected {
-        let n = master.k.saturating_sub(survivors.len());
-        if n == 0 {
-            continue;
-        }
-        let Some(block) = master.get_from(survivors[0], id).await else {
-            continue;
-        };
-        let exclude = survivors.clone();
-        let Some(targets) = master
-            .ask(|reply| Cmd::Pick {
-                preferred: survivors[0],
-                n,
-                exclude,
-                reply,
-            })
-            .await
-        else {
-            return;
-        };
-        for (target, actor) in targets {
-            let (tx, rx) = oneshot::channel();
-            if actor
-                .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
-                .is_ok()
-                && held(rx).await
-                && master
-                    .ask(|reply| Cmd::AddReplica { id, target, reply })
+    // A few copies at a time: each is a read from a survivor and a write to another worker,
+    // often in other processes.
+    use futures::StreamExt;
+    let restored = std::sync::atomic::AtomicUsize::new(0);
+    futures::stream::iter(affected)
+        .for_each_concurrent(4, |(id, survivors)| {
+            let master = &master;
+            let restored = &restored;
+            async move {
+                let n = master.k.saturating_sub(survivors.len());
+                if n == 0 {
+                    return;
+                }
+                let Some(block) = master.get_from(survivors[0], id).await else {
+                    return;
+                };
+                let exclude = survivors.clone();
+                let Some(targets) = master
+                    .ask(|reply| Cmd::Pick {
+                        preferred: survivors[0],
+                        n,
+                        exclude,
+                        reply,
+                    })
                     .await
-                    .unwrap_or(false)
-            {
-                restored += 1;
+                else {
+                    return;
+                };
+                for (target, actor) in targets {
+                    let (tx, rx) = oneshot::channel();
+                    if actor
+                        .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
+                        .is_ok()
+                        && held(rx).await
+                        && master
+                            .ask(|reply| Cmd::AddReplica { id, target, reply })
+                            .await
+                            .unwrap_or(false)
+                    {
+                        restored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
-        }
-    }
+        })
+        .await;
+    let restored = restored.into_inner();
     metrics::counter!(crate::telemetry::BLOCKS_REREPLICATED_TOTAL).increment(restored as u64);
     tracing::info!(worker = ?lost, restored, "re-replication done");
     if let Some(w) = lost {
@@ -872,10 +904,12 @@ async fn membership(
                     tracing::warn!(node = id, %peer, "a node joined without a block store; ignored");
                 }
                 for actor in stores {
+                    let host = host_of(&peer);
                     let Some(w) = master
                         .ask(|reply| Cmd::Join {
                             actor: actor.clone(),
                             node: id,
+                            host,
                             reply,
                         })
                         .await
@@ -902,6 +936,18 @@ async fn membership(
             }
         }
     }
+}
+
+/// The host of a peer address (`ip:port`); `None` for this machine (loopback).
+fn host_of(peer: &str) -> Option<std::net::IpAddr> {
+    let ip = peer.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok()?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    (!ip.is_loopback()).then_some(ip)
 }
 
 /// Pings worker `w` (in the process `id`) ten times per deadline; no answer for the deadline
