@@ -1024,6 +1024,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn replicas_go_to_distinct_hosts_first_then_distinct_processes() {
+        let cfg = ClusterConfig::new(([127, 0, 0, 1], 0).into(), "c");
+        let (bm, _rx) = BlockManagerMaster::start_with(1, 2, 1 << 20, Some(&cfg), None)
+            .await
+            .unwrap();
+        let (a, b) = ("10.0.0.1".parse().ok(), "10.0.0.2".parse().ok());
+        // Worker 0: in the driver. 1 and 2: two processes on host a. 3: a process on host b.
+        for (node, host) in [(10, a), (11, a), (12, b)] {
+            let (actor, _) = Actor::spawn(None, Worker, ()).await.unwrap();
+            bm.ask(|reply| Cmd::Join {
+                actor,
+                node,
+                host,
+                reply,
+            })
+            .await
+            .unwrap();
+        }
+        let pick = |preferred: WorkerId, n: usize, exclude: Vec<WorkerId>| {
+            let bm = bm.clone();
+            async move {
+                bm.ask(|reply| Cmd::Pick {
+                    preferred,
+                    n,
+                    exclude,
+                    reply,
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(w, _)| w)
+                .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(pick(1, 2, vec![]).await, vec![1, 3], "distinct hosts first");
+        assert_eq!(pick(1, 3, vec![]).await, vec![1, 3, 0]);
+        assert_eq!(
+            pick(2, 2, vec![1]).await,
+            vec![3, 0],
+            "not next to the replica on host a"
+        );
+        assert_eq!(
+            pick(1, 2, vec![3, 0]).await,
+            vec![1, 2],
+            "then distinct processes on one host"
+        );
+        assert_eq!(
+            pick(0, 5, vec![]).await.len(),
+            4,
+            "never two in one process"
+        );
+        bm.shutdown();
+    }
+
+    #[tokio::test]
     async fn a_block_is_acknowledged_on_k_distinct_workers_and_freed_everywhere() {
         let (bm, _rx) = BlockManagerMaster::start(3, 2, 1 << 20).await.unwrap();
         let holders = bm.put(block(0), 1, None).await.unwrap();
