@@ -75,10 +75,18 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if let Some(driver) = args.worker_of.clone() {
-        let cookie = std::env::var("TRIBUTARY_COOKIE")
-            .map_err(|_| anyhow::anyhow!("--worker-of needs the cookie in TRIBUTARY_COOKIE"))?;
-        let exit = cluster::run_worker(cluster::WorkerConfig::new(driver, cookie)).await?;
+    // One binary, two roles: a worker when started as one (by the launcher below, which sets
+    // TRIBUTARY_WORKER_OF, or by hand with --worker-of).
+    let role = match args.worker_of.clone() {
+        Some(driver) => {
+            let cookie = std::env::var("TRIBUTARY_COOKIE")
+                .map_err(|_| anyhow::anyhow!("--worker-of needs the cookie in TRIBUTARY_COOKIE"))?;
+            Some(cluster::WorkerConfig::new(driver, cookie))
+        }
+        None => cluster::worker_role()?,
+    };
+    if let Some(worker) = role {
+        let exit = cluster::run_worker(worker).await?;
         println!("worker: {exit:?}");
         return Ok(());
     }
@@ -185,12 +193,7 @@ async fn main() -> anyhow::Result<()> {
             None
         }
         Some(addr) => {
-            let launch = cluster::LaunchConfig::new(
-                std::env::current_exe()?,
-                ["--worker-of".to_string(), addr.to_string()],
-                cookie,
-                args.worker_processes,
-            );
+            let launch = cluster::LaunchConfig::this_program(addr, cookie, args.worker_processes)?;
             let launcher = cluster::WorkerLauncher::start(launch);
             let mut events = launcher.events();
             tokio::spawn(async move {

@@ -29,7 +29,7 @@ pub(crate) mod node;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use launcher::{LaunchConfig, WorkerLauncher};
+pub use launcher::{LaunchConfig, WorkerLauncher, WORKER_OF};
 pub use node::{run_worker, WorkerExit};
 
 /// The largest block (encoded records) that may cross to a worker process: `ractor_cluster`
@@ -78,6 +78,33 @@ pub enum ClusterError {
     /// A setting is invalid.
     #[error("invalid cluster setting: {0}")]
     Config(String),
+}
+
+/// The worker role, if this process was started as one: `TRIBUTARY_WORKER_OF=HOST:PORT`
+/// (set by [`LaunchConfig::this_program`], or by hand) and the cookie in `TRIBUTARY_COOKIE`.
+/// A program that defines its job once starts with it:
+///
+/// ```no_run
+/// # async fn main_() -> Result<(), Box<dyn std::error::Error>> {
+/// if let Some(worker) = tributary::cluster::worker_role()? {
+///     tributary::cluster::run_worker(worker).await?;
+///     return Ok(());
+/// }
+/// // ... the driver: build the context, define the job, start it ...
+/// # Ok(()) }
+/// ```
+///
+/// `Err` when `TRIBUTARY_WORKER_OF` is set without a cookie.
+pub fn worker_role() -> Result<Option<WorkerConfig>, ClusterError> {
+    let Ok(driver) = std::env::var(WORKER_OF) else {
+        return Ok(None);
+    };
+    let cookie = std::env::var("TRIBUTARY_COOKIE").map_err(|_| {
+        ClusterError::Config(format!(
+            "{WORKER_OF} is set ({driver}) but TRIBUTARY_COOKIE is not"
+        ))
+    })?;
+    Ok(Some(WorkerConfig::new(driver, cookie)))
 }
 
 /// A fresh random cookie (128 bits from the OS, as hex), for a driver that launches its own

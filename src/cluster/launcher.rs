@@ -38,6 +38,8 @@ pub struct LaunchConfig {
     pub workers: usize,
     /// Relaunches allowed per worker (default: 10 per 60 s, as for receivers).
     pub limit: RestartLimit,
+    /// Environment variables set for the workers (besides the cookie).
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl LaunchConfig {
@@ -57,9 +59,31 @@ impl LaunchConfig {
                 max_restarts: 10,
                 window: Duration::from_secs(60),
             },
+            env: Vec::new(),
         }
     }
+
+    /// `workers` processes of this very program, with its own arguments, told to be workers
+    /// of the driver at `driver` through `TRIBUTARY_WORKER_OF` (see
+    /// [`worker_role`](crate::cluster::worker_role)): one binary, two roles.
+    pub fn this_program(
+        driver: std::net::SocketAddr,
+        cookie: impl Into<String>,
+        workers: usize,
+    ) -> std::io::Result<LaunchConfig> {
+        let mut c = LaunchConfig::new(
+            std::env::current_exe()?,
+            std::env::args_os().skip(1),
+            cookie,
+            workers,
+        );
+        c.env.push((WORKER_OF.into(), driver.to_string().into()));
+        Ok(c)
+    }
 }
+
+/// The environment variable that makes a program a worker of the driver it names.
+pub const WORKER_OF: &str = "TRIBUTARY_WORKER_OF";
 
 /// Runs and relaunches the worker processes (see the module documentation).
 #[derive(Debug)]
@@ -144,6 +168,7 @@ async fn keep_running(
     loop {
         let mut cmd = tokio::process::Command::new(&config.program);
         cmd.args(&config.args)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
             .env("TRIBUTARY_COOKIE", &config.cookie)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
