@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::batch::{BatchInfo, Executor, TaskFn, TaskId, TaskRegistry, TaskRunner};
 use crate::block::{BlockId, Record};
 use crate::checkpoint::Ledger;
+use crate::cluster::node::DriverNode;
 use crate::config::StreamingContextBuilder;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
@@ -37,6 +38,7 @@ use crate::driver::receiver_tracker::{
     PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerHandle, TrackerStart,
 };
 use crate::driver::recovery::{recover, RecoveryReport};
+use crate::driver::worker_monitor;
 use crate::error::{ConfigError, SupervisorError};
 
 pub(crate) mod error;
@@ -513,15 +515,33 @@ impl StreamingContext {
         self.inner.check_stop()?;
 
         // Workers and the BlockManagerMaster, with the recovered blocks put back.
+        // With a cluster: the node worker processes join, and the WorkerMonitor following it.
+        let node = match &cfg.cluster {
+            Some(c) => {
+                let (node, events) = DriverNode::start(c)
+                    .await
+                    .map_err(|e| start_err("the cluster node", &e))?;
+                Some((Arc::new(node), events, c.heartbeat_deadline))
+            }
+            None => None,
+        };
         let (blocks, cluster) = BlockManagerMaster::start_with(
             cfg.workers,
             cfg.replication,
             cfg.memory_bytes,
-            cfg.cluster.as_ref(),
+            node.as_ref().map(|(n, _, _)| n.clone()),
             recovered.wal_storage.clone(),
         )
         .await
         .map_err(|e| start_err("workers", &e))?;
+        if let Some((node, events, deadline)) = node {
+            tokio::spawn(worker_monitor::membership(
+                node,
+                events,
+                blocks.clone(),
+                deadline,
+            ));
+        }
         stages.blocks = Some(blocks.clone());
         // Recovered blocks stay in the log until their batch runs; their memory is taken
         // from the budget now, before any receiver can take it.

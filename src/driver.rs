@@ -5,6 +5,7 @@
 //!  Restorer ─────────► recovered blocks read back from the WAL one batch at a time, within
 //!                      the memory budget (used by the JobScheduler before each batch)
 //!  BlockManagerMaster  where each block lives; k replicas on workers; re-replication; losses
+//!  WorkerMonitor ────► worker processes joining and leaving; heartbeats and fencing
 //!  ReceiverTracker ──► receivers and their placement, acknowledged blocks, durability,
 //!                      metadata log and write-ahead logs
 //!  JobScheduler ─────► batch cuts, allocation (asked of the tracker), ordered batch runs;
@@ -20,6 +21,7 @@ pub(crate) mod job_scheduler;
 pub(crate) mod receiver_tracker;
 pub(crate) mod recovery;
 pub(crate) mod restorer;
+pub(crate) mod worker_monitor;
 
 pub use job_scheduler::OnBatchFailure;
 pub use recovery::RecoveryReport;

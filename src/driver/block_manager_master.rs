@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use crate::block::{Block, BlockId};
 use crate::block_manager::{BlockError, Wire, Worker, WorkerId, WorkerMsg};
-use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
-use crate::cluster::{ClusterConfig, ClusterError};
+use crate::cluster::node::DriverNode;
+#[cfg(test)]
+use crate::cluster::ClusterConfig;
 use crate::wal::{Location, Storage};
 
 /// What the block manager reports to the ReceiverTracker.
@@ -144,30 +145,24 @@ impl BlockManagerMaster {
         k: usize,
         memory_bytes: usize,
     ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), ractor::SpawnErr> {
-        match Self::start_with(workers, k, memory_bytes, None, None).await {
-            Ok(started) => Ok(started),
-            Err(StartError::Spawn(e)) => Err(e),
-            Err(StartError::Cluster(e)) => Err(ractor::SpawnErr::StartupFailed(e.into())),
-        }
+        Self::start_with(workers, k, memory_bytes, None, None).await
     }
 
-    /// Like [`start`](Self::start); with `cluster`, also listens for worker processes.
+    /// Like [`start`](Self::start); with a cluster `node`, worker processes may join (the
+    /// WorkerMonitor follows them); with `wal`, blocks whose replicas are all lost are read
+    /// back from the write-ahead log.
     pub(crate) async fn start_with(
         workers: usize,
         k: usize,
         memory_bytes: usize,
-        cluster: Option<&ClusterConfig>,
+        node: Option<Arc<DriverNode>>,
         wal: Option<Arc<dyn Storage>>,
-    ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), StartError> {
-        let node = match cluster {
-            Some(c) => Some(DriverNode::start(c).await.map_err(StartError::Cluster)?),
-            None => None,
-        };
+    ) -> Result<(BlockManagerMaster, mpsc::UnboundedReceiver<ClusterEvent>), ractor::SpawnErr> {
         let (events, rx) = mpsc::unbounded_channel();
         let (tx, commands) = mpsc::unbounded_channel();
         let bm = BlockManagerMaster {
             k,
-            cluster_addr: node.as_ref().map(|(n, _)| n.addr()),
+            cluster_addr: node.as_ref().map(|n| n.addr()),
             tx: tx.clone(),
             memory: Arc::new(Semaphore::new(kib(memory_bytes) as usize)),
             memory_kib: kib(memory_bytes),
@@ -181,7 +176,7 @@ impl BlockManagerMaster {
                         let a: &ActorRef<WorkerMsg> = a;
                         a.stop(None);
                     }
-                    return Err(StartError::Spawn(e));
+                    return Err(e);
                 }
             };
             refs.push(actor);
@@ -202,12 +197,6 @@ impl BlockManagerMaster {
                 }
             })
             .collect();
-        let node = node.map(|(n, node_events)| {
-            let n = Arc::new(n);
-            let deadline = cluster.map_or(Duration::from_secs(2), |c| c.heartbeat_deadline);
-            tokio::spawn(membership(n.clone(), node_events, bm.clone(), deadline));
-            n
-        });
         let state = MasterState {
             workers: refs.into_iter().map(Some).collect(),
             domains,
@@ -223,6 +212,38 @@ impl BlockManagerMaster {
         };
         tokio::spawn(state.run(commands));
         Ok((bm, rx))
+    }
+
+    /// A worker process's block store joined (in the process `node`, on `host`): its worker
+    /// id, or `None` once the master has stopped.
+    pub(crate) async fn join(
+        &self,
+        actor: ActorRef<WorkerMsg>,
+        node: u64,
+        host: Option<std::net::IpAddr>,
+    ) -> Option<WorkerId> {
+        self.ask(|reply| Cmd::Join {
+            actor,
+            node,
+            host,
+            reply,
+        })
+        .await
+    }
+
+    /// The connection to the process `node` closed.
+    pub(crate) fn node_down(&self, node: u64) {
+        let _ = self.tx.send(Cmd::NodeDown(node));
+    }
+
+    /// Worker `w` is lost (e.g. it missed the heartbeat deadline).
+    pub(crate) fn worker_died(&self, w: WorkerId) {
+        let _ = self.tx.send(Cmd::WorkerDied(w));
+    }
+
+    /// Whether the master has stopped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Where worker processes join, with a cluster configuration.
@@ -872,131 +893,6 @@ enum Domain {
     Node(u64),
 }
 
-/// Why the block manager could not start.
-#[derive(Debug)]
-pub(crate) enum StartError {
-    Spawn(ractor::SpawnErr),
-    Cluster(ClusterError),
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Spawn(e) => write!(f, "{e}"),
-            StartError::Cluster(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// Follows the cluster node's sessions: a worker process that joins gets a worker (and a
-/// heartbeat); one whose connection closes is lost.
-async fn membership(
-    node: Arc<DriverNode>,
-    mut events: mpsc::UnboundedReceiver<NodeEvent>,
-    master: BlockManagerMaster,
-    deadline: Duration,
-) {
-    while let Some(event) = events.recv().await {
-        match event {
-            NodeEvent::Ready { node: id, peer } => {
-                let stores = block_stores_of(id);
-                if stores.is_empty() {
-                    tracing::warn!(node = id, %peer, "a node joined without a block store; ignored");
-                }
-                for actor in stores {
-                    let host = host_of(&peer);
-                    let Some(w) = master
-                        .ask(|reply| Cmd::Join {
-                            actor: actor.clone(),
-                            node: id,
-                            host,
-                            reply,
-                        })
-                        .await
-                    else {
-                        return;
-                    };
-                    tokio::spawn(heartbeat(
-                        node.clone(),
-                        master.clone(),
-                        w,
-                        id,
-                        actor,
-                        deadline,
-                    ));
-                }
-            }
-            NodeEvent::Left { node: id, peer } => {
-                tracing::warn!(node = id, %peer, "a worker process's connection closed");
-                let _ = master.tx.send(Cmd::NodeDown(id));
-            }
-            NodeEvent::Refused { peer } => {
-                tracing::warn!(%peer, "a connection closed before authentication (wrong cookie, or not a Tributary worker)");
-                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
-            }
-        }
-    }
-}
-
-/// The host of a peer address (`ip:port`); `None` for this machine (loopback).
-fn host_of(peer: &str) -> Option<std::net::IpAddr> {
-    let ip = peer.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok()?;
-    let ip = match ip {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-        v4 => v4,
-    };
-    (!ip.is_loopback()).then_some(ip)
-}
-
-/// Pings worker `w` (in the process `id`) ten times per deadline; no answer for the deadline
-/// since its last answer: the worker is lost, and its connection closed so that this
-/// incarnation can never deliver into later batches (it exits; a new one joins as a new
-/// worker). A frozen worker is so declared lost between 0.9 and 1 deadline after it froze.
-async fn heartbeat(
-    node: Arc<DriverNode>,
-    master: BlockManagerMaster,
-    w: WorkerId,
-    id: u64,
-    actor: ActorRef<WorkerMsg>,
-    deadline: Duration,
-) {
-    let every = (deadline / 10).max(Duration::from_millis(10));
-    let mut last_answer = tokio::time::Instant::now();
-    let mut n = 0u64;
-    loop {
-        if master.tx.is_closed() {
-            return;
-        }
-        n += 1;
-        let sent = tokio::time::Instant::now();
-        let (tx, rx) = oneshot::channel();
-        if actor.send_message(WorkerMsg::Ping(n, tx.into())).is_err() {
-            return; // the session closed: NodeDown handles it
-        }
-        match tokio::time::timeout_at(last_answer + deadline, rx).await {
-            Ok(Ok(_)) => {
-                last_answer = tokio::time::Instant::now();
-                tokio::time::sleep_until(sent + every).await;
-            }
-            Ok(Err(_)) => return, // the session closed
-            Err(_) => {
-                tracing::error!(
-                    worker = w,
-                    node = id,
-                    ?deadline,
-                    "worker missed the heartbeat deadline: lost, and fenced"
-                );
-                metrics::counter!(crate::telemetry::HEARTBEAT_MISSES_TOTAL).increment(1);
-                let _ = master.tx.send(Cmd::WorkerDied(w));
-                node.fence(id).await;
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1026,7 +922,8 @@ mod tests {
     #[tokio::test]
     async fn replicas_go_to_distinct_hosts_first_then_distinct_processes() {
         let cfg = ClusterConfig::new(([127, 0, 0, 1], 0).into(), "c");
-        let (bm, _rx) = BlockManagerMaster::start_with(1, 2, 1 << 20, Some(&cfg), None)
+        let (node, _events) = DriverNode::start(&cfg).await.unwrap();
+        let (bm, _rx) = BlockManagerMaster::start_with(1, 2, 1 << 20, Some(Arc::new(node)), None)
             .await
             .unwrap();
         let (a, b) = ("10.0.0.1".parse().ok(), "10.0.0.2".parse().ok());

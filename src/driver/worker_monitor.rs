@@ -1,0 +1,121 @@
+//! Worker monitor: follows the cluster node's sessions for the BlockManagerMaster. A worker
+//! process whose session is ready becomes a worker (with a heartbeat); one whose connection
+//! closes, or that misses the heartbeat deadline, is lost (and fenced: its session closed).
+//!
+//! ```text
+//!  NodeEvent::Ready ──► block_stores_of(node) ──► master.join(..) ──► heartbeat task
+//!  NodeEvent::Left ───► master.node_down(node)
+//!  heartbeat: Ping every deadline/10; no answer for a deadline ──► master.worker_died(w),
+//!             node.fence(node)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::ActorRef;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::block_manager::{WorkerId, WorkerMsg};
+use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
+use crate::driver::block_manager_master::BlockManagerMaster;
+
+/// Follows the cluster node's sessions: a worker process that joins gets a worker (and a
+/// heartbeat); one whose connection closes is lost.
+pub(crate) async fn membership(
+    node: Arc<DriverNode>,
+    mut events: mpsc::UnboundedReceiver<NodeEvent>,
+    master: BlockManagerMaster,
+    deadline: Duration,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            NodeEvent::Ready { node: id, peer } => {
+                let stores = block_stores_of(id);
+                if stores.is_empty() {
+                    tracing::warn!(node = id, %peer, "a node joined without a block store; ignored");
+                }
+                for actor in stores {
+                    let host = host_of(&peer);
+                    let Some(w) = master.join(actor.clone(), id, host).await else {
+                        return;
+                    };
+                    tokio::spawn(heartbeat(
+                        node.clone(),
+                        master.clone(),
+                        w,
+                        id,
+                        actor,
+                        deadline,
+                    ));
+                }
+            }
+            NodeEvent::Left { node: id, peer } => {
+                tracing::warn!(node = id, %peer, "a worker process's connection closed");
+                master.node_down(id);
+            }
+            NodeEvent::Refused { peer } => {
+                tracing::warn!(%peer, "a connection closed before authentication (wrong cookie, or not a Tributary worker)");
+                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+            }
+        }
+    }
+}
+
+/// The host of a peer address (`ip:port`); `None` for this machine (loopback).
+fn host_of(peer: &str) -> Option<std::net::IpAddr> {
+    let ip = peer.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok()?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    (!ip.is_loopback()).then_some(ip)
+}
+
+/// Pings worker `w` (in the process `id`) ten times per deadline; no answer for the deadline
+/// since its last answer: the worker is lost, and its connection closed so that this
+/// incarnation can never deliver into later batches (it exits; a new one joins as a new
+/// worker). A frozen worker is so declared lost between 0.9 and 1 deadline after it froze.
+async fn heartbeat(
+    node: Arc<DriverNode>,
+    master: BlockManagerMaster,
+    w: WorkerId,
+    id: u64,
+    actor: ActorRef<WorkerMsg>,
+    deadline: Duration,
+) {
+    let every = (deadline / 10).max(Duration::from_millis(10));
+    let mut last_answer = tokio::time::Instant::now();
+    let mut n = 0u64;
+    loop {
+        if master.is_closed() {
+            return;
+        }
+        n += 1;
+        let sent = tokio::time::Instant::now();
+        let (tx, rx) = oneshot::channel();
+        if actor.send_message(WorkerMsg::Ping(n, tx.into())).is_err() {
+            return; // the session closed: NodeDown handles it
+        }
+        match tokio::time::timeout_at(last_answer + deadline, rx).await {
+            Ok(Ok(_)) => {
+                last_answer = tokio::time::Instant::now();
+                tokio::time::sleep_until(sent + every).await;
+            }
+            Ok(Err(_)) => return, // the session closed
+            Err(_) => {
+                tracing::error!(
+                    worker = w,
+                    node = id,
+                    ?deadline,
+                    "worker missed the heartbeat deadline: lost, and fenced"
+                );
+                metrics::counter!(crate::telemetry::HEARTBEAT_MISSES_TOTAL).increment(1);
+                master.worker_died(w);
+                node.fence(id).await;
+                return;
+            }
+        }
+    }
+}
