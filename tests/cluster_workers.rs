@@ -306,6 +306,34 @@ fn with_the_log_and_one_replica_a_killed_worker_process_loses_nothing() {
     );
 }
 
+/// The driver process SIGKILLed: its workers notice the closed connection and exit cleanly
+/// (they hold only that driver's blocks).
+#[test]
+fn workers_exit_cleanly_when_the_driver_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, out, addr) = driver(tmp.path(), 60.0, &[]);
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
+        .collect();
+    wait_until(
+        "2 workers joined",
+        Duration::from_secs(20),
+        || live_workers(&out) == 2,
+        &[&d],
+    );
+    signal(d.pid(), "-KILL");
+    for (i, w) in workers.iter_mut().enumerate() {
+        let s = w.wait(Duration::from_secs(10));
+        assert!(
+            s.is_some_and(|s| s.success()),
+            "worker {i} did not exit cleanly after the driver was killed: {s:?}\n{}",
+            w.output()
+        );
+        assert!(w.output().contains("DriverGone"), "{}", w.output());
+    }
+    drop(d);
+}
+
 #[test]
 fn a_wrong_cookie_is_refused_on_both_sides() {
     let tmp = tempfile::tempdir().unwrap();
