@@ -143,6 +143,34 @@ fn worker(tmp: &Path, addr: &str, cookie: &str, n: usize) -> Proc {
     )
 }
 
+/// Starts `n` workers of the driver at `addr` and waits until they joined and, when `flowing`,
+/// until records flow.
+fn join_workers(
+    tmp: &Path,
+    d: &Proc,
+    out: &Path,
+    addr: &str,
+    n: usize,
+    flowing: bool,
+) -> Vec<Proc> {
+    let workers: Vec<Proc> = (0..n).map(|i| worker(tmp, addr, COOKIE, i)).collect();
+    wait_until(
+        &format!("{n} workers joined"),
+        Duration::from_secs(20),
+        || live_workers(out) == n,
+        &[d],
+    );
+    if flowing {
+        wait_until(
+            "records flowing",
+            Duration::from_secs(10),
+            || acked(out) > 5_000,
+            &[d],
+        );
+    }
+    workers
+}
+
 /// Every acknowledged record is in the output; the ledger balances with nothing lost.
 fn assert_nothing_lost(out: &Path, driver: &Proc) {
     let acked = acked(out);
@@ -166,24 +194,8 @@ fn assert_nothing_lost(out: &Path, driver: &Proc) {
 fn a_worker_process_killed_mid_stream_loses_nothing_with_two_replicas() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver(tmp.path(), 8.0, &[]);
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "3 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 3,
-        &[&d],
-    );
-    let before_kill = {
-        wait_until(
-            "records flowing",
-            Duration::from_secs(10),
-            || acked(&out) > 5_000,
-            &[&d],
-        );
-        acked(&out)
-    };
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 3, true);
+    let before_kill = acked(&out);
     // SIGKILL a worker holding replicas, mid-stream.
     signal(workers[0].pid(), "-KILL");
     let killed_at = Instant::now();
@@ -230,21 +242,7 @@ fn a_worker_process_killed_mid_stream_loses_nothing_with_two_replicas() {
 fn with_one_replica_a_killed_worker_process_loses_exactly_what_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver(tmp.path(), 6.0, &["--replication", "1"]);
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "2 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 2,
-        &[&d],
-    );
-    wait_until(
-        "records flowing",
-        Duration::from_secs(10),
-        || acked(&out) > 5_000,
-        &[&d],
-    );
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 2, true);
     signal(workers[0].pid(), "-KILL");
     let status = d.wait(Duration::from_secs(60)).expect("driver finished");
     assert!(status.success(), "driver failed: {status}\n{}", d.output());
@@ -269,21 +267,7 @@ fn with_one_replica_a_killed_worker_process_loses_exactly_what_is_reported() {
 fn with_the_log_and_one_replica_a_killed_worker_process_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver_with(tmp.path(), 6.0, &["--replication", "1"]);
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "2 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 2,
-        &[&d],
-    );
-    wait_until(
-        "records flowing",
-        Duration::from_secs(10),
-        || acked(&out) > 5_000,
-        &[&d],
-    );
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 2, true);
     // Kill every worker: each unprocessed block loses its only replica. `store` waits for a
     // worker; a new one joins; the lost blocks are read back from the log onto it.
     signal(workers[0].pid(), "-KILL");
@@ -312,15 +296,7 @@ fn with_the_log_and_one_replica_a_killed_worker_process_loses_nothing() {
 fn workers_exit_cleanly_when_the_driver_is_killed() {
     let tmp = tempfile::tempdir().unwrap();
     let (d, out, addr) = driver(tmp.path(), 60.0, &[]);
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "2 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 2,
-        &[&d],
-    );
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 2, false);
     signal(d.pid(), "-KILL");
     for (i, w) in workers.iter_mut().enumerate() {
         let s = w.wait(Duration::from_secs(10));
@@ -364,21 +340,7 @@ fn a_wrong_cookie_is_refused_on_both_sides() {
 fn a_frozen_worker_is_declared_lost_by_the_heartbeat_and_fenced() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver(tmp.path(), 10.0, &[]);
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "3 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 3,
-        &[&d],
-    );
-    wait_until(
-        "records flowing",
-        Duration::from_secs(10),
-        || acked(&out) > 5_000,
-        &[&d],
-    );
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 3, true);
     // Frozen: its connection stays open, so only the heartbeat (2 s deadline) can tell.
     signal(workers[0].pid(), "-STOP");
     let frozen_at = Instant::now();
@@ -524,15 +486,7 @@ fn repeated_worker_kills_lose_nothing_with_two_replicas() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let tmp = tempfile::tempdir().unwrap();
     let (mut d, out, addr) = driver(tmp.path(), 3600.0, &[]);
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|i| worker(tmp.path(), &addr, COOKIE, i))
-        .collect();
-    wait_until(
-        "3 workers joined",
-        Duration::from_secs(20),
-        || live_workers(&out) == 3,
-        &[&d],
-    );
+    let mut workers = join_workers(tmp.path(), &d, &out, &addr, 3, false);
     let t0 = Instant::now();
     for k in 0..kills {
         wait_until(

@@ -174,12 +174,13 @@ impl tributary::Receiver for Wide {
 fn wide_job(
     dir: &std::path::Path,
     acked: Arc<AtomicU64>,
+    batch: Duration,
     memory: usize,
     batches: Arc<Mutex<Vec<Vec<u64>>>>,
 ) -> Result<StreamingContext, ContextError> {
     StreamingContext::get_or_create(dir, move |b| {
         let ctx = b
-            .batch_interval(Duration::from_millis(200))
+            .batch_interval(batch)
             .block_interval(Duration::from_millis(20))
             .max_block_bytes(64 * 1024)
             .memory_limit(memory)
@@ -210,27 +211,13 @@ async fn recovery_reads_the_log_back_within_the_memory_budget() {
     let batches: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
 
     // First run: the default budget holds everything; stopped before its first batch.
-    let first = StreamingContext::get_or_create(&dir, {
-        let acked = acked.clone();
-        move |b| {
-            let ctx = b
-                .batch_interval(Duration::from_secs(60))
-                .block_interval(Duration::from_millis(20))
-                .max_block_bytes(64 * 1024)
-                .write_ahead_log(WalConfig::default())
-                .build()?;
-            ctx.receiver_stream(
-                "wide",
-                Wide {
-                    acked,
-                    limit: 20_000,
-                },
-            )?
-            .count()
-            .for_each_batch(|_| {})?;
-            Ok(ctx)
-        }
-    })
+    let first = wide_job(
+        &dir,
+        acked.clone(),
+        Duration::from_secs(60),
+        1 << 30,
+        Arc::default(),
+    )
     .unwrap();
     first.start().await.unwrap();
     for _ in 0..3000 {
@@ -247,7 +234,14 @@ async fn recovery_reads_the_log_back_within_the_memory_budget() {
     first.stop(false).await.unwrap(); // abrupt, before the first (60 s) batch
 
     let budget = 1 << 20;
-    let ctx = wide_job(&dir, acked.clone(), budget, batches.clone()).unwrap();
+    let ctx = wide_job(
+        &dir,
+        acked.clone(),
+        Duration::from_millis(200),
+        budget,
+        batches.clone(),
+    )
+    .unwrap();
     ctx.start().await.unwrap();
     let report = ctx.recovery_report().expect("recovered");
     assert_eq!(report.recovered_records, 20_000, "{report:?}");

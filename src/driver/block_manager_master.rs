@@ -430,6 +430,9 @@ struct Meta {
     logged: Option<Location>,
     /// Its replicas were all lost and it is being read back from the write-ahead log.
     reloading: bool,
+    /// Its replicas were all lost before its log position was known (its log write was
+    /// still being synced): read back once it is.
+    awaiting_log: bool,
 }
 
 /// What the master task owns.
@@ -495,6 +498,7 @@ impl MasterState {
                             _memory: memory,
                             logged: None,
                             reloading: false,
+                            awaiting_log: false,
                         },
                     );
                 }
@@ -565,7 +569,13 @@ impl MasterState {
             }
             Cmd::Logged { id, location } => {
                 if let Some(m) = self.meta.get_mut(&id) {
-                    m.logged = Some(location);
+                    m.logged = Some(location.clone());
+                    if m.awaiting_log {
+                        m.awaiting_log = false;
+                        if let Some(storage) = self.wal.clone() {
+                            tokio::spawn(reload(self.master.clone(), storage, id, location));
+                        }
+                    }
                 }
             }
             Cmd::Reloaded { id, mut holders } => {
@@ -771,6 +781,16 @@ impl MasterState {
                     }
                     tracing::warn!(block = %id, "every replica lost; reading the block back from the write-ahead log");
                     tokio::spawn(reload(self.master.clone(), storage, id, location));
+                }
+                (None, Some(_)) => {
+                    // Replicated, but its log write is still being synced: read it back
+                    // once the log says where it is (or drop it, if that write fails: then it
+                    // was never acknowledged).
+                    if let Some(m) = self.meta.get_mut(&id) {
+                        m.reloading = true;
+                        m.awaiting_log = true;
+                    }
+                    tracing::warn!(block = %id, "every replica lost while its log write is in flight; reading it back once logged");
                 }
                 _ => {
                     self.meta.remove(&id);
