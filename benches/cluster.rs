@@ -31,7 +31,7 @@ use tributary::{BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
-use support::{peak_rss_mb, word_job, Key};
+use support::{peak_rss_mb, steady, word_job, Key};
 
 fn secs() -> f64 {
     std::env::var("BENCH_SECONDS")
@@ -116,15 +116,7 @@ async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) ->
         l.shutdown().await;
     }
     let infos: Vec<BatchInfo> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
-    let warm = 2.min(infos.len());
-    let steady = &infos[warm..];
-    let done: u64 = steady.iter().map(|i| i.records).sum();
-    let rate = done as f64 / steady.len().max(1) as f64;
-    let max_sched = steady
-        .iter()
-        .map(|i| i.scheduling_delay.as_millis())
-        .max()
-        .unwrap_or(0);
+    let (steady, rate, max_sched) = steady(&infos, Duration::from_secs(1));
     println!(
         "{}",
         json!({

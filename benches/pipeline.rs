@@ -34,7 +34,7 @@ use tributary::{BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
-use support::{peak_rss_mb, word_job, Key};
+use support::{peak_rss_mb, steady, word_job, Key};
 
 fn secs() -> f64 {
     std::env::var("BENCH_SECONDS")
@@ -143,15 +143,7 @@ async fn throughput(name: &str, k: usize, mode: StoreMode, limit: Option<f64>) {
         false,
     )
     .await;
-    let warm = 2.min(r.infos.len());
-    let steady = &r.infos[warm..];
-    let records: u64 = steady.iter().map(|i| i.records).sum();
-    let rate = records as f64 / (steady.len().max(1) as f64 * interval.as_secs_f64());
-    let max_sched = steady
-        .iter()
-        .map(|i| i.scheduling_delay.as_millis())
-        .max()
-        .unwrap_or(0);
+    let (steady, rate, max_sched) = steady(&r.infos, interval);
     println!(
         "{}",
         json!({
@@ -163,7 +155,7 @@ async fn throughput(name: &str, k: usize, mode: StoreMode, limit: Option<f64>) {
             "batch_records_min": steady.iter().map(|i| i.records).min().unwrap_or(0),
             "batch_records_max": steady.iter().map(|i| i.records).max().unwrap_or(0),
             "max_scheduling_delay_ms": max_sched,
-            "keeps_up": (max_sched as u128) < interval.as_millis(),
+            "keeps_up": max_sched < interval.as_millis(),
             "words_counted": r.words,
             "words_per_record": if r.records_seen > 0 { r.words as f64 / r.records_seen as f64 } else { 0.0 },
             "lost_blocks": r.infos.iter().map(|i| i.lost_blocks).sum::<usize>(),

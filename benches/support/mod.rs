@@ -2,7 +2,7 @@
 //! count over `u128` keys) and the process's peak RSS.
 #![allow(dead_code, unreachable_pub)]
 
-use tributary::{ByteString, DStream, StreamingContext};
+use tributary::{BatchInfo, ByteString, DStream, StreamingContext};
 use tributary_receivers::synthetic::SyntheticReceiver;
 
 /// A key of the word-count job in one `u128` (hashed and compared as one integer, no
@@ -89,4 +89,18 @@ pub fn word_job(
             }
         })
         .reduce_by_key(u64::wrapping_add)
+}
+
+/// The batches after the first two (start-up), their records per second at `interval`, and
+/// their largest scheduling delay in ms.
+pub fn steady(infos: &[BatchInfo], interval: std::time::Duration) -> (&[BatchInfo], f64, u128) {
+    let steady = &infos[2.min(infos.len())..];
+    let records: u64 = steady.iter().map(|i| i.records).sum();
+    let rate = records as f64 / (steady.len().max(1) as f64 * interval.as_secs_f64());
+    let max_sched = steady
+        .iter()
+        .map(|i| i.scheduling_delay.as_millis())
+        .max()
+        .unwrap_or(0);
+    (steady, rate, max_sched)
 }
