@@ -91,3 +91,49 @@ async fn stopping_a_context_that_never_started_ends_it() {
         Err(ContextError::AlreadyStarted)
     ));
 }
+
+#[test]
+fn bad_cluster_settings_are_refused_at_build_time() {
+    use tributary::cluster::{ClusterConfig, MAX_CLUSTER_BLOCK_BYTES};
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    let b = || StreamingContext::builder().workers(0).replication(2);
+    let msg = |b: tributary::StreamingContextBuilder| b.build().unwrap_err().to_string();
+    assert!(msg(b().cluster(ClusterConfig::new(addr, ""))).contains("cookie"));
+    assert!(msg(
+        b().cluster(ClusterConfig::new(addr, "s").heartbeat_deadline(Duration::from_millis(10)))
+    )
+    .contains("heartbeat_deadline"));
+    assert!(msg(b()
+        .max_block_bytes(MAX_CLUSTER_BLOCK_BYTES + 1)
+        .memory_limit(1 << 30)
+        .cluster(ClusterConfig::new(addr, "s")))
+    .contains("max_block_bytes"));
+    assert_eq!(
+        refused(b()),
+        "workers",
+        "no worker at all without a cluster"
+    );
+    assert!(b().cluster(ClusterConfig::new(addr, "s")).build().is_ok());
+}
+
+#[tokio::test]
+async fn a_cluster_address_in_use_is_a_start_error_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let ctx = StreamingContext::builder()
+        .cluster(tributary::cluster::ClusterConfig::new(addr, "s"))
+        .build()
+        .unwrap();
+    ctx.receiver_stream("s", SyntheticReceiver::new().limit(10))
+        .unwrap()
+        .count()
+        .for_each_batch(|_| {})
+        .unwrap();
+    let err = ctx.start().await.expect_err("the address is taken");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot listen on") && text.contains(&addr.to_string()),
+        "{text}"
+    );
+    assert!(ctx.await_termination().await.is_err(), "the context ended");
+}
