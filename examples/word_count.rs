@@ -7,7 +7,8 @@
 //!
 //! `--worker-processes N` runs the same job with N worker processes of this binary on
 //! loopback (it launches them itself, relaunching one that dies): every block's replicas go to
-//! distinct processes (`--workers 0` keeps none in the driver).
+//! distinct processes (`--workers 0` keeps none in the driver), and the tasks (split, count per
+//! block) run in the worker processes where the blocks are; the driver merges the counts.
 //!
 //! Prints a line per batch (records, top words, delays), stops after `--duration` seconds
 //! (default 5; 0 = until Ctrl-C) or on Ctrl-C, gracefully: receivers stop, buffered records
@@ -67,6 +68,57 @@ fn top_words(counts: &[(String, u64)], n: usize) -> String {
         .join(" ")
 }
 
+type Tops = Arc<Mutex<HashMap<BatchId, String>>>;
+type Totals = Arc<Mutex<HashMap<String, u64>>>;
+
+/// The job, defined the same way in the driver and in worker processes (one binary, two
+/// roles): a worker runs its tasks (the split into words and the per-block counts) over the
+/// blocks placed on it; the driver merges the counts and runs `for_each_batch`.
+fn define_job(
+    ctx: &StreamingContext,
+    args: &Args,
+    tops: Tops,
+    totals: Totals,
+) -> anyhow::Result<()> {
+    let words = match &args.socket {
+        Some(addr) => ctx
+            .receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
+            .flat_map_with(|line: String, out| {
+                for w in line.split_whitespace() {
+                    out((w.to_lowercase(), 1u64));
+                }
+            }),
+        None => {
+            let mut source = SyntheticReceiver::new();
+            if args.rate > 0.0 {
+                source = source.rate(args.rate);
+            }
+            ctx.receiver_stream("synthetic", source)?
+                .flat_map_with(|record: ByteString, out| {
+                    if let Some((_seq, _created, words)) = parse(&record) {
+                        for w in words {
+                            out((w.to_string(), 1u64));
+                        }
+                    }
+                })
+        }
+    };
+
+    let (t, tot) = (tops, totals);
+    words
+        .reduce_by_key(|a, b| a + b)
+        .for_each_batch(move |batch| {
+            let mut tot = tot.lock().unwrap();
+            for (w, c) in &batch.records {
+                *tot.entry(w.clone()).or_default() += c;
+            }
+            t.lock()
+                .unwrap()
+                .insert(batch.id, top_words(&batch.records, 3));
+        })?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -86,7 +138,12 @@ async fn main() -> anyhow::Result<()> {
         None => cluster::worker_role()?,
     };
     if let Some(worker) = role {
-        let exit = cluster::run_worker(worker).await?;
+        // The worker defines the same job (so that it can run its tasks), then serves it.
+        let ctx = StreamingContext::builder()
+            .receiver_strategy(recommended_strategy)
+            .build()?;
+        define_job(&ctx, &args, Arc::default(), Arc::default())?;
+        let exit = ctx.run_as_worker(worker).await?;
         println!("worker: {exit:?}");
         return Ok(());
     }
@@ -115,55 +172,15 @@ async fn main() -> anyhow::Result<()> {
         builder = builder.cluster(cluster::ClusterConfig::new(listen, cookie.clone()));
     }
     let ctx = builder.build()?;
+    match &args.socket {
+        Some(addr) => println!("reading lines from {addr}"),
+        None if args.rate > 0.0 => println!("synthetic source at {} records/s", args.rate),
+        None => println!("synthetic source at max records/s"),
+    }
 
-    let words = match &args.socket {
-        Some(addr) => {
-            println!("reading lines from {addr}");
-            ctx.receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
-                .flat_map_with(|line: String, out| {
-                    for w in line.split_whitespace() {
-                        out((w.to_lowercase(), 1u64));
-                    }
-                })
-        }
-        None => {
-            let mut source = SyntheticReceiver::new();
-            if args.rate > 0.0 {
-                source = source.rate(args.rate);
-            }
-            println!(
-                "synthetic source at {} records/s",
-                if args.rate > 0.0 {
-                    args.rate.to_string()
-                } else {
-                    "max".into()
-                }
-            );
-            ctx.receiver_stream("synthetic", source)?
-                .flat_map_with(|record: ByteString, out| {
-                    if let Some((_seq, _created, words)) = parse(&record) {
-                        for w in words {
-                            out((w.to_string(), 1u64));
-                        }
-                    }
-                })
-        }
-    };
-
-    let tops: Arc<Mutex<HashMap<BatchId, String>>> = Arc::default();
-    let totals: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-    let (t, tot) = (tops.clone(), totals.clone());
-    words
-        .reduce_by_key(|a, b| a + b)
-        .for_each_batch(move |batch| {
-            let mut tot = tot.lock().unwrap();
-            for (w, c) in &batch.records {
-                *tot.entry(w.clone()).or_default() += c;
-            }
-            t.lock()
-                .unwrap()
-                .insert(batch.id, top_words(&batch.records, 3));
-        })?;
+    let tops: Tops = Arc::default();
+    let totals: Totals = Arc::default();
+    define_job(&ctx, &args, tops.clone(), totals.clone())?;
 
     let mut reports = ctx.subscribe_batches();
     let printer = tokio::spawn(async move {
@@ -173,13 +190,18 @@ async fn main() -> anyhow::Result<()> {
             records += info.records;
             let top = tops.lock().unwrap().remove(&info.id).unwrap_or_default();
             println!(
-                "{}: {:>8} records | top: {:<40} | scheduling {:>4} ms, processing {:>4} ms, total {:>5} ms{}",
+                "{}: {:>8} records | top: {:<40} | scheduling {:>4} ms, processing {:>4} ms, total {:>5} ms{}{}",
                 info.id,
                 info.records,
                 top,
                 info.scheduling_delay.as_millis(),
                 info.processing_time.as_millis(),
                 info.total_delay.as_millis(),
+                if info.remote_tasks > 0 {
+                    format!(" | {} tasks in worker processes", info.remote_tasks)
+                } else {
+                    String::new()
+                },
                 info.failed.map(|e| format!(" | FAILED: {e}")).unwrap_or_default()
             );
         }

@@ -12,16 +12,18 @@
 //! restarts its executor in place; the scheduler sees the task's reply dropped and retries it.
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
+use ractor::ActorRef;
+use tokio::sync::{oneshot, watch};
 
 pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerId;
+use crate::cluster::protocol::{Ser, TaskHostMsg, TaskReply, TaskRequest};
 use crate::driver::block_manager_master::BlockManagerMaster;
 pub use crate::error::BatchError;
 use crate::error::BoxError;
@@ -59,6 +61,9 @@ pub struct BatchInfo {
     pub total_delay: Duration,
     /// Task attempts that had to be retried (executor died, replica gone).
     pub task_retries: u32,
+    /// Tasks that ran in worker processes (where their block's replica was), the others
+    /// ran in the driver's process.
+    pub remote_tasks: u32,
     /// Why the batch failed, if it did.
     pub failed: Option<String>,
     /// Where every acknowledged record stands after this batch, per receiver: stored =
@@ -69,23 +74,102 @@ pub struct BatchInfo {
 /// The work of one task: runs over a block and returns a partial result.
 pub(crate) type TaskFn = Arc<dyn Fn(&Block) -> Result<Box<dyn Any + Send>, BoxError> + Send + Sync>;
 
+/// A partial result as bytes, to cross from a worker process to the driver, and back.
+type EncodeFn = fn(Box<dyn Any + Send>) -> Result<Vec<u8>, BoxError>;
+type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, BoxError>;
+
+/// One task of the job: its work, and how its partial result crosses processes (Tributary's
+/// partials are `serde` types, encoded with `postcard`).
+#[derive(Clone)]
+pub(crate) struct TaskDef {
+    pub(crate) run: TaskFn,
+    pub(crate) encode: EncodeFn,
+    pub(crate) decode: DecodeFn,
+    /// The partial's type, for the job's fingerprint.
+    output: &'static str,
+}
+
+impl TaskDef {
+    /// A task whose work `f` returns a `P` for each block.
+    pub(crate) fn new<P, F>(f: F) -> TaskDef
+    where
+        P: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        F: Fn(&Block) -> Result<P, BoxError> + Send + Sync + 'static,
+    {
+        TaskDef {
+            run: Arc::new(move |b| f(b).map(|p| Box::new(p) as Box<dyn Any + Send>)),
+            encode: encode_partial::<P>,
+            decode: decode_partial::<P>,
+            output: std::any::type_name::<P>(),
+        }
+    }
+}
+
+fn encode_partial<P: serde::Serialize + 'static>(
+    part: Box<dyn Any + Send>,
+) -> Result<Vec<u8>, BoxError> {
+    let part = part
+        .downcast::<P>()
+        .map_err(|_| "a task returned a partial of another type")?;
+    Ok(postcard::to_stdvec(&*part)?)
+}
+
+fn decode_partial<P: serde::de::DeserializeOwned + Send + 'static>(
+    bytes: &[u8],
+) -> Result<Box<dyn Any + Send>, BoxError> {
+    Ok(Box::new(postcard::from_bytes::<P>(bytes)?))
+}
+
 /// Names a task's work in the job's [`TaskRegistry`]: executors are sent this id, never a
 /// closure, so what crosses to a worker stays plain data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TaskId(pub(crate) u32);
 
 /// The job's task functions, built from its definition before it starts, indexed by
-/// [`TaskId`].
+/// [`TaskId`]. The same program builds the same registry in the driver and in every worker
+/// process; the [fingerprint](TaskRegistry::fingerprint) checks that it did.
 #[derive(Clone, Default)]
-pub(crate) struct TaskRegistry(Arc<Vec<TaskFn>>);
+pub(crate) struct TaskRegistry {
+    tasks: Arc<Vec<TaskDef>>,
+    fingerprint: u64,
+}
 
 impl TaskRegistry {
-    pub(crate) fn new(tasks: Vec<TaskFn>) -> Self {
-        TaskRegistry(Arc::new(tasks))
+    /// The job's tasks; `streams` are its receivers' names, in order.
+    pub(crate) fn new(tasks: Vec<TaskDef>, streams: &[String]) -> Self {
+        // FNV-1a over what a job is made of (stable across processes and builds, unlike
+        // std's hasher): its streams, its tasks and their partials' types.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes.iter().chain(&[0xff]) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for s in streams {
+            eat(s.as_bytes());
+        }
+        eat(&(tasks.len() as u64).to_le_bytes());
+        for t in &tasks {
+            eat(t.output.as_bytes());
+        }
+        TaskRegistry {
+            tasks: Arc::new(tasks),
+            fingerprint: h,
+        }
     }
 
-    fn get(&self, id: TaskId) -> Option<&TaskFn> {
-        self.0.get(id.0 as usize)
+    pub(crate) fn get(&self, id: TaskId) -> Option<&TaskDef> {
+        self.tasks.get(id.0 as usize)
+    }
+
+    /// Identifies the job's definition: a worker process whose job differs is refused.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.tasks.len()
     }
 }
 
@@ -141,7 +225,7 @@ impl Receiver for Executor {
             task,
             reply,
         } = msg;
-        let Some(work) = self.tasks.get(task).cloned() else {
+        let Some(work) = self.tasks.get(task).map(|t| t.run.clone()) else {
             let _ = reply.send(Err(AttemptError::Failed(format!("unknown task {task:?}"))));
             return Ok(());
         };
@@ -169,15 +253,143 @@ impl Receiver for Executor {
     }
 }
 
+/// Where a task can run.
+pub(crate) enum ExecutorRef {
+    /// An executor in this process: reads any block (from a worker process's block store
+    /// when no replica is in this process).
+    Local(ReceiverRef<ExecMsg>),
+    /// A task slot of a worker process's executor: runs tasks over the blocks its process
+    /// holds; `gone` turns `true` when the process is lost.
+    Remote {
+        actor: ActorRef<TaskHostMsg>,
+        gone: watch::Receiver<bool>,
+    },
+}
+
+/// One place to run tasks, and the tasks sent to it and not answered yet.
+struct Slot {
+    id: u64,
+    worker: WorkerId,
+    node: Option<u64>,
+    exec: ExecutorRef,
+    in_flight: AtomicUsize,
+}
+
+impl Slot {
+    fn running(&self) -> bool {
+        match &self.exec {
+            ExecutorRef::Local(r) => r.is_running(),
+            ExecutorRef::Remote { actor, gone } => {
+                !*gone.borrow() && actor.get_status() == ractor::ActorStatus::Running
+            }
+        }
+    }
+}
+
+/// The executors tasks can run on: the driver's own (fixed) and the task slots of worker
+/// processes (they come and go with their processes). Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct ExecutorPool(Arc<Mutex<PoolState>>);
+
+struct PoolState {
+    /// Copied on write: a batch's tasks pick from a snapshot.
+    slots: Arc<Vec<Arc<Slot>>>,
+    gone: HashMap<u64, watch::Sender<bool>>,
+    next_id: u64,
+    /// Workers `0..in_process` are in this process.
+    in_process: usize,
+}
+
+impl ExecutorPool {
+    /// A pool whose workers `0..in_process_workers` live in this process.
+    pub(crate) fn new(in_process_workers: usize) -> Self {
+        ExecutorPool(Arc::new(Mutex::new(PoolState {
+            slots: Arc::default(),
+            gone: HashMap::new(),
+            next_id: 0,
+            in_process: in_process_workers,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, worker: WorkerId, node: Option<u64>, exec: ExecutorRef) {
+        let mut s = self.state();
+        let id = s.next_id;
+        s.next_id += 1;
+        let mut slots = Vec::clone(&s.slots);
+        slots.push(Arc::new(Slot {
+            id,
+            worker,
+            node,
+            exec,
+            in_flight: AtomicUsize::new(0),
+        }));
+        s.slots = Arc::new(slots);
+    }
+
+    /// An executor in this process, next to in-process worker `worker` (`usize::MAX`: none).
+    pub(crate) fn add_local(&self, worker: WorkerId, exec: ReceiverRef<ExecMsg>) {
+        self.push(worker, None, ExecutorRef::Local(exec));
+    }
+
+    /// The executor of the worker process `node`, whose block store is worker `worker`,
+    /// running up to `slots` tasks at once.
+    pub(crate) fn add_remote(
+        &self,
+        worker: WorkerId,
+        node: u64,
+        actor: ActorRef<TaskHostMsg>,
+        slots: usize,
+    ) {
+        let gone = {
+            let mut s = self.state();
+            s.gone
+                .entry(node)
+                .or_insert_with(|| watch::channel(false).0)
+                .subscribe()
+        };
+        for _ in 0..slots.max(1) {
+            let exec = ExecutorRef::Remote {
+                actor: actor.clone(),
+                gone: gone.clone(),
+            };
+            self.push(worker, Some(node), exec);
+        }
+    }
+
+    /// The worker process `node` is lost: its task slots are removed, and the tasks running
+    /// there end as failed attempts (retried on a replica).
+    pub(crate) fn remove_node(&self, node: u64) {
+        let mut s = self.state();
+        if let Some(gone) = s.gone.remove(&node) {
+            let _ = gone.send(true);
+        }
+        let slots = s
+            .slots
+            .iter()
+            .filter(|slot| slot.node != Some(node))
+            .cloned()
+            .collect();
+        s.slots = Arc::new(slots);
+    }
+
+    fn snapshot(&self) -> (Arc<Vec<Arc<Slot>>>, usize) {
+        let s = self.state();
+        (s.slots.clone(), s.in_process)
+    }
+}
+
 /// The executors of a context and the policy to run tasks on them.
 #[derive(Clone)]
 pub(crate) struct TaskRunner {
-    pub(crate) executors: Arc<Vec<(WorkerId, ReceiverRef<ExecMsg>)>>,
+    pool: ExecutorPool,
+    tasks: TaskRegistry,
     pub(crate) blocks: BlockManagerMaster,
     pub(crate) attempts: u32,
     next: Arc<AtomicUsize>,
-    /// Tasks sent to each executor and not answered yet.
-    in_flight: Arc<Vec<AtomicUsize>>,
 }
 
 /// Decrements an executor's in-flight count when the attempt ends, however it ends.
@@ -195,18 +407,27 @@ pub(crate) struct TaskOutputs {
     pub(crate) parts: Vec<Box<dyn Any + Send>>,
     pub(crate) lost: Vec<BlockId>,
     pub(crate) retries: u32,
+    /// Tasks that ran in worker processes.
+    pub(crate) remote: u32,
 }
+
+/// Partials larger than this are decoded on the blocking pool, not on the runtime.
+const DECODE_INLINE_BYTES: usize = 64 << 10;
+
+/// How much busier (in tasks) an executor holding a replica may be before one that must read
+/// the block from another process is chosen instead: a block is megabytes, a partial small.
+const CROSS_PROCESS_READ_PENALTY: usize = 8;
 
 impl TaskRunner {
     pub(crate) fn new(
-        executors: Vec<(WorkerId, ReceiverRef<ExecMsg>)>,
+        pool: ExecutorPool,
+        tasks: TaskRegistry,
         blocks: BlockManagerMaster,
         attempts: u32,
     ) -> Self {
-        let in_flight = Arc::new((0..executors.len()).map(|_| AtomicUsize::new(0)).collect());
         TaskRunner {
-            executors: Arc::new(executors),
-            in_flight,
+            pool,
+            tasks,
             blocks,
             attempts,
             next: Arc::new(AtomicUsize::new(0)),
@@ -225,52 +446,66 @@ impl TaskRunner {
             parts: Vec::with_capacity(blocks.len()),
             lost: Vec::new(),
             retries: 0,
+            remote: 0,
         };
         for (block, r) in blocks.iter().zip(results) {
             let (part, retries) = r?;
             out.retries += retries;
             match part {
-                Some(p) => out.parts.push(p),
+                Some((p, remote)) => {
+                    out.parts.push(p);
+                    out.remote += u32::from(remote);
+                }
                 None => out.lost.push(*block),
             }
         }
         Ok(out)
     }
 
-    /// One task with retries. `Ok(None)`: the block has no replica left (lost, reported).
+    /// One task with retries: its partial and whether it ran in a worker process, and the
+    /// retries. `None`: the block has no replica left (lost, reported).
     async fn run_one(
         &self,
         block: BlockId,
         task: TaskId,
-    ) -> Result<(Option<Box<dyn Any + Send>>, u32), BatchError> {
-        let mut tried: Vec<usize> = Vec::new();
+    ) -> Result<(Option<(Box<dyn Any + Send>, bool)>, u32), BatchError> {
+        let mut tried: Vec<u64> = Vec::new();
         let mut last_error = String::from("not attempted");
         for attempt in 0..self.attempts {
             let locations = self.blocks.locations(block).await;
             if locations.is_empty() {
                 return Ok((None, attempt));
             }
-            let Some(exec) = self.pick(&locations, &tried, attempt == 0) else {
+            let Some(slot) = self.pick(&locations, &tried, attempt == 0) else {
                 return Err(BatchError::NoExecutor);
             };
-            tried.push(exec);
-            self.in_flight[exec].fetch_add(1, Ordering::Relaxed);
-            let _in_flight = InFlight(&self.in_flight[exec]);
-            let (tx, rx) = oneshot::channel();
-            let msg = ExecMsg::Run {
-                block,
-                locations: locations.clone(),
-                task,
-                reply: tx,
+            tried.push(slot.id);
+            slot.in_flight.fetch_add(1, Ordering::Relaxed);
+            let result = {
+                let _in_flight = InFlight(&slot.in_flight);
+                match &slot.exec {
+                    ExecutorRef::Local(exec) => {
+                        let (tx, rx) = oneshot::channel();
+                        let msg = ExecMsg::Run {
+                            block,
+                            locations: locations.clone(),
+                            task,
+                            reply: tx,
+                        };
+                        if exec.send(msg).is_err() {
+                            Err(AttemptError::ExecutorDied)
+                        } else {
+                            rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
+                        }
+                    }
+                    ExecutorRef::Remote { actor, gone } => {
+                        self.run_remote(actor, gone.clone(), block, task).await
+                    }
+                }
             };
-            if self.executors[exec].1.send(msg).is_err() {
-                last_error = "executor has stopped".into();
-                continue;
-            }
-            match rx.await {
-                Ok(Ok(part)) => return Ok((Some(part), attempt)),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = AttemptError::ExecutorDied.to_string(),
+            match result {
+                Ok(part) => return Ok((Some((part, slot.node.is_some())), attempt)),
+                Err(e) => last_error = e.to_string(),
             }
             tracing::warn!(%block, attempt = attempt + 1, error = %last_error, "task attempt failed; retrying");
             // Give failure detection (a dead worker or executor) a moment before the next try.
@@ -283,31 +518,91 @@ impl TaskRunner {
         })
     }
 
-    /// The executor for an attempt. First attempt: the least busy running executor,
-    /// preferring one whose worker holds a replica (others read the block remotely), so that
-    /// every executor works even when all replicas sit on one worker (k = 1). Retries: a
-    /// running executor whose worker holds a replica, not tried yet if possible.
-    fn pick(&self, locations: &[WorkerId], tried: &[usize], first: bool) -> Option<usize> {
-        let n = self.executors.len();
+    /// One attempt on a worker process's executor; its partial comes back as bytes.
+    async fn run_remote(
+        &self,
+        actor: &ActorRef<TaskHostMsg>,
+        mut gone: watch::Receiver<bool>,
+        block: BlockId,
+        task: TaskId,
+    ) -> Result<Box<dyn Any + Send>, AttemptError> {
+        let def = self
+            .tasks
+            .get(task)
+            .ok_or_else(|| AttemptError::Failed(format!("unknown task {task:?}")))?;
+        let decode = def.decode;
+        let (tx, rx) = oneshot::channel();
+        let request = Ser::of(TaskRequest {
+            block,
+            task: task.0,
+        });
+        actor
+            .send_message(TaskHostMsg::Run(request, tx.into()))
+            .map_err(|_| AttemptError::ExecutorDied)?;
+        let lost = async move {
+            if gone.wait_for(|g| *g).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let reply = tokio::select! {
+            r = rx => r.map_err(|_| AttemptError::ExecutorDied)?,
+            () = lost => return Err(AttemptError::ExecutorDied),
+        };
+        match reply {
+            TaskReply::Done(bytes) if bytes.len() <= DECODE_INLINE_BYTES => decode(&bytes)
+                .map_err(|e| AttemptError::Failed(format!("a partial result did not decode: {e}"))),
+            TaskReply::Done(bytes) => {
+                match tokio::task::spawn_blocking(move || decode(&bytes)).await {
+                    Ok(r) => r.map_err(|e| {
+                        AttemptError::Failed(format!("a partial result did not decode: {e}"))
+                    }),
+                    Err(e) => Err(AttemptError::Failed(e.to_string())),
+                }
+            }
+            TaskReply::NotLocal => Err(AttemptError::NotLocal),
+            TaskReply::Failed(e) => Err(AttemptError::Failed(e)),
+            TaskReply::Damaged => Err(AttemptError::Failed(
+                "the worker's reply arrived damaged".into(),
+            )),
+        }
+    }
+
+    /// The executor for an attempt. One that can run it: a worker process's slot only where
+    /// its process holds a replica; one in this process anywhere (reading remotely if needed).
+    /// First attempt: the least busy, preferring a replica's holder (ties), and much preferring
+    /// one that need not read the block from another process. Retries: a holder not tried
+    /// yet if possible.
+    fn pick(&self, locations: &[WorkerId], tried: &[u64], first: bool) -> Option<Arc<Slot>> {
+        let (slots, in_process) = self.pool.snapshot();
+        let n = slots.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let order = (0..n).map(|i| (start + i) % n);
-        let running = |e: &usize| self.executors[*e].1.is_running();
-        let local = |e: &usize| locations.contains(&self.executors[*e].0);
-        if first {
-            let load = |e: &usize| (self.in_flight[*e].load(Ordering::Relaxed), !local(e));
-            if let Some(e) = order.clone().filter(running).min_by_key(load) {
-                return Some(e);
-            }
-        }
-        order
-            .clone()
-            .find(|e| running(e) && local(e) && !tried.contains(e))
-            .or_else(|| order.clone().find(|e| running(e) && local(e)))
-            .or_else(|| order.clone().find(|e| running(e) && !tried.contains(e)))
-            .or_else(|| order.clone().find(running))
+        let order = (0..n).map(|i| &slots[(start + i) % n]);
+        let holds = |s: &&Arc<Slot>| locations.contains(&s.worker);
+        let usable =
+            |s: &&Arc<Slot>| s.running() && (matches!(s.exec, ExecutorRef::Local(_)) || holds(s));
+        let replica_here = locations.iter().any(|w| *w < in_process);
+        let cost = |s: &&Arc<Slot>| {
+            let load = s.in_flight.load(Ordering::Relaxed);
+            let cross = matches!(s.exec, ExecutorRef::Local(_)) && !replica_here;
+            (
+                load + if cross { CROSS_PROCESS_READ_PENALTY } else { 0 },
+                !holds(s),
+            )
+        };
+        let chosen = if first {
+            order.clone().filter(usable).min_by_key(cost)
+        } else {
+            order
+                .clone()
+                .find(|s| usable(s) && holds(s) && !tried.contains(&s.id))
+                .or_else(|| order.clone().find(|s| usable(s) && holds(s)))
+                .or_else(|| order.clone().find(|s| usable(s) && !tried.contains(&s.id)))
+                .or_else(|| order.clone().find(usable))
+        };
+        chosen.cloned()
     }
 }
 
@@ -363,6 +658,7 @@ pub(crate) struct BatchRun {
 pub(crate) struct RunStats {
     pub(crate) lost: Vec<BlockId>,
     pub(crate) retries: u32,
+    pub(crate) remote: u32,
 }
 
 impl BatchRun {
@@ -381,6 +677,7 @@ impl BatchRun {
                 }
             }
             s.retries += out.retries;
+            s.remote += out.remote;
         }
         Ok(out.parts)
     }

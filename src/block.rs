@@ -19,7 +19,9 @@ pub use bytestring::ByteString;
 
 /// Identifies a block: the receiver's stream id and a per-receiver sequence number that never
 /// wraps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct BlockId {
     /// Stream (receiver) id, assigned in the order streams are added to the context.
     pub stream: u32,

@@ -9,7 +9,17 @@
 //!    BlockManagerMaster ──Put/Get/Remove/Ping──────► block store (joins "tributary.block-stores")
 //!      heartbeat: no Ping answer within the deadline ⇒ the worker is lost and its connection
 //!      is closed (fenced: that incarnation can never deliver into later batches)
+//!    TaskRunner ──Run(block id, task id)───────────► executor (joins "tributary.executors"),
+//!               ◄──the partial result's bytes──────     runs the task over its own replica
 //! ```
+//!
+//! One binary, two roles: the program defines its job (streams, outputs) the same way in both;
+//! the driver calls [`StreamingContext::start`](crate::StreamingContext::start), a worker
+//! [`StreamingContext::run_as_worker`](crate::StreamingContext::run_as_worker), which hosts a
+//! block store and an executor for the job's tasks. Tasks run where a replica of their block
+//! is; their partial results (e.g. `reduce_by_key`'s per-block combine) cross to the driver,
+//! which merges them and runs `for_each_batch`. A worker whose job differs from the driver's
+//! (its fingerprint: streams, tasks and their result types) is refused when it joins.
 //!
 //! Only ids and bytes cross the wire ([`crate::Block`]s in Tributary's own encoding), never
 //! closures. A worker exits when its driver goes away (or fences it): a process manager, or the
@@ -23,8 +33,10 @@
 //! grow with the input rate, since a block is sent only when the previous ones of the same
 //! receiver were acknowledged (the block queue bounds what is in flight).
 
+pub(crate) mod executor;
 mod launcher;
 pub(crate) mod node;
+pub(crate) mod protocol;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -183,6 +195,9 @@ pub struct WorkerConfig {
     pub name: String,
     /// How long to keep trying to reach the driver at start (default 10 s).
     pub connect_timeout: Duration,
+    /// Tasks this worker's executor runs at once (default: the machine's parallelism),
+    /// when it runs the job ([`StreamingContext::run_as_worker`](crate::StreamingContext::run_as_worker)).
+    pub executors: usize,
 }
 
 impl WorkerConfig {
@@ -193,6 +208,13 @@ impl WorkerConfig {
             cookie: cookie.into(),
             name: "worker".into(),
             connect_timeout: Duration::from_secs(10),
+            executors: std::thread::available_parallelism().map_or(2, usize::from),
         }
+    }
+
+    /// Run up to `n` tasks at once (at least 1).
+    pub fn executors(mut self, n: usize) -> WorkerConfig {
+        self.executors = n.max(1);
+        self
     }
 }

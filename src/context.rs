@@ -27,10 +27,11 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::batch::{BatchInfo, Executor, TaskFn, TaskId, TaskRegistry, TaskRunner};
+use crate::batch::{BatchInfo, Executor, ExecutorPool, TaskDef, TaskId, TaskRegistry, TaskRunner};
 use crate::block::{BlockId, Record};
 use crate::checkpoint::Ledger;
 use crate::cluster::node::DriverNode;
+use crate::cluster::{WorkerConfig, WorkerExit};
 use crate::config::StreamingContextBuilder;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
@@ -72,7 +73,7 @@ impl StreamingContextBuilder {
 struct Defined {
     receivers: Vec<PendingReceiver>,
     outputs: Vec<OutputFn>,
-    tasks: Vec<TaskFn>,
+    tasks: Vec<TaskDef>,
 }
 
 /// Where the context is in its life.
@@ -146,7 +147,7 @@ impl OutputRegistry for Inner {
         Ok(())
     }
 
-    fn register_task(&self, work: TaskFn) -> TaskId {
+    fn register_task(&self, work: TaskDef) -> TaskId {
         // Registered after start (a stream derived too late), it is never run: its output
         // cannot be registered any more.
         let mut d = lock(&self.defined);
@@ -415,10 +416,11 @@ impl StreamingContext {
             }
             *phase = Phase::Starting { stop: None };
             let mut d = lock(&self.inner.defined);
+            let names: Vec<String> = d.receivers.iter().map(|r| r.name.clone()).collect();
             (
                 std::mem::take(&mut d.receivers),
                 std::mem::take(&mut d.outputs),
-                TaskRegistry::new(std::mem::take(&mut d.tasks)),
+                TaskRegistry::new(std::mem::take(&mut d.tasks), &names),
             )
         };
         // If this future is dropped halfway (a caller's timeout), the guard tears down what
@@ -534,11 +536,17 @@ impl StreamingContext {
         )
         .await
         .map_err(|e| start_err("workers", &e))?;
+        // Where tasks run: the executors below, and those of worker processes as they join.
+        let pool = ExecutorPool::new(cfg.workers);
         if let Some((node, events, deadline)) = node {
             tokio::spawn(worker_monitor::membership(
                 node,
                 events,
                 blocks.clone(),
+                worker_monitor::Jobs {
+                    pool: pool.clone(),
+                    fingerprint: tasks.fingerprint(),
+                },
                 deadline,
             ));
         }
@@ -562,7 +570,6 @@ impl StreamingContext {
             .await
             .map_err(|e| start_err("executors", &e))?;
         stages.executors = Some(executors.clone());
-        let mut execs = Vec::with_capacity(cfg.executors);
         for i in 0..cfg.executors {
             // With no in-process worker (a cluster), every read is remote.
             let worker = i.checked_rem(cfg.workers).unwrap_or(usize::MAX);
@@ -576,9 +583,9 @@ impl StreamingContext {
                 .spawn_receiver(ReceiverSpec::new(format!("executor-{i}"), exec, store))
                 .await
                 .map_err(|e| start_err("executors", &e))?;
-            execs.push((worker, r));
+            pool.add_local(worker, r);
         }
-        let runner = TaskRunner::new(execs, blocks.clone(), cfg.task_attempts);
+        let runner = TaskRunner::new(pool, tasks, blocks.clone(), cfg.task_attempts);
         self.inner.check_stop()?;
 
         // The ReceiverTracker and the receivers.
@@ -628,6 +635,53 @@ impl StreamingContext {
                 .unwrap_or_else(|| broadcast::channel(1).0),
         }));
         Ok((receivers, blocks, handle))
+    }
+
+    /// Runs this process as a worker process of the driver at `cfg.driver`, for this job: one
+    /// binary, two roles. The program defines its job (streams and outputs) exactly as the
+    /// driver does, then calls this instead of [`start`](Self::start): the process hosts a
+    /// block store and an executor that runs the job's tasks over the blocks placed here
+    /// (only ids and bytes cross the wire: the code is the same in both processes). Receivers
+    /// and `for_each_batch` functions run on the driver.
+    ///
+    /// Returns when the driver goes away or fences this worker ([`WorkerExit::DriverGone`]:
+    /// a process manager, or the driver's [`WorkerLauncher`](crate::cluster::WorkerLauncher),
+    /// starts a new incarnation), or on Ctrl-C. The driver refuses a worker whose job differs
+    /// from its own (logged there, and the worker exits with `DriverGone`). The context is
+    /// used up: it has ended once this is called.
+    ///
+    /// ```no_run
+    /// # async fn main_() -> Result<(), Box<dyn std::error::Error>> {
+    /// # fn define(ctx: &tributary::StreamingContext) -> Result<(), tributary::ContextError> { Ok(()) }
+    /// let ctx = tributary::StreamingContext::builder().build()?;
+    /// define(&ctx)?; // streams and outputs, the same in both roles
+    /// if let Some(worker) = tributary::cluster::worker_role()? {
+    ///     ctx.run_as_worker(worker).await?;
+    ///     return Ok(());
+    /// }
+    /// ctx.start().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_as_worker(&self, cfg: WorkerConfig) -> Result<WorkerExit, ContextError> {
+        let tasks = {
+            let phase = lock(&self.inner.phase);
+            if !matches!(*phase, Phase::Defining) {
+                return Err(ContextError::AlreadyStarted);
+            }
+            let mut d = lock(&self.inner.defined);
+            let names: Vec<String> = d.receivers.iter().map(|r| r.name.clone()).collect();
+            d.receivers.clear();
+            d.outputs.clear();
+            TaskRegistry::new(std::mem::take(&mut d.tasks), &names)
+        };
+        self.inner.end(Ok(()));
+        tracing::info!(
+            tasks = tasks.len(),
+            fingerprint = format_args!("{:016x}", tasks.fingerprint()),
+            driver = %cfg.driver,
+            "running as a worker process"
+        );
+        Ok(crate::cluster::node::run_worker_with(cfg, Some(tasks)).await?)
     }
 
     /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records

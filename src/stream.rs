@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::batch::{Batch, BatchError, BatchRun, TaskFn, TaskId};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::batch::{Batch, BatchError, BatchRun, TaskDef, TaskId};
 use crate::block::{Block, Record};
 use crate::error::BoxError;
 
@@ -48,7 +51,7 @@ pub(crate) trait OutputRegistry: Send + Sync {
     fn register(&self, output: OutputFn) -> Result<(), crate::context::error::ContextError>;
     /// Registers the work of a per-block task; executors are sent its id, never the closure
     /// (the job is defined by code in every process that runs it).
-    fn register_task(&self, work: TaskFn) -> TaskId;
+    fn register_task(&self, work: TaskDef) -> TaskId;
 }
 
 /// A stream of records, computed batch by batch. Cheap to clone.
@@ -202,9 +205,12 @@ impl<T: Send + 'static> DStream<T> {
 
     /// Runs `fold` over each block's records in its task (starting from `init()`), then
     /// combines the partials with `merge`. The building block of `count` and `reduce_by_key`.
+    ///
+    /// A task may run in a worker process (where its block's replica is); its partial `A`
+    /// then crosses to the driver, hence `A`'s `serde` bounds.
     pub fn aggregate<A, I, F, M>(&self, init: I, fold: F, merge: M) -> DStream<A>
     where
-        A: Send + 'static,
+        A: Serialize + DeserializeOwned + Send + 'static,
         I: Fn() -> A + Send + Sync + 'static,
         F: Fn(&mut A, T) + Send + Sync + 'static,
         M: Fn(A, A) -> A + Send + Sync + 'static,
@@ -215,10 +221,10 @@ impl<T: Send + 'static> DStream<T> {
             Plan::Narrow(parent) => {
                 let parent = parent.clone();
                 let task_init = init.clone();
-                let work: TaskFn = Arc::new(move |block| {
+                let work = TaskDef::new(move |block| {
                     let mut acc = task_init();
                     parent(block, &mut |t| fold(&mut acc, t))?;
-                    Ok(Box::new(acc) as Box<dyn Any + Send>)
+                    Ok(acc)
                 });
                 let task = self.outputs.register_task(work);
                 self.with_plan(Plan::Whole(Arc::new(move |run| {
@@ -270,8 +276,12 @@ impl<T: Send + 'static> DStream<T> {
     /// `f` runs on the driver, on the blocking thread pool (never on the async runtime's
     /// threads, so it may block). If it panics, the batch is reported failed (see
     /// [`BatchInfo::failed`](crate::BatchInfo::failed)).
+    ///
+    /// The records may be computed in worker processes (per block, where its replica is) and
+    /// cross to the driver, hence `T`'s `serde` bounds.
     pub fn for_each_batch<F>(&self, f: F) -> Result<(), crate::context::error::ContextError>
     where
+        T: Serialize + DeserializeOwned,
         F: FnMut(Batch<T>) + Send + 'static,
     {
         let f = Arc::new(Mutex::new(f));
@@ -285,10 +295,10 @@ impl<T: Send + 'static> DStream<T> {
             Plan::Whole(whole) => Compute::Whole(whole.clone()),
             Plan::Narrow(narrow) => {
                 let narrow = narrow.clone();
-                let work: TaskFn = Arc::new(move |block| {
-                    let mut out = Vec::with_capacity(block.records as usize);
+                let work = TaskDef::new(move |block| {
+                    let mut out: Vec<T> = Vec::with_capacity(block.records as usize);
                     narrow(block, &mut |t| out.push(t))?;
-                    Ok(Box::new(out) as Box<dyn Any + Send>)
+                    Ok(out)
                 });
                 Compute::Tasks(self.outputs.register_task(work))
             }
@@ -329,8 +339,8 @@ impl<T: Send + 'static> DStream<T> {
 
 impl<K, V> DStream<(K, V)>
 where
-    K: Eq + Hash + Send + 'static,
-    V: Send + 'static,
+    K: Eq + Hash + Serialize + DeserializeOwned + Send + 'static,
+    V: Serialize + DeserializeOwned + Send + 'static,
 {
     /// Merges the values of each key with `f` (associative and commutative, as in Spark),
     /// per batch: a per-block combine in the tasks, then a merge of the partials.
@@ -363,6 +373,21 @@ struct Combiner<K, V>(HashMap<K, Option<V>, foldhash::fast::RandomState>);
 impl<K, V> Default for Combiner<K, V> {
     fn default() -> Self {
         Combiner(HashMap::default())
+    }
+}
+
+/// A per-block combine crosses from a worker process as a map.
+impl<K: Eq + Hash + Serialize, V: Serialize> Serialize for Combiner<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter())
+    }
+}
+
+impl<'de, K: Eq + Hash + DeserializeOwned, V: DeserializeOwned> serde::Deserialize<'de>
+    for Combiner<K, V>
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HashMap::deserialize(d).map(Combiner)
     }
 }
 

@@ -215,6 +215,11 @@ pub const WORKERS_JOINED_TOTAL: &str = "tributary_workers_joined_total";
 pub const HEARTBEAT_MISSES_TOTAL: &str = "tributary_heartbeat_misses_total";
 /// Counter: connections closed before they authenticated (e.g. a wrong cookie).
 pub const CLUSTER_REFUSED_TOTAL: &str = "tributary_cluster_refused_total";
+/// Counter: tasks a worker process's executor ran (counted in that process).
+pub const TASKS_RUN_REMOTELY_TOTAL: &str = "tributary_tasks_run_remotely_total";
+/// Counter: worker processes refused because their job is not the driver's (another program,
+/// or another version of it).
+pub const WORKERS_REFUSED_JOB_TOTAL: &str = "tributary_workers_refused_job_total";
 /// Counter: batches completed (or failed).
 pub const BATCHES_TOTAL: &str = "tributary_batches_total";
 /// Counter: batches that failed.

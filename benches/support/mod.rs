@@ -9,7 +9,7 @@ use tributary_receivers::synthetic::SyntheticReceiver;
 /// allocation per word). A word of up to 16 ASCII bytes is stored as its bytes, little-endian,
 /// so bit 127 is clear (longer words are truncated, which the fixed vocabulary never needs);
 /// the job's other keys set bit 127.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Key(pub u128);
 
 const TAG: u128 = 1 << 127;

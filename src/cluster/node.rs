@@ -12,7 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::batch::TaskRegistry;
 use crate::block_manager::{Worker, WorkerMsg};
+use crate::cluster::executor::TaskHost;
+use crate::cluster::protocol::EXECUTORS;
 use crate::cluster::{ClusterConfig, ClusterError, WorkerConfig, BLOCK_STORES};
 
 /// A node's view of its sessions, as the driver's BlockManagerMaster and a worker need it.
@@ -240,11 +243,21 @@ pub enum WorkerExit {
     Interrupted,
 }
 
-/// Runs a worker: joins the driver at `cfg.driver` and hosts a block store for it until the
-/// driver goes away (or fences this worker), or Ctrl-C. A wrong cookie is
-/// [`ClusterError::Refused`]; a driver that cannot be reached within
+/// Runs a worker that only holds blocks: joins the driver at `cfg.driver` and hosts a block
+/// store for it until the driver goes away (or fences this worker), or Ctrl-C. The driver's
+/// own executors run the tasks over its blocks; to run them here, where the blocks are, use
+/// [`StreamingContext::run_as_worker`](crate::StreamingContext::run_as_worker). A wrong
+/// cookie is [`ClusterError::Refused`]; a driver that cannot be reached within
 /// `cfg.connect_timeout` is [`ClusterError::Connect`].
 pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
+    run_worker_with(cfg, None).await
+}
+
+/// Runs a worker; with `tasks` (the job's), it also hosts an executor for them.
+pub(crate) async fn run_worker_with(
+    cfg: WorkerConfig,
+    tasks: Option<TaskRegistry>,
+) -> Result<WorkerExit, ClusterError> {
     let name = format!("{}-{}", cfg.name, std::process::id());
     let (server, mut events) = node_server(name.clone(), cfg.cookie.clone()).await?;
     let guard = StopOnDrop(server.get_cell());
@@ -256,6 +269,23 @@ pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
         })?;
     let _store_guard = StopOnDrop(store.get_cell());
     ractor::pg::join(BLOCK_STORES.to_string(), vec![store.get_cell()]);
+    let mut _executor_guard = None;
+    if let Some(tasks) = tasks {
+        let host = TaskHost {
+            store: store.clone(),
+            tasks,
+            slots: cfg.executors,
+        };
+        let (exec, _join) =
+            Actor::spawn(None, host, ())
+                .await
+                .map_err(|e| ClusterError::Start {
+                    what: "the executor".into(),
+                    reason: e.to_string(),
+                })?;
+        ractor::pg::join(EXECUTORS.to_string(), vec![exec.get_cell()]);
+        _executor_guard = Some(StopOnDrop(exec.get_cell()));
+    }
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
     loop {
         match ractor_cluster::client_connect(&server, cfg.driver.as_str()).await {

@@ -35,6 +35,9 @@ pub enum ContextError {
     /// The write-ahead log could not be recovered (e.g. corruption in the middle of a segment).
     #[error(transparent)]
     Wal(#[from] crate::wal::WalError),
+    /// The cluster layer failed (e.g. a worker could not join its driver).
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A batch failed and the context is configured to stop on batch failure.
     #[error("{id} failed: {error}")]
     BatchFailed {

@@ -286,6 +286,7 @@ impl Runner {
                 processing_time: ended.duration_since(started).unwrap_or_default(),
                 total_delay: ended.duration_since(time).unwrap_or_default(),
                 task_retries: stats.retries,
+                remote_tasks: stats.remote,
                 failed: failed.as_ref().map(|e| e.to_string()),
                 ledger: logged.clone().ok().flatten().unwrap_or_default(),
             };

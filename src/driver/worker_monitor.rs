@@ -3,11 +3,16 @@
 //! closes, or that misses the heartbeat deadline, is lost (and fenced: its session closed).
 //!
 //! ```text
-//!  NodeEvent::Ready ──► block_stores_of(node) ──► master.join(..) ──► heartbeat task
-//!  NodeEvent::Left ───► master.node_down(node)
+//!  NodeEvent::Ready ──► its executor's job fingerprint ≠ ours ──► refused (fenced)
+//!                   ──► block_stores_of(node) ──► master.join(..) ──► heartbeat task
+//!                   ──► its executor's task slots into the ExecutorPool
+//!  NodeEvent::Left ───► master.node_down(node), pool.remove_node(node)
 //!  heartbeat: Ping every deadline/10; no answer for a deadline ──► master.worker_died(w),
-//!             node.fence(node)
+//!             pool.remove_node(node), node.fence(node)
 //! ```
+//!
+//! A worker process without an executor (started with [`crate::cluster::run_worker`], no job)
+//! only holds blocks; the driver's own executors run the tasks over them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +20,42 @@ use std::time::Duration;
 use ractor::ActorRef;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::ExecutorPool;
 use crate::block_manager::{WorkerId, WorkerMsg};
 use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
+use crate::cluster::protocol::{executors_of, Ser, TaskHostMsg};
 use crate::driver::block_manager_master::BlockManagerMaster;
+
+/// Where worker processes' executors go, and the job they must run.
+#[derive(Clone)]
+pub(crate) struct Jobs {
+    pub(crate) pool: ExecutorPool,
+    /// The driver's job fingerprint.
+    pub(crate) fingerprint: u64,
+}
+
+/// How long a joining worker's executor has to describe itself.
+const DESCRIBE_DEADLINE_MS: u64 = 5_000;
+
+/// The executor of the joining process `id` and its task slots; `Err` if it runs another
+/// job (it must be refused: its tasks would compute something else).
+async fn executor_of(
+    id: u64,
+    jobs: &Jobs,
+) -> Result<Option<(ActorRef<TaskHostMsg>, usize)>, String> {
+    let Some(exec) = executors_of(id).into_iter().next() else {
+        return Ok(None);
+    };
+    match ractor::call_t!(exec, TaskHostMsg::Describe, DESCRIBE_DEADLINE_MS) {
+        Ok(Ser(Some(d))) if d.fingerprint == jobs.fingerprint => Ok(Some((exec, d.slots as usize))),
+        Ok(Ser(Some(d))) => Err(format!(
+            "its job (fingerprint {:016x}) is not this driver's ({:016x}): another program, or another version of it, or streams and outputs defined differently",
+            d.fingerprint, jobs.fingerprint
+        )),
+        Ok(Ser(None)) => Err("its executor's description did not decode".into()),
+        Err(e) => Err(format!("its executor did not describe itself: {e}")),
+    }
+}
 
 /// Follows the cluster node's sessions: a worker process that joins gets a worker (and a
 /// heartbeat); one whose connection closes is lost.
@@ -25,11 +63,21 @@ pub(crate) async fn membership(
     node: Arc<DriverNode>,
     mut events: mpsc::UnboundedReceiver<NodeEvent>,
     master: BlockManagerMaster,
+    jobs: Jobs,
     deadline: Duration,
 ) {
     while let Some(event) = events.recv().await {
         match event {
             NodeEvent::Ready { node: id, peer } => {
+                let mut executor = match executor_of(id, &jobs).await {
+                    Ok(e) => e,
+                    Err(why) => {
+                        tracing::error!(node = id, %peer, "a worker process was refused: {why}");
+                        metrics::counter!(crate::telemetry::WORKERS_REFUSED_JOB_TOTAL).increment(1);
+                        node.fence(id).await;
+                        continue;
+                    }
+                };
                 let stores = block_stores_of(id);
                 if stores.is_empty() {
                     tracing::warn!(node = id, %peer, "a node joined without a block store; ignored");
@@ -39,9 +87,19 @@ pub(crate) async fn membership(
                     let Some(w) = master.join(actor.clone(), id, host).await else {
                         return;
                     };
+                    if let Some((exec, slots)) = executor.take() {
+                        tracing::info!(
+                            worker = w,
+                            node = id,
+                            slots,
+                            "a worker process's executor joined"
+                        );
+                        jobs.pool.add_remote(w, id, exec, slots);
+                    }
                     tokio::spawn(heartbeat(
                         node.clone(),
                         master.clone(),
+                        jobs.pool.clone(),
                         w,
                         id,
                         actor,
@@ -52,6 +110,7 @@ pub(crate) async fn membership(
             NodeEvent::Left { node: id, peer } => {
                 tracing::warn!(node = id, %peer, "a worker process's connection closed");
                 master.node_down(id);
+                jobs.pool.remove_node(id);
             }
             NodeEvent::Refused { peer } => {
                 tracing::warn!(%peer, "a connection closed before authentication (wrong cookie, or not a Tributary worker)");
@@ -80,6 +139,7 @@ fn host_of(peer: &str) -> Option<std::net::IpAddr> {
 async fn heartbeat(
     node: Arc<DriverNode>,
     master: BlockManagerMaster,
+    pool: ExecutorPool,
     w: WorkerId,
     id: u64,
     actor: ActorRef<WorkerMsg>,
@@ -113,6 +173,7 @@ async fn heartbeat(
                 );
                 metrics::counter!(crate::telemetry::HEARTBEAT_MISSES_TOTAL).increment(1);
                 master.worker_died(w);
+                pool.remove_node(id);
                 node.fence(id).await;
                 return;
             }

@@ -1,0 +1,104 @@
+//! The executor of a worker process: runs the job's tasks over the blocks its own block store
+//! holds, up to its number of task slots at once, and answers with the partial results as
+//! bytes. The job's code is the driver's (the same program defined the same job; the driver
+//! checks the fingerprint when the worker joins), so only ids and bytes cross the wire.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::Semaphore;
+
+use crate::batch::{TaskId, TaskRegistry};
+use crate::block_manager::{Wire, WorkerMsg};
+use crate::cluster::protocol::{Description, Ser, TaskHostMsg, TaskReply, TaskRequest};
+
+/// A worker process's executor (an actor, in the [`EXECUTORS`](crate::cluster::protocol::EXECUTORS)
+/// group).
+pub(crate) struct TaskHost {
+    /// This process's block store.
+    pub(crate) store: ActorRef<WorkerMsg>,
+    pub(crate) tasks: TaskRegistry,
+    pub(crate) slots: usize,
+}
+
+impl Actor for TaskHost {
+    type Msg = TaskHostMsg;
+    type State = Arc<Semaphore>;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<TaskHostMsg>,
+        _: (),
+    ) -> Result<Arc<Semaphore>, ActorProcessingErr> {
+        Ok(Arc::new(Semaphore::new(self.slots.max(1))))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<TaskHostMsg>,
+        msg: TaskHostMsg,
+        slots: &mut Arc<Semaphore>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TaskHostMsg::Describe(reply) => {
+                let _ = reply.send(Ser::of(Description {
+                    fingerprint: self.tasks.fingerprint(),
+                    slots: u32::try_from(self.slots.max(1)).unwrap_or(u32::MAX),
+                }));
+            }
+            TaskHostMsg::Run(Ser(request), reply) => {
+                // Each task runs in its own task (the actor goes on receiving), at most
+                // `slots` at once.
+                let (store, tasks, slots) = (self.store.clone(), self.tasks.clone(), slots.clone());
+                tokio::spawn(async move {
+                    let answer = match request {
+                        Some(r) => run(store, tasks, slots, r).await,
+                        None => TaskReply::Failed("a task request arrived damaged".into()),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one task: the block from this process's store, the work on the blocking pool (user
+/// code never runs on the runtime's threads), the partial encoded there too.
+async fn run(
+    store: ActorRef<WorkerMsg>,
+    tasks: TaskRegistry,
+    slots: Arc<Semaphore>,
+    r: TaskRequest,
+) -> TaskReply {
+    let Some(def) = tasks.get(TaskId(r.task)).cloned() else {
+        return TaskReply::Failed(format!(
+            "task {} is not in this worker's job ({} tasks)",
+            r.task,
+            tasks.len()
+        ));
+    };
+    let Ok(_permit) = slots.acquire_owned().await else {
+        return TaskReply::Failed("the executor is stopping".into());
+    };
+    let block = match ractor::call!(store, WorkerMsg::Get, Wire::of(r.block)) {
+        Ok(Wire(Some(Some(block)))) => block,
+        Ok(_) => return TaskReply::NotLocal,
+        Err(e) => return TaskReply::Failed(format!("the block store did not answer: {e}")),
+    };
+    let work =
+        tokio::task::spawn_blocking(move || (def.run)(&block).and_then(|part| (def.encode)(part)));
+    match work.await {
+        Ok(Ok(bytes)) => {
+            metrics::counter!(crate::telemetry::TASKS_RUN_REMOTELY_TOTAL).increment(1);
+            TaskReply::Done(bytes)
+        }
+        Ok(Err(e)) => TaskReply::Failed(e.to_string()),
+        Err(e) if e.is_panic() => TaskReply::Failed(format!(
+            "the task panicked: {}",
+            crate::error::PanicError::from_payload(e.into_panic())
+        )),
+        Err(e) => TaskReply::Failed(e.to_string()),
+    }
+}
