@@ -62,12 +62,17 @@ fn context(local: usize, processes: usize, memory: usize, cookie: &str) -> Strea
     b.build().unwrap()
 }
 
-/// Launches `n` worker processes of this binary (`--worker-of ADDR`) and waits until they
-/// joined.
-async fn launch(ctx: &StreamingContext, n: usize, cookie: &str) -> WorkerLauncher {
+/// Launches `n` worker processes of this binary (`--worker-of ADDR --job JOB`, JOB as the
+/// driver defined it: `word` or `count`) and waits until they joined.
+async fn launch(ctx: &StreamingContext, n: usize, cookie: &str, job: &str) -> WorkerLauncher {
     let addr = ctx.cluster_addr().expect("a cluster");
     let exe = std::env::current_exe().unwrap();
-    let args = ["--worker-of".to_string(), addr.to_string()];
+    let args = [
+        "--worker-of".to_string(),
+        addr.to_string(),
+        "--job".into(),
+        job.into(),
+    ];
     let local = ctx.live_workers().await.len();
     let launcher = WorkerLauncher::start(LaunchConfig::new(exe, args, cookie, n));
     wait_live(ctx, local + n, Duration::from_secs(30)).await;
@@ -85,26 +90,29 @@ async fn wait_live(ctx: &StreamingContext, n: usize, within: Duration) {
     }
 }
 
-async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) -> f64 {
-    let ctx = context(local, processes, 1 << 30, cookie);
-    let source = SyntheticReceiver::new().mode(StoreMode::Many).chunk(2000);
-    let records = Arc::new(AtomicU64::new(0));
-    let r = records.clone();
-    word_job(&ctx, source, false)
+/// The measured job, the same in the driver and in the worker processes.
+fn define(ctx: &StreamingContext, source: SyntheticReceiver, records: Arc<AtomicU64>) {
+    word_job(ctx, source, false)
         .for_each_batch(move |batch| {
             for (key, n) in batch.records {
                 if key == Key::RECORDS {
-                    r.fetch_add(n, Ordering::Relaxed);
+                    records.fetch_add(n, Ordering::Relaxed);
                 }
             }
         })
         .unwrap();
+}
+
+async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) -> f64 {
+    let ctx = context(local, processes, 1 << 30, cookie);
+    let source = SyntheticReceiver::new().mode(StoreMode::Many).chunk(2000);
+    define(&ctx, source, Arc::default());
     let mut reports = ctx.subscribe_batches();
     // Until the workers joined, store waits (no worker to hold a block): the first two
     // batches are not measured.
     ctx.start().await.unwrap();
     let launcher = if processes > 0 {
-        Some(launch(&ctx, processes, cookie).await)
+        Some(launch(&ctx, processes, cookie, "word").await)
     } else {
         None
     };
@@ -128,6 +136,8 @@ async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) ->
             "batches_measured": steady.len(),
             "max_scheduling_delay_ms": max_sched,
             "lost_blocks": infos.iter().map(|i| i.lost_blocks).sum::<usize>(),
+            "tasks_in_worker_processes": infos.iter().map(|i| i.remote_tasks as usize).sum::<usize>(),
+            "tasks": infos.iter().map(|i| i.blocks).sum::<usize>(),
             "seconds": elapsed.as_secs_f64(),
             "driver_peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
         })
@@ -159,7 +169,7 @@ async fn detection_cluster(cookie: &str) -> (StreamingContext, WorkerLauncher) {
         .for_each_batch(|_| {})
         .unwrap();
     ctx.start().await.unwrap();
-    let launcher = launch(&ctx, 3, cookie).await;
+    let launcher = launch(&ctx, 3, cookie, "count").await;
     (ctx, launcher)
 }
 
@@ -233,7 +243,7 @@ async fn rereplication(cookie: &str) {
         .for_each_batch(|_| std::thread::sleep(Duration::from_secs(3600)))
         .unwrap();
     ctx.start().await.unwrap();
-    let launcher = launch(&ctx, 3, cookie).await;
+    let launcher = launch(&ctx, 3, cookie, "count").await;
     // Blocks are ~3.5 MB here (200 ms of the free-running source); wait for about `held`
     // bytes of them (counted as 1 MB each, so at least that much is held).
     let t = Instant::now();
@@ -303,7 +313,18 @@ fn main() {
     {
         let cookie = std::env::var("TRIBUTARY_COOKIE").expect("cookie");
         let cfg = cluster::WorkerConfig::new(driver.as_str(), cookie);
-        let _ = rt.block_on(cluster::run_worker(cfg));
+        // One binary, two roles: the worker defines the same job and runs its tasks.
+        let ctx = StreamingContext::builder().build().unwrap();
+        if args.iter().any(|a| a == "count") {
+            ctx.receiver_stream("synthetic", SyntheticReceiver::new())
+                .unwrap()
+                .count()
+                .for_each_batch(|_| {})
+                .unwrap();
+        } else {
+            define(&ctx, SyntheticReceiver::new(), Arc::default());
+        }
+        let _ = rt.block_on(ctx.run_as_worker(cfg));
         return;
     }
     let Ok(only) = std::env::var("BENCH_ONLY") else {
