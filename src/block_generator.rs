@@ -212,6 +212,19 @@ impl BlockGenerator {
     }
 }
 
+/// Cuts a block every block interval until the generator closes.
+pub(crate) async fn flush_every(generator: Arc<BlockGenerator>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if !generator.flush().await {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

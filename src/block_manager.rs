@@ -118,6 +118,27 @@ impl BytesConvertable for Wire<Block> {
     }
 }
 
+/// A block with a number before it (a receiver placement's epoch, as it forwards a block).
+impl BytesConvertable for Wire<(u64, Block)> {
+    fn into_bytes(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some((n, b)) = &self.0 {
+            out.reserve(32 + b.data.len());
+            out.extend_from_slice(&n.to_le_bytes());
+            put_block(b, &mut out);
+        }
+        out
+    }
+    fn from_bytes(mut bytes: Vec<u8>) -> Self {
+        let Some(n) = bytes.get(0..8).and_then(|b| b.try_into().ok()) else {
+            return Wire(None);
+        };
+        let n = u64::from_le_bytes(n);
+        bytes.drain(0..8);
+        Wire(get_block(bytes).map(|b| (n, b)))
+    }
+}
+
 impl BytesConvertable for Wire<Option<Block>> {
     fn into_bytes(self) -> Vec<u8> {
         let mut out = Vec::new();

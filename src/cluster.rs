@@ -37,6 +37,7 @@ pub(crate) mod executor;
 mod launcher;
 pub(crate) mod node;
 pub(crate) mod protocol;
+pub(crate) mod receiver_host;
 
 use std::net::SocketAddr;
 use std::time::Duration;

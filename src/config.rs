@@ -10,6 +10,22 @@ use crate::error::ConfigError;
 use crate::supervisor::{Backoff, Directive, Strategy};
 use crate::wal::{Storage, WalConfig};
 
+/// Where a job's receivers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReceiverPlacement {
+    /// In the driver's process (the default): blocks cross to worker processes for their
+    /// replicas only.
+    #[default]
+    Driver,
+    /// In worker processes (needs a cluster), as Spark runs receivers on executors: each
+    /// receiver starts in a worker process that joins (the one running the fewest), under that
+    /// process's supervisor and the job's receiver strategy, and is started on another when its
+    /// process is lost (its source redelivers what was not acknowledged). Its blocks cross to
+    /// the driver, which places their replicas and writes the write-ahead log, then answers
+    /// (`store_reliably` resolves). No receiver runs until a worker process has joined.
+    WorkerProcesses,
+}
+
 /// Configuration of a [`StreamingContext`](crate::StreamingContext). Plain data with defaults; see each setter.
 #[derive(Debug, Clone)]
 pub struct StreamingContextBuilder {
@@ -31,6 +47,7 @@ pub struct StreamingContextBuilder {
     pub(crate) storage_wrap: Option<StorageWrap>,
     pub(crate) checkpoint_every: u32,
     pub(crate) cluster: Option<crate::cluster::ClusterConfig>,
+    pub(crate) receiver_placement: ReceiverPlacement,
 }
 
 /// Wraps the storage of the checkpoint directory's logs (see
@@ -81,6 +98,7 @@ impl Default for StreamingContextBuilder {
             storage_wrap: None,
             checkpoint_every: 100,
             cluster: None,
+            receiver_placement: ReceiverPlacement::Driver,
         }
     }
 }
@@ -183,6 +201,15 @@ impl StreamingContextBuilder {
     /// [`crate::cluster::MAX_CLUSTER_BLOCK_BYTES`].
     pub fn cluster(mut self, config: crate::cluster::ClusterConfig) -> Self {
         self.cluster = Some(config);
+        self
+    }
+
+    /// Where receivers run (default: in the driver's process). With
+    /// [`ReceiverPlacement::WorkerProcesses`] (needs a [`cluster`](Self::cluster)), each runs
+    /// in a worker process started with
+    /// [`StreamingContext::run_as_worker`](crate::StreamingContext::run_as_worker).
+    pub fn receiver_placement(mut self, placement: ReceiverPlacement) -> Self {
+        self.receiver_placement = placement;
         self
     }
 
@@ -298,6 +325,12 @@ impl StreamingContextBuilder {
                     "segment_bytes and segment_age must be greater than zero",
                 ));
             }
+        }
+        if self.receiver_placement == ReceiverPlacement::WorkerProcesses && self.cluster.is_none() {
+            return Err(ConfigError::new(
+                "receiver_placement",
+                "receivers in worker processes need a cluster (`cluster(ClusterConfig)`)",
+            ));
         }
         if let Some(c) = &self.cluster {
             c.validate(self.max_block_bytes)

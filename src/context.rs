@@ -222,7 +222,8 @@ impl Drop for StartGuard {
 /// publishes the outcome. It is never aborted: it is what ends the context.
 async fn lifecycle(inner: Arc<Inner>, mut stages: Stages, mut stop: mpsc::UnboundedReceiver<bool>) {
     let receivers = stages.tracker.as_ref().map(|t| t.receivers().clone());
-    let escalated = async move {
+    let remote = stages.tracker.as_ref().and_then(|t| t.remote_failures());
+    let escalated_here = async move {
         if let Some(r) = receivers {
             if let Err(e) = r.wait().await {
                 if !matches!(e, SupervisorError::Stopped { .. }) {
@@ -231,6 +232,23 @@ async fn lifecycle(inner: Arc<Inner>, mut stages: Stages, mut stop: mpsc::Unboun
             }
         }
         std::future::pending().await
+    };
+    // With receivers in worker processes: a failure that escalated there.
+    let escalated_there = async move {
+        if let Some(mut rx) = remote {
+            if let Ok(e) = rx.wait_for(Option::is_some).await {
+                if let Some(e) = e.clone() {
+                    return e;
+                }
+            }
+        }
+        std::future::pending().await
+    };
+    let escalated = async move {
+        tokio::select! {
+            e = escalated_here => e,
+            e = escalated_there => e,
+        }
     };
     let (outcome, graceful) = {
         let scheduler_failed = async {
@@ -538,6 +556,14 @@ impl StreamingContext {
         .map_err(|e| start_err("workers", &e))?;
         // Where tasks run: the executors below, and those of worker processes as they join.
         let pool = ExecutorPool::new(cfg.workers);
+        // With receivers in worker processes, their receiver hosts as they join.
+        let (hosts_tx, hosts_rx) =
+            if cfg.receiver_placement == crate::config::ReceiverPlacement::WorkerProcesses {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
         if let Some((node, events, deadline)) = node {
             tokio::spawn(worker_monitor::membership(
                 node,
@@ -546,6 +572,7 @@ impl StreamingContext {
                 worker_monitor::Jobs {
                     pool: pool.clone(),
                     fingerprint: tasks.fingerprint(),
+                    receiver_hosts: hosts_tx,
                 },
                 deadline,
             ));
@@ -611,11 +638,15 @@ impl StreamingContext {
                 first_seq: recovered.first_seq,
                 decisions: recovered.decisions,
             },
+            hosts_rx,
         )
         .await?;
         let handle = tracker.handle();
         let receivers = tracker.receivers().clone();
-        stages.tracker = Some(tracker);
+        // Held by the stages before any receiver starts: a start abandoned or failed from
+        // here on tears the tracker down too.
+        let tracker = stages.tracker.insert(tracker);
+        tracker.start_receivers().await?;
         self.inner.check_stop()?;
 
         // The JobScheduler.
@@ -641,8 +672,11 @@ impl StreamingContext {
     /// binary, two roles. The program defines its job (streams and outputs) exactly as the
     /// driver does, then calls this instead of [`start`](Self::start): the process hosts a
     /// block store and an executor that runs the job's tasks over the blocks placed here
-    /// (only ids and bytes cross the wire: the code is the same in both processes). Receivers
-    /// and `for_each_batch` functions run on the driver.
+    /// (only ids and bytes cross the wire: the code is the same in both processes), and, with
+    /// [`ReceiverPlacement::WorkerProcesses`](crate::ReceiverPlacement::WorkerProcesses) on the
+    /// driver, the receivers the driver places here. `for_each_batch` functions run on the
+    /// driver. The job's settings that matter here (receiver strategy, block size and
+    /// interval, rate limit, memory) are this context's: build it as the driver's is.
     ///
     /// Returns when the driver goes away or fences this worker ([`WorkerExit::DriverGone`]:
     /// a process manager, or the driver's [`WorkerLauncher`](crate::cluster::WorkerLauncher),
@@ -670,10 +704,24 @@ impl StreamingContext {
             }
             let mut d = lock(&self.inner.defined);
             let names: Vec<String> = d.receivers.iter().map(|r| r.name.clone()).collect();
-            d.receivers.clear();
             d.outputs.clear();
-            TaskRegistry::new(std::mem::take(&mut d.tasks), &names)
+            let cfg = &self.inner.config;
+            let factory = cfg.clone();
+            let receivers = crate::cluster::receiver_host::ReceiverJob {
+                receivers: std::mem::take(&mut d.receivers),
+                strategy: Box::new(move || factory.receivers_strategy()),
+                max_block_bytes: cfg.max_block_bytes,
+                block_queue: cfg.block_queue,
+                rate_limit: cfg.rate_limit,
+                memory_bytes: cfg.memory_bytes,
+                block_interval: cfg.block_interval,
+            };
+            (
+                TaskRegistry::new(std::mem::take(&mut d.tasks), &names),
+                receivers,
+            )
         };
+        let (tasks, receivers) = tasks;
         self.inner.end(Ok(()));
         tracing::info!(
             tasks = tasks.len(),
@@ -681,7 +729,7 @@ impl StreamingContext {
             driver = %cfg.driver,
             "running as a worker process"
         );
-        Ok(crate::cluster::node::run_worker_with(cfg, Some(tasks)).await?)
+        Ok(crate::cluster::node::run_worker_with(cfg, Some((tasks, receivers))).await?)
     }
 
     /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records

@@ -20,6 +20,7 @@ pub(crate) mod block_manager_master;
 pub(crate) mod job_scheduler;
 pub(crate) mod receiver_tracker;
 pub(crate) mod recovery;
+pub(crate) mod remote_receivers;
 pub(crate) mod restorer;
 pub(crate) mod worker_monitor;
 

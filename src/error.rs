@@ -16,6 +16,13 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// A failure that has been handed to more than one place (events, the caller of a tree).
 pub type SharedError = Arc<dyn StdError + Send + Sync + 'static>;
 
+/// A failure that happened in a worker process, as it crossed to the driver: its message
+/// (errors do not cross processes as types). E.g. the error of a receiver whose failures
+/// escalated past its supervisor there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RemoteError(pub String);
+
 /// A panic caught in a child's handler or hooks, turned into an error so that it is supervised
 /// like any other failure. A panic carries only a message, not a type.
 #[derive(Debug, Clone, PartialEq, Eq)]

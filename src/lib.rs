@@ -138,11 +138,12 @@ pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, ByteString, DecodeError, Record};
 pub use block_manager::BlockError;
 pub use checkpoint::{Ledger, LossCause, StreamLedger};
-pub use config::StreamingContextBuilder;
+pub use config::{ReceiverPlacement, StreamingContextBuilder};
 pub use context::{ContextError, StreamingContext};
 pub use driver::{OnBatchFailure, RecoveryReport};
 pub use error::{
-    BoxError, ConfigError, Error, PanicError, Result, SharedError, StoreError, SupervisorError,
+    BoxError, ConfigError, Error, PanicError, RemoteError, Result, SharedError, StoreError,
+    SupervisorError,
 };
 pub use receiver::{Receiver, ReceiverContext, ReceiverRef, ReceiverSpec, SendError};
 pub use store::Store;

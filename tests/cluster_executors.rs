@@ -3,6 +3,9 @@
 //! binary, two roles, the job defined once in `define`. Each record is tagged, in its task,
 //! with the id of the process that computed it, so the driver can see where tasks ran.
 //! Loopback, ports from the OS, every wait bounded, every child killed at the end.
+//!
+//! One cluster node per process (`ractor`'s process groups are process-wide): the tests take
+//! turns with the driver role.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -11,12 +14,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tributary::cluster::{self, ClusterConfig};
-use tributary::{ByteString, ContextError, StreamingContext};
+use tributary::wal::WalConfig;
+use tributary::{
+    BoxError, ByteString, ContextError, Receiver, ReceiverContext, ReceiverPlacement,
+    StreamingContext,
+};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
 const COOKIE: &str = "executors-test-cookie";
 /// Set in a worker process to define another job than the driver's.
 const OTHER_JOB: &str = "TRIBUTARY_TEST_OTHER_JOB";
+/// Set in a worker process to define the file-source job, with the source's directory.
+const SOURCE_DIR: &str = "TRIBUTARY_TEST_SOURCE_DIR";
+/// Numbers the file source produces.
+const FILE_TOTAL: u64 = 30_000;
 
 type Seen = Arc<Mutex<Vec<(u32, u64)>>>;
 
@@ -37,12 +48,112 @@ fn define(ctx: &StreamingContext, total: u64, seen: Seen) -> Result<(), ContextE
     Ok(())
 }
 
+/// A source whose acknowledged offset is a file every process on this machine sees (as a
+/// broker's committed offset would be): numbers from that offset on, 100 per
+/// `store_reliably`, each record `number:receiving process id`; the offset advances only once
+/// the store resolved.
+struct FileSource {
+    dir: PathBuf,
+    limit: u64,
+}
+
+#[derive(Debug)]
+struct Go;
+
+impl FileSource {
+    fn offset(dir: &Path) -> u64 {
+        std::fs::read_to_string(dir.join("offset"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Receiver for FileSource {
+    type Msg = Go;
+    type State = u64;
+    type Record = String;
+
+    async fn pre_start(&self, ctx: &ReceiverContext<Self>) -> Result<u64, BoxError> {
+        let _ = ctx.myself().send(Go);
+        Ok(Self::offset(&self.dir))
+    }
+
+    async fn handle(
+        &self,
+        ctx: &ReceiverContext<Self>,
+        _: Go,
+        next: &mut u64,
+    ) -> Result<(), BoxError> {
+        if *next >= self.limit {
+            return Ok(());
+        }
+        let end = (*next + 100).min(self.limit);
+        let pid = std::process::id();
+        ctx.store_reliably((*next..end).map(|n| format!("{n}:{pid}")))
+            .await?;
+        *next = end;
+        let tmp = self.dir.join("offset.tmp");
+        std::fs::write(&tmp, end.to_string())?;
+        std::fs::rename(&tmp, self.dir.join("offset"))?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _ = ctx.myself().send(Go);
+        Ok(())
+    }
+}
+
+/// (task's process, number, receiving process) of every record output.
+type FileSeen = Arc<Mutex<Vec<(u32, u64, u32)>>>;
+
+/// The file-source job: the records tagged with the process that ran their task.
+fn define_file_job(ctx: &StreamingContext, dir: &Path, seen: FileSeen) -> Result<(), ContextError> {
+    let source = FileSource {
+        dir: dir.to_path_buf(),
+        limit: FILE_TOTAL,
+    };
+    ctx.receiver_stream("file-numbers", source)?
+        .flat_map_with(|record: String, out| {
+            if let Some((n, pid)) = record.split_once(':') {
+                if let (Ok(n), Ok(pid)) = (n.parse::<u64>(), pid.parse::<u32>()) {
+                    out((std::process::id(), n, pid));
+                }
+            }
+        })
+        .for_each_batch(move |batch| seen.lock().unwrap().extend(batch.records))
+}
+
+fn file_job_builder() -> tributary::StreamingContextBuilder {
+    StreamingContext::builder()
+        .batch_interval(Duration::from_millis(200))
+        .block_interval(Duration::from_millis(50))
+}
+
+/// The driver role, one test at a time.
+static DRIVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// The worker role: does nothing in a normal test run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_process() {
     let Some(worker) = cluster::worker_role().expect("worker settings") else {
         return;
     };
+    init_logs();
+    if let Some(dir) = std::env::var_os(SOURCE_DIR) {
+        let ctx = file_job_builder().build().unwrap();
+        define_file_job(&ctx, Path::new(&dir), FileSeen::default()).unwrap();
+        let exit = ctx.run_as_worker(worker.executors(2)).await;
+        println!("worker exit: {exit:?}");
+        return;
+    }
     let ctx = StreamingContext::builder().build().unwrap();
     define(&ctx, 0, Seen::default()).unwrap();
     let exit = ctx.run_as_worker(worker.executors(2)).await;
@@ -57,6 +168,10 @@ struct Worker {
 
 impl Worker {
     fn spawn(driver: &str, log: PathBuf, other_job: bool) -> Worker {
+        Self::spawn_with(driver, log, other_job, None)
+    }
+
+    fn spawn_with(driver: &str, log: PathBuf, other_job: bool, source: Option<&Path>) -> Worker {
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
@@ -77,6 +192,10 @@ impl Worker {
         } else {
             cmd.env_remove(OTHER_JOB);
         }
+        match source {
+            Some(dir) => cmd.env(SOURCE_DIR, dir),
+            None => cmd.env_remove(SOURCE_DIR),
+        };
         Worker {
             child: cmd.spawn().unwrap(),
             log,
@@ -189,6 +308,8 @@ fn log(tmp: &Path, name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let total = 20_000;
     let (ctx, seen, addr) = driver(total).await;
@@ -227,6 +348,8 @@ async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_running_tasks_killed_mid_stream_changes_nothing_in_the_output() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let total = 60_000;
     let (ctx, seen, addr) = driver(total).await;
@@ -268,6 +391,8 @@ async fn a_worker_process_running_tasks_killed_mid_stream_changes_nothing_in_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_of_another_job_is_refused() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let total = 2_000;
     let (ctx, seen, addr) = driver(total).await;
@@ -299,4 +424,170 @@ async fn a_worker_process_of_another_job_is_refused() {
     .await;
     ctx.stop(true).await.unwrap();
     exactly_once(&seen, total);
+}
+
+/// A driver whose receivers run in worker processes (k = 2, no in-process worker), on the
+/// file source in `tmp/source`; with `wal`, the write-ahead log in `tmp/ckpt`.
+async fn file_driver(tmp: &Path, wal: bool) -> (StreamingContext, FileSeen, String, PathBuf) {
+    let source = tmp.join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let seen = FileSeen::default();
+    let mut b = file_job_builder()
+        .workers(0)
+        .replication(2)
+        .executors(1)
+        .receiver_placement(ReceiverPlacement::WorkerProcesses)
+        .cluster(ClusterConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            COOKIE.to_string(),
+        ));
+    if wal {
+        b = b
+            .checkpoint_dir(tmp.join("ckpt"))
+            .write_ahead_log(WalConfig::default());
+    }
+    let ctx = b.build().unwrap();
+    define_file_job(&ctx, &source, seen.clone()).unwrap();
+    ctx.start().await.unwrap();
+    let addr = ctx.cluster_addr().unwrap().to_string();
+    (ctx, seen, addr, source)
+}
+
+/// Every number below `upto` at least once; returns how many came twice or more.
+fn none_missing(seen: &FileSeen, upto: u64) -> usize {
+    let seen = seen.lock().unwrap();
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for (_, n, _) in seen.iter() {
+        *counts.entry(*n).or_default() += 1;
+    }
+    let missing: Vec<u64> = (0..upto).filter(|n| !counts.contains_key(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {upto} acknowledged numbers missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    counts.values().filter(|c| **c > 1).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_run_in_worker_processes_and_nothing_is_lost_or_repeated() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ctx, seen, addr, source) = file_driver(tmp.path(), false).await;
+    let workers: Vec<Worker> = (0..2)
+        .map(|i| {
+            Worker::spawn_with(
+                &addr,
+                log(tmp.path(), &format!("w{i}")),
+                false,
+                Some(&source),
+            )
+        })
+        .collect();
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_until(
+        "every number",
+        Duration::from_secs(60),
+        || async { seen.lock().unwrap().len() >= FILE_TOTAL as usize },
+        &refs,
+    )
+    .await;
+    ctx.stop(true).await.unwrap();
+    let twice = none_missing(&seen, FILE_TOTAL);
+    assert_eq!(twice, 0, "numbers output twice without any failure");
+    let pids: HashSet<u32> = workers.iter().map(Worker::pid).collect();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter().all(|(_, _, receiver)| pids.contains(receiver)),
+        "a record was received outside the worker processes"
+    );
+    assert!(seen.iter().all(|(task, _, _)| pids.contains(task)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiving_worker_sigkilled_after_acks_loses_nothing_acknowledged_with_the_log() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ctx, seen, addr, source) = file_driver(tmp.path(), true).await;
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            Worker::spawn_with(
+                &addr,
+                log(tmp.path(), &format!("w{i}")),
+                false,
+                Some(&source),
+            )
+        })
+        .collect();
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_until(
+        "a third of the numbers acknowledged",
+        Duration::from_secs(60),
+        || async { FileSource::offset(&source) >= FILE_TOTAL / 3 },
+        &refs,
+    )
+    .await;
+    // SIGKILL the process running the receiver, right after its source advanced.
+    let receiving: HashSet<u32> = seen.lock().unwrap().iter().map(|(_, _, r)| *r).collect();
+    let victim = workers
+        .iter()
+        .position(|w| receiving.contains(&w.pid()))
+        .expect("no worker process is receiving");
+    let killed = workers[victim].pid();
+    let acked_at_kill = FileSource::offset(&source);
+    workers[victim].child.kill().unwrap();
+    let _ = workers[victim].child.wait();
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_until(
+        "every number acknowledged and output after the kill",
+        Duration::from_secs(90),
+        || async {
+            FileSource::offset(&source) >= FILE_TOTAL
+                && seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, n, _)| *n == FILE_TOTAL - 1)
+                    .count()
+                    > 0
+        },
+        &refs,
+    )
+    .await;
+    let ledger = ctx.ledger().await.expect("a ledger");
+    ctx.stop(true).await.unwrap();
+    let twice = none_missing(&seen, FILE_TOTAL);
+    let after: HashSet<u32> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, n, _)| *n >= acked_at_kill + 1_000)
+        .map(|(_, _, r)| *r)
+        .collect();
+    println!("killed {killed} at offset {acked_at_kill}; receivers afterwards {after:?}; {twice} numbers twice (redelivered)");
+    assert!(!after.contains(&killed));
+    assert!(!after.is_empty(), "the receiver did not restart elsewhere");
+    assert!(ledger.balances(), "{ledger:?}");
+    assert_eq!(ledger.total().lost_total(), 0, "{ledger:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cluster_context_at_a_time_per_process() {
+    let _driver = DRIVER.lock().await;
+    let (first, _, _) = driver(10).await;
+    let second = StreamingContext::builder()
+        .workers(0)
+        .cluster(ClusterConfig::new("127.0.0.1:0".parse().unwrap(), COOKIE))
+        .build()
+        .unwrap();
+    define(&second, 10, Seen::default()).unwrap();
+    let err = second.start().await.expect_err("a second cluster node");
+    assert!(err.to_string().contains("another cluster node"), "{err}");
+    first.stop(false).await.unwrap();
+    // Once the first has stopped, a new one starts.
+    let (third, _, _) = driver(10).await;
+    third.stop(false).await.unwrap();
 }

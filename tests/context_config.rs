@@ -114,6 +114,14 @@ fn bad_cluster_settings_are_refused_at_build_time() {
         "no worker at all without a cluster"
     );
     assert!(b().cluster(ClusterConfig::new(addr, "s")).build().is_ok());
+    assert_eq!(
+        refused(
+            StreamingContext::builder()
+                .receiver_placement(tributary::ReceiverPlacement::WorkerProcesses)
+        ),
+        "receiver_placement",
+        "receivers in worker processes without a cluster"
+    );
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use crate::batch::TaskRegistry;
 use crate::block_manager::{Worker, WorkerMsg};
 use crate::cluster::executor::TaskHost;
-use crate::cluster::protocol::EXECUTORS;
+use crate::cluster::protocol::{EXECUTORS, RECEIVER_HOSTS};
+use crate::cluster::receiver_host::{ReceiverHost, ReceiverJob};
 use crate::cluster::{ClusterConfig, ClusterError, WorkerConfig, BLOCK_STORES};
 
 /// A node's view of its sessions, as the driver's BlockManagerMaster and a worker need it.
@@ -84,6 +85,33 @@ impl ClusterBidiStream for Tcp {
     }
 }
 
+/// Whether this process runs a cluster node. `ractor`'s process groups and its remote actor
+/// ids are process-wide, so two nodes in one process would see each other's workers: at most
+/// one runs at a time.
+static NODE_RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process's one cluster node, released when dropped.
+pub(crate) struct NodeSlot(());
+
+impl NodeSlot {
+    pub(crate) fn take() -> Result<NodeSlot, ClusterError> {
+        use std::sync::atomic::Ordering;
+        NODE_RUNNING
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| NodeSlot(()))
+            .map_err(|_| ClusterError::Start {
+                what: "the cluster node".into(),
+                reason: "another cluster node (a context with a cluster, or a worker) runs in this process: one at a time per process".into(),
+            })
+    }
+}
+
+impl Drop for NodeSlot {
+    fn drop(&mut self) {
+        NODE_RUNNING.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Starts a node server (its own listener on a loopback port the OS chooses, unused: the
 /// driver accepts connections itself, a worker only connects out).
 async fn node_server(
@@ -133,6 +161,8 @@ pub(crate) struct DriverNode {
     server: ActorRef<NodeServerMessage>,
     accept: JoinHandle<()>,
     addr: SocketAddr,
+    /// Released by `stop` (not only on drop: tasks may hold the node a little longer).
+    slot: Mutex<Option<NodeSlot>>,
 }
 
 impl std::fmt::Debug for DriverNode {
@@ -148,6 +178,7 @@ impl DriverNode {
     pub(crate) async fn start(
         cfg: &ClusterConfig,
     ) -> Result<(DriverNode, mpsc::UnboundedReceiver<NodeEvent>), ClusterError> {
+        let slot = NodeSlot::take()?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| ClusterError::Listen {
@@ -190,6 +221,7 @@ impl DriverNode {
                 server,
                 accept,
                 addr,
+                slot: Mutex::new(Some(slot)),
             },
             events,
         ))
@@ -216,6 +248,7 @@ impl DriverNode {
     pub(crate) fn stop(&self) {
         self.accept.abort();
         self.server.stop(None);
+        lock(&self.slot).take();
     }
 }
 
@@ -253,11 +286,13 @@ pub async fn run_worker(cfg: WorkerConfig) -> Result<WorkerExit, ClusterError> {
     run_worker_with(cfg, None).await
 }
 
-/// Runs a worker; with `tasks` (the job's), it also hosts an executor for them.
+/// Runs a worker; with the job (its tasks and receivers), it also hosts an executor for the
+/// tasks and a receiver host for the receivers the driver places here.
 pub(crate) async fn run_worker_with(
     cfg: WorkerConfig,
-    tasks: Option<TaskRegistry>,
+    job: Option<(TaskRegistry, ReceiverJob)>,
 ) -> Result<WorkerExit, ClusterError> {
+    let _slot = NodeSlot::take()?;
     let name = format!("{}-{}", cfg.name, std::process::id());
     let (server, mut events) = node_server(name.clone(), cfg.cookie.clone()).await?;
     let guard = StopOnDrop(server.get_cell());
@@ -270,7 +305,16 @@ pub(crate) async fn run_worker_with(
     let _store_guard = StopOnDrop(store.get_cell());
     ractor::pg::join(BLOCK_STORES.to_string(), vec![store.get_cell()]);
     let mut _executor_guard = None;
-    if let Some(tasks) = tasks {
+    let mut _receivers_guard = None;
+    if let Some((tasks, receivers)) = job {
+        let (host, _join) = Actor::spawn(None, ReceiverHost, receivers)
+            .await
+            .map_err(|e| ClusterError::Start {
+                what: "the receiver host".into(),
+                reason: e.to_string(),
+            })?;
+        ractor::pg::join(RECEIVER_HOSTS.to_string(), vec![host.get_cell()]);
+        _receivers_guard = Some(StopOnDrop(host.get_cell()));
         let host = TaskHost {
             store: store.clone(),
             tasks,

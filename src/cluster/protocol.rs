@@ -1,17 +1,26 @@
-//! What the driver and a worker process's executor say to each other: a task is a block id
-//! and a task id (the job's code is in both processes), its result the partial's bytes.
+//! What the driver and a worker process say to each other beyond block storage: a task is a
+//! block id and a task id (the job's code is in both processes), its result the partial's
+//! bytes; a receiver is started by its stream id, and forwards its blocks to the driver.
 //!
 //! ```text
 //!  driver ──Describe──────────────────► executor ──(job fingerprint, task slots)──►
 //!         ──Run(block id, task id)───►          ──Done(partial bytes) | NotLocal | Failed──►
+//!         ──Start(stream, epoch, seq)► receiver host ──Ok | Err──►
+//!  ingress ◄──Block(epoch, block)──── receiver host (one block in flight per receiver)
+//!          ──Ok once replicated (and logged) | Err──►
 //! ```
 
 use ractor::{ActorCell, ActorRef, BytesConvertable, RpcReplyPort};
 
-use crate::block::BlockId;
+use crate::block::{Block, BlockId};
+use crate::block_manager::Wire;
 
 /// The process group worker processes' executors join (how the driver finds them).
 pub(crate) const EXECUTORS: &str = "tributary.executors";
+/// The process group worker processes' receiver hosts join.
+pub(crate) const RECEIVER_HOSTS: &str = "tributary.receiver-hosts";
+/// The process group of the driver's ingress (where remote receivers' blocks go).
+pub(crate) const INGRESS: &str = "tributary.ingress";
 
 /// A `serde` value as it crosses processes (`postcard`): `None` if the bytes did not decode
 /// (a peer of another version, or damage), which the receiver treats as an error.
@@ -105,13 +114,71 @@ pub(crate) enum TaskHostMsg {
     Run(Ser<TaskRequest>, RpcReplyPort<TaskReply>),
 }
 
-/// The executors of the process `node`, as the driver sees them.
-pub(crate) fn executors_of(node: u64) -> Vec<ActorRef<TaskHostMsg>> {
-    ractor::pg::get_members(&EXECUTORS.to_string())
+/// Run the receiver of stream `stream` here, its blocks numbered from `first_seq`, as
+/// placement `epoch` of that stream (the driver refuses blocks of an older placement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StartReceiver {
+    pub(crate) stream: u32,
+    pub(crate) epoch: u64,
+    pub(crate) first_seq: u64,
+}
+
+/// Messages of a worker process's receiver host.
+#[derive(ractor_cluster::RactorClusterMessage)]
+pub(crate) enum ReceiverHostMsg {
+    /// Start a receiver of the job here.
+    #[rpc]
+    Start(Ser<StartReceiver>, RpcReplyPort<Ser<Result<(), String>>>),
+    /// Stop every receiver here; graceful (`true`): what they buffered is cut into blocks and
+    /// forwarded first. Replies when done.
+    #[rpc]
+    Stop(Ser<bool>, RpcReplyPort<Ser<bool>>),
+}
+
+/// A receiver's failure that escalated past its supervisor in a worker process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ReceiverFailure {
+    pub(crate) epoch: u64,
+    pub(crate) child: String,
+    pub(crate) error: String,
+}
+
+/// Messages of the driver's ingress.
+#[derive(ractor_cluster::RactorClusterMessage)]
+pub(crate) enum IngressMsg {
+    /// A block a remote receiver stored, with its placement's epoch: the reply comes once it
+    /// is replicated and logged (then its `store_reliably` resolves), or says why not.
+    #[rpc]
+    Block(Wire<(u64, Block)>, RpcReplyPort<Ser<Result<(), String>>>),
+    /// A receiver's failure escalated in a worker process: it ends the job, as it would in
+    /// the driver.
+    Failed(Ser<ReceiverFailure>),
+}
+
+fn remote_members<M: ractor::Message>(group: &str, node: u64) -> Vec<ActorRef<M>> {
+    ractor::pg::get_members(&group.to_string())
         .into_iter()
         .filter(|c: &ActorCell| !c.get_id().is_local() && c.get_id().node() == node)
         .map(ActorRef::from)
         .collect()
+}
+
+/// The executors of the process `node`, as the driver sees them.
+pub(crate) fn executors_of(node: u64) -> Vec<ActorRef<TaskHostMsg>> {
+    remote_members(EXECUTORS, node)
+}
+
+/// The receiver hosts of the process `node`, as the driver sees them.
+pub(crate) fn receiver_hosts_of(node: u64) -> Vec<ActorRef<ReceiverHostMsg>> {
+    remote_members(RECEIVER_HOSTS, node)
+}
+
+/// The driver's ingress, as a worker process sees it.
+pub(crate) fn ingress() -> Option<ActorRef<IngressMsg>> {
+    ractor::pg::get_members(&INGRESS.to_string())
+        .into_iter()
+        .find(|c: &ActorCell| !c.get_id().is_local())
+        .map(ActorRef::from)
 }
 
 #[cfg(test)]

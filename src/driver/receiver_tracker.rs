@@ -36,6 +36,7 @@ use crate::checkpoint::{
 };
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::{BlockManagerMaster, ClusterEvent};
+use crate::driver::remote_receivers::{Host, Push, RemoteReceivers};
 use crate::error::SupervisorError;
 use crate::store::Durability;
 use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
@@ -184,12 +185,35 @@ struct Feed {
     flusher: Option<JoinHandle<()>>,
 }
 
-/// The running tracker: its task, the receivers' supervisor and the receivers' feeds.
+/// The running tracker: its task, the receivers' supervisor and the receivers' feeds (or,
+/// with receivers in worker processes, their placements and the driver's ingress).
 pub(crate) struct ReceiverTracker {
     handle: TrackerHandle,
     receivers: SupervisorHandle,
     feeds: Vec<Feed>,
+    remote: Option<Arc<RemoteReceivers>>,
+    /// What `start_receivers` starts.
+    starting: Option<Starting>,
     task: Option<JoinHandle<()>>,
+}
+
+/// A receiver prepared to start: its definition, generator, block queue and home worker.
+type Prepared = (
+    PendingReceiver,
+    Arc<BlockGenerator>,
+    mpsc::Receiver<Block>,
+    watch::Receiver<WorkerId>,
+);
+
+/// What the tracker keeps between `start` and `start_receivers`.
+struct Starting {
+    prepared: Vec<Prepared>,
+    remote_hosts: Option<mpsc::UnboundedReceiver<Host>>,
+    lost: mpsc::UnboundedReceiver<WorkerId>,
+    first_seq: HashMap<u32, u64>,
+    wals: HashMap<u32, Arc<Wal>>,
+    blocks: BlockManagerMaster,
+    block_interval: Duration,
 }
 
 impl std::fmt::Debug for ReceiverTracker {
@@ -201,14 +225,16 @@ impl std::fmt::Debug for ReceiverTracker {
 }
 
 impl ReceiverTracker {
-    /// Starts the tracker task, then each receiver with its generator and pusher. If a
-    /// receiver fails to start, everything started so far is stopped before the error returns.
+    /// Starts the tracker task and prepares each receiver's generator; `start_receivers`
+    /// starts them. With `remote_hosts`, the receivers run in worker processes instead (placed
+    /// as their receiver hosts arrive there), their blocks taken in by the driver's ingress.
     pub(crate) async fn start(
         cfg: TrackerConfig,
         pending: Vec<PendingReceiver>,
         blocks: BlockManagerMaster,
         cluster: mpsc::UnboundedReceiver<ClusterEvent>,
         from: TrackerStart,
+        remote_hosts: Option<mpsc::UnboundedReceiver<Host>>,
     ) -> Result<ReceiverTracker, ContextError> {
         let receivers = Supervisor::start("receivers", cfg.strategy)
             .await
@@ -236,6 +262,7 @@ impl ReceiverTracker {
         }
         let wals = from.wals;
         let names = prepared.iter().map(|(p, ..)| p.name.clone()).collect();
+        let first_seq = from.first_seq.clone();
         let state = TrackerState {
             decisions: from.decisions,
             names,
@@ -248,13 +275,71 @@ impl ReceiverTracker {
             receivers: receivers.clone(),
             blocks: blocks.clone(),
         };
-        let task = tokio::spawn(state.run(rx, cluster));
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(state.run(rx, cluster, lost_tx));
         let mut tracker = ReceiverTracker {
             handle: handle.clone(),
             receivers: receivers.clone(),
             feeds: Vec::new(),
+            remote: None,
+            starting: None,
             task: Some(task),
         };
+        tracker.starting = Some(Starting {
+            prepared,
+            remote_hosts,
+            lost: lost_rx,
+            first_seq,
+            wals,
+            blocks,
+            block_interval: cfg.block_interval,
+        });
+        Ok(tracker)
+    }
+
+    /// Starts the receivers (each with its generator and pusher), or, with receivers in
+    /// worker processes, the ingress and the placer. A separate step from `start`, so that
+    /// the context holds the tracker while receivers start: a start abandoned or failed
+    /// halfway is torn down with the rest (the tracker closed, its logs too).
+    pub(crate) async fn start_receivers(&mut self) -> Result<(), ContextError> {
+        let Some(Starting {
+            prepared,
+            remote_hosts,
+            lost: lost_rx,
+            first_seq,
+            wals,
+            blocks,
+            block_interval,
+        }) = self.starting.take()
+        else {
+            return Ok(());
+        };
+        let (handle, receivers) = (self.handle.clone(), self.receivers.clone());
+        if let Some(hosts) = remote_hosts {
+            let streams = prepared
+                .iter()
+                .map(|(p, ..)| {
+                    let seq = first_seq.get(&p.stream).copied().unwrap_or(0);
+                    (p.stream, p.name.clone(), seq)
+                })
+                .collect();
+            let (b, t, w) = (blocks.clone(), handle.clone(), wals.clone());
+            let push: Push = Arc::new(move |block, home| {
+                let (b, t) = (b.clone(), t.clone());
+                let wal = w.get(&block.id.stream).cloned();
+                Box::pin(async move { push_one(block, &b, home, wal.as_ref(), &t).await })
+            });
+            let remote = RemoteReceivers::start(streams, hosts, push)
+                .await
+                .map_err(|e| ContextError::Start {
+                    what: "the ingress of remote receivers".into(),
+                    error: e,
+                })?;
+            let remote = Arc::new(remote);
+            tokio::spawn(forward_losses(lost_rx, remote.clone()));
+            self.remote = Some(remote);
+            return Ok(());
+        }
         for (p, generator, queue, home) in prepared {
             let durability = Arc::new(Durability::new());
             let pusher = tokio::spawn(push_blocks(
@@ -265,8 +350,11 @@ impl ReceiverTracker {
                 handle.clone(),
                 durability.clone(),
             ));
-            let flusher = tokio::spawn(flush_every(generator.clone(), cfg.block_interval));
-            tracker.feeds.push(Feed {
+            let flusher = tokio::spawn(crate::block_generator::flush_every(
+                generator.clone(),
+                block_interval,
+            ));
+            self.feeds.push(Feed {
                 generator: generator.clone(),
                 durability: durability.clone(),
                 pusher: Some(pusher),
@@ -274,15 +362,13 @@ impl ReceiverTracker {
             });
             if let Err(e) = (p.start)(receivers.clone(), generator, durability).await {
                 tracing::error!(receiver = %p.name, error = %e, "receiver failed to start; stopping what started");
-                tracker.stop_receiving(false).await;
-                tracker.close().await;
                 return Err(ContextError::Start {
                     what: format!("receiver `{}`", p.name),
                     error: e.to_string(),
                 });
             }
         }
-        Ok(tracker)
+        Ok(())
     }
 
     /// How the scheduler reaches the tracker.
@@ -295,11 +381,19 @@ impl ReceiverTracker {
         &self.receivers
     }
 
+    /// With receivers in worker processes: a failure that escalated there.
+    pub(crate) fn remote_failures(&self) -> Option<watch::Receiver<Option<SupervisorError>>> {
+        self.remote.as_ref().map(|r| r.failures())
+    }
+
     /// Stops the receivers (their stop hooks run). Graceful: what the generators still buffer
     /// is cut into blocks and every block is acknowledged before this returns. Not graceful:
     /// nothing more is acknowledged (receivers waiting in `store_reliably` are released with
     /// an error, so they do not ack their source).
     pub(crate) async fn stop_receiving(&mut self, graceful: bool) {
+        if let Some(r) = &self.remote {
+            r.stop(graceful).await;
+        }
         if !graceful {
             for f in &mut self.feeds {
                 if let Some(p) = &f.pusher {
@@ -330,25 +424,15 @@ impl ReceiverTracker {
     /// write-ahead logs are closed (their writer threads joined). Call after `stop_receiving`
     /// and after the scheduler ended.
     pub(crate) async fn close(&mut self) {
+        if let Some(r) = self.remote.take() {
+            r.close();
+        }
         for f in &self.feeds {
             f.durability.close();
         }
         let _ = self.handle.tx.send(Command::Close);
         if let Some(task) = self.task.take() {
             let _ = task.await;
-        }
-    }
-}
-
-/// Cuts a block every block interval until the generator closes.
-async fn flush_every(generator: Arc<BlockGenerator>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        if !generator.flush().await {
-            break;
         }
     }
 }
@@ -364,37 +448,60 @@ async fn push_blocks(
     durability: Arc<Durability>,
 ) {
     while let Some(block) = queue.recv().await {
-        let (id, records) = (block.id, block.records);
-        let permit = match blocks.reserve(block.len_bytes()).await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let put = blocks.put(block.clone(), *home.borrow(), Some(permit));
-        let (wal_result, put_result) = match &wal {
-            Some(w) => {
-                let (a, b) = tokio::join!(w.append(block), put);
-                if let (Ok(location), Ok(_)) = (&a, &b) {
-                    // Should its replicas all be lost, it is read back from the log.
-                    blocks.logged(id, location.clone());
-                }
-                (a.map(|_| ()).map_err(|e| e.to_string()), b)
+        let seq = block.id.seq;
+        let home = *home.borrow();
+        let outcome = push_one(block, &blocks, home, wal.as_ref(), &tracker).await;
+        durability.settle(seq, outcome);
+    }
+}
+
+/// One block into the pipeline: replicated (preferring `home`) and appended to the
+/// write-ahead log concurrently, then logged and queued by the tracker. `Err`: not durable,
+/// not acknowledged (its replicas and memory are given back).
+async fn push_one(
+    block: Block,
+    blocks: &BlockManagerMaster,
+    home: WorkerId,
+    wal: Option<&Arc<Wal>>,
+    tracker: &TrackerHandle,
+) -> Result<(), String> {
+    let (id, records) = (block.id, block.records);
+    let permit = blocks
+        .reserve(block.len_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let put = blocks.put(block.clone(), home, Some(permit));
+    let (wal_result, put_result) = match wal {
+        Some(w) => {
+            let (a, b) = tokio::join!(w.append(block), put);
+            if let (Ok(location), Ok(_)) = (&a, &b) {
+                // Should its replicas all be lost, it is read back from the log.
+                blocks.logged(id, location.clone());
             }
-            None => (Ok(()), put.await),
-        };
-        let put_ok = put_result.is_ok();
-        let outcome = match (wal_result, put_result) {
-            (Ok(()), Ok(_)) => tracker.added(id, records).await,
-            (Err(e), _) => Err(e),
-            (_, Err(e)) => Err(e.to_string()),
-        };
-        if let Err(e) = &outcome {
-            tracing::error!(block = %id, records, error = %e, "block could not be made durable; not acknowledged");
-            // It will never be in a batch: give its replicas and memory back.
-            if put_ok {
-                blocks.free(&[id]);
-            }
+            (a.map(|_| ()).map_err(|e| e.to_string()), b)
         }
-        durability.settle(id.seq, outcome);
+        None => (Ok(()), put.await),
+    };
+    let put_ok = put_result.is_ok();
+    let outcome = match (wal_result, put_result) {
+        (Ok(()), Ok(_)) => tracker.added(id, records).await,
+        (Err(e), _) => Err(e),
+        (_, Err(e)) => Err(e.to_string()),
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(block = %id, records, error = %e, "block could not be made durable; not acknowledged");
+        // It will never be in a batch: give its replicas and memory back.
+        if put_ok {
+            blocks.free(&[id]);
+        }
+    }
+    outcome
+}
+
+/// Hands the workers the tracker saw lost to the placer of remote receivers.
+async fn forward_losses(mut lost: mpsc::UnboundedReceiver<WorkerId>, remote: Arc<RemoteReceivers>) {
+    while let Some(w) = lost.recv().await {
+        remote.worker_lost(w);
     }
 }
 
@@ -425,6 +532,7 @@ impl TrackerState {
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut cluster: mpsc::UnboundedReceiver<ClusterEvent>,
+        lost: mpsc::UnboundedSender<WorkerId>,
     ) {
         let mut cluster_open = true;
         loop {
@@ -434,7 +542,10 @@ impl TrackerState {
                     Some(cmd) => self.command(cmd).await,
                 },
                 event = cluster.recv(), if cluster_open => match event {
-                    Some(ClusterEvent::WorkerLost(dead)) => self.worker_lost(dead).await,
+                    Some(ClusterEvent::WorkerLost(dead)) => {
+                        let _ = lost.send(dead);
+                        self.worker_lost(dead).await
+                    }
                     Some(ClusterEvent::BlockLost { .. }) => {}
                     None => cluster_open = false,
                 },

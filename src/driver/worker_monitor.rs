@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch::ExecutorPool;
 use crate::block_manager::{WorkerId, WorkerMsg};
 use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
-use crate::cluster::protocol::{executors_of, Ser, TaskHostMsg};
+use crate::cluster::protocol::{executors_of, receiver_hosts_of, Ser, TaskHostMsg};
 use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::remote_receivers::Host;
 
 /// Where worker processes' executors go, and the job they must run.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ pub(crate) struct Jobs {
     pub(crate) pool: ExecutorPool,
     /// The driver's job fingerprint.
     pub(crate) fingerprint: u64,
+    /// With receivers in worker processes: where their receiver hosts go.
+    pub(crate) receiver_hosts: Option<mpsc::UnboundedSender<Host>>,
 }
 
 /// How long a joining worker's executor has to describe itself.
@@ -95,6 +98,15 @@ pub(crate) async fn membership(
                             "a worker process's executor joined"
                         );
                         jobs.pool.add_remote(w, id, exec, slots);
+                        if let Some(hosts) = &jobs.receiver_hosts {
+                            for actor in receiver_hosts_of(id) {
+                                let _ = hosts.send(Host {
+                                    worker: w,
+                                    node: id,
+                                    actor,
+                                });
+                            }
+                        }
                     }
                     tokio::spawn(heartbeat(
                         node.clone(),
