@@ -23,11 +23,12 @@ use tokio::sync::{oneshot, watch};
 pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerId;
-use crate::cluster::protocol::{Ser, TaskHostMsg, TaskReply, TaskRequest};
+use crate::cluster::protocol::{TaskHostMsg, TaskReply, TaskRequest};
 use crate::driver::block_manager_master::BlockManagerMaster;
 pub use crate::error::BatchError;
 use crate::error::BoxError;
 use crate::receiver::{Receiver, ReceiverContext, ReceiverRef};
+use crate::wire::Ser;
 
 /// The records of one batch, as given to [`DStream::for_each_batch`](crate::DStream::for_each_batch).
 #[derive(Debug, Clone, PartialEq)]

@@ -133,6 +133,7 @@ pub mod supervisor;
 pub mod telemetry;
 pub mod testing;
 pub mod wal;
+mod wire;
 
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
 pub use block::{Block, BlockId, ByteString, DecodeError, Record};

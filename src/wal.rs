@@ -425,14 +425,23 @@ impl Wal {
     }
 
     /// Appends `block`; resolves once it is durable per the sync policy.
-    pub async fn append(&self, block: Block) -> Result<Location, WalError> {
+    ///
+    /// The block is handed to the writer when this is called (not when the future is first
+    /// polled), so appends are logged in call order even when their futures are awaited
+    /// together.
+    pub fn append(
+        &self,
+        block: Block,
+    ) -> impl std::future::Future<Output = Result<Location, WalError>> + Send + 'static {
         let (ack, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or(WalError::Closed)?
-            .send(Cmd::Append(block, ack))
-            .map_err(|_| WalError::Closed)?;
-        rx.await.map_err(|_| WalError::Closed)?
+        let sent = self.tx.as_ref().ok_or(WalError::Closed).and_then(|tx| {
+            tx.send(Cmd::Append(block, ack))
+                .map_err(|_| WalError::Closed)
+        });
+        async move {
+            sent?;
+            rx.await.map_err(|_| WalError::Closed)?
+        }
     }
 
     /// Marks blocks as processed: segments with no unprocessed block left (other than the one

@@ -9,8 +9,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
 
 use crate::batch::{TaskId, TaskRegistry};
-use crate::block_manager::{Wire, WorkerMsg};
-use crate::cluster::protocol::{Description, Ser, TaskHostMsg, TaskReply, TaskRequest};
+use crate::block_manager::WorkerMsg;
+use crate::cluster::protocol::{Description, TaskHostMsg, TaskReply, TaskRequest};
+use crate::wire::Ser;
+use crate::wire::Wire;
 
 /// A worker process's executor (an actor, in the [`EXECUTORS`](crate::cluster::protocol::EXECUTORS)
 /// group).

@@ -13,7 +13,8 @@
 use ractor::{ActorCell, ActorRef, BytesConvertable, RpcReplyPort};
 
 use crate::block::{Block, BlockId};
-use crate::block_manager::Wire;
+use crate::wire::{call, cast, port_in, port_out, Ser, Wire};
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
 
 /// The process group worker processes' executors join (how the driver finds them).
 pub(crate) const EXECUTORS: &str = "tributary.executors";
@@ -21,30 +22,6 @@ pub(crate) const EXECUTORS: &str = "tributary.executors";
 pub(crate) const RECEIVER_HOSTS: &str = "tributary.receiver-hosts";
 /// The process group of the driver's ingress (where remote receivers' blocks go).
 pub(crate) const INGRESS: &str = "tributary.ingress";
-
-/// A `serde` value as it crosses processes (`postcard`): `None` if the bytes did not decode
-/// (a peer of another version, or damage), which the receiver treats as an error.
-#[derive(Debug, Clone)]
-pub(crate) struct Ser<T>(pub(crate) Option<T>);
-
-impl<T> Ser<T> {
-    pub(crate) fn of(v: T) -> Ser<T> {
-        Ser(Some(v))
-    }
-}
-
-impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> BytesConvertable
-    for Ser<T>
-{
-    fn into_bytes(self) -> Vec<u8> {
-        self.0
-            .and_then(|v| postcard::to_stdvec(&v).ok())
-            .unwrap_or_default()
-    }
-    fn from_bytes(bytes: Vec<u8>) -> Self {
-        Ser(postcard::from_bytes(&bytes).ok())
-    }
-}
 
 /// What a worker process's executor says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -144,15 +121,44 @@ pub(crate) struct ReceiverFailure {
 }
 
 /// Messages of the driver's ingress.
-#[derive(ractor_cluster::RactorClusterMessage)]
 pub(crate) enum IngressMsg {
     /// A block a remote receiver stored, with its placement's epoch: the reply comes once it
     /// is replicated and logged (then its `store_reliably` resolves), or says why not.
-    #[rpc]
     Block(Wire<(u64, Block)>, RpcReplyPort<Ser<Result<(), String>>>),
     /// A receiver's failure escalated in a worker process: it ends the job, as it would in
     /// the driver.
     Failed(Ser<ReceiverFailure>),
+}
+
+/// By hand, as the block store's messages: a block goes as is (one copy less each side).
+impl ractor::Message for IngressMsg {
+    fn serializable() -> bool {
+        true
+    }
+
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        Ok(match self {
+            IngressMsg::Block(block, r) => call("Block", block.into_bytes(), port_out(r)),
+            IngressMsg::Failed(f) => cast("Failed", f.into_bytes()),
+        })
+    }
+
+    fn deserialize(msg: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        match msg {
+            SerializedMessage::Call {
+                variant,
+                args,
+                reply,
+                ..
+            } if variant == "Block" => {
+                Ok(IngressMsg::Block(Wire::from_bytes(args), port_in(reply)))
+            }
+            SerializedMessage::Cast { variant, args, .. } if variant == "Failed" => {
+                Ok(IngressMsg::Failed(Ser::from_bytes(args)))
+            }
+            _ => Err(BoxedDowncastErr),
+        }
+    }
 }
 
 fn remote_members<M: ractor::Message>(group: &str, node: u64) -> Vec<ActorRef<M>> {

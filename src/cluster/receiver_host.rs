@@ -22,14 +22,15 @@ use tokio::task::JoinHandle;
 
 use crate::block::Block;
 use crate::block_generator::{flush_every, BlockGenerator};
-use crate::block_manager::Wire;
 use crate::buffer_pool::BufferPool;
 use crate::cluster::protocol::{
-    ingress, IngressMsg, ReceiverFailure, ReceiverHostMsg, Ser, StartReceiver,
+    ingress, IngressMsg, ReceiverFailure, ReceiverHostMsg, StartReceiver,
 };
 use crate::driver::receiver_tracker::PendingReceiver;
 use crate::store::Durability;
 use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
+use crate::wire::Ser;
+use crate::wire::Wire;
 
 /// How long a forwarded block may wait for the driver's answer (the driver itself waits for
 /// memory and for live workers before it can answer).

@@ -437,20 +437,32 @@ impl ReceiverTracker {
     }
 }
 
-/// Replicates each cut block (and appends it to the write-ahead log, concurrently), has the
-/// tracker log and queue it, and settles its durability, in order.
+/// Blocks of one receiver replicated at once. Each `put` waits for k acknowledgements, which
+/// from worker processes take a round trip and a copy per replica: one block at a time left
+/// the link idle most of the time. Their acknowledgements (and the tracker's records) stay in
+/// order.
+const PUSH_WINDOW: usize = 4;
+
+/// Replicates each cut block (and appends it to the write-ahead log, concurrently), up to
+/// [`PUSH_WINDOW`] at once; in order, has the tracker log and queue each, and settles its
+/// durability.
 async fn push_blocks(
-    mut queue: mpsc::Receiver<Block>,
+    queue: mpsc::Receiver<Block>,
     blocks: BlockManagerMaster,
     home: watch::Receiver<WorkerId>,
     wal: Option<Arc<Wal>>,
     tracker: TrackerHandle,
     durability: Arc<Durability>,
 ) {
-    while let Some(block) = queue.recv().await {
-        let seq = block.id.seq;
-        let home = *home.borrow();
-        let outcome = push_one(block, &blocks, home, wal.as_ref(), &tracker).await;
+    use futures::StreamExt;
+    let cut = futures::stream::unfold(queue, |mut q| async move { q.recv().await.map(|b| (b, q)) });
+    let replicated = cut
+        .map(|block| replicate(block, &blocks, *home.borrow(), wal.as_ref()))
+        .buffered(PUSH_WINDOW);
+    let mut replicated = std::pin::pin!(replicated);
+    while let Some(r) = replicated.next().await {
+        let seq = r.id.seq;
+        let outcome = record(r, &blocks, &tracker).await;
         durability.settle(seq, outcome);
     }
 }
@@ -465,33 +477,83 @@ async fn push_one(
     wal: Option<&Arc<Wal>>,
     tracker: &TrackerHandle,
 ) -> Result<(), String> {
-    let (id, records) = (block.id, block.records);
-    let permit = blocks
-        .reserve(block.len_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let put = blocks.put(block.clone(), home, Some(permit));
-    let (wal_result, put_result) = match wal {
-        Some(w) => {
-            let (a, b) = tokio::join!(w.append(block), put);
-            if let (Ok(location), Ok(_)) = (&a, &b) {
-                // Should its replicas all be lost, it is read back from the log.
-                blocks.logged(id, location.clone());
+    let r = replicate(block, blocks, home, wal).await;
+    record(r, blocks, tracker).await
+}
+
+/// A block replicated (or not) and appended to the write-ahead log (or not).
+struct Replicated {
+    id: BlockId,
+    records: u32,
+    outcome: Result<(), String>,
+    put_ok: bool,
+}
+
+/// Replicates `block` (its memory reserved first) and appends it to the write-ahead log,
+/// concurrently. The append is handed to the log now, so blocks are logged in call order.
+fn replicate(
+    block: Block,
+    blocks: &BlockManagerMaster,
+    home: WorkerId,
+    wal: Option<&Arc<Wal>>,
+) -> impl std::future::Future<Output = Replicated> + Send + 'static {
+    let (id, records, bytes) = (block.id, block.records, block.len_bytes());
+    let appended = wal.map(|w| w.append(block.clone()));
+    let blocks = blocks.clone();
+    async move {
+        let permit = match blocks.reserve(bytes).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Replicated {
+                    id,
+                    records,
+                    outcome: Err(e.to_string()),
+                    put_ok: false,
+                }
             }
-            (a.map(|_| ()).map_err(|e| e.to_string()), b)
+        };
+        let put = blocks.put(block, home, Some(permit));
+        let (wal_result, put_result) = match appended {
+            Some(appended) => {
+                let (a, b) = tokio::join!(appended, put);
+                if let (Ok(location), Ok(_)) = (&a, &b) {
+                    // Should its replicas all be lost, it is read back from the log.
+                    blocks.logged(id, location.clone());
+                }
+                (a.map(|_| ()).map_err(|e| e.to_string()), b)
+            }
+            None => (Ok(()), put.await),
+        };
+        let put_ok = put_result.is_ok();
+        let outcome = match (wal_result, put_result) {
+            (Ok(()), Ok(_)) => Ok(()),
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        Replicated {
+            id,
+            records,
+            outcome,
+            put_ok,
         }
-        None => (Ok(()), put.await),
-    };
-    let put_ok = put_result.is_ok();
-    let outcome = match (wal_result, put_result) {
-        (Ok(()), Ok(_)) => tracker.added(id, records).await,
-        (Err(e), _) => Err(e),
-        (_, Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// Has the tracker log and queue a replicated block; on any failure, frees what it holds.
+async fn record(
+    r: Replicated,
+    blocks: &BlockManagerMaster,
+    tracker: &TrackerHandle,
+) -> Result<(), String> {
+    let (id, records) = (r.id, r.records);
+    let outcome = match r.outcome {
+        Ok(()) => tracker.added(id, records).await,
+        Err(e) => Err(e),
     };
     if let Err(e) = &outcome {
         tracing::error!(block = %id, records, error = %e, "block could not be made durable; not acknowledged");
         // It will never be in a batch: give its replicas and memory back.
-        if put_ok {
+        if r.put_ok {
             blocks.free(&[id]);
         }
     }

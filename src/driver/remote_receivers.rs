@@ -26,9 +26,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::block::Block;
-use crate::block_manager::{Wire, WorkerId};
-use crate::cluster::protocol::{IngressMsg, ReceiverHostMsg, Ser, StartReceiver, INGRESS};
+use crate::block_manager::WorkerId;
+use crate::cluster::protocol::{IngressMsg, ReceiverHostMsg, StartReceiver, INGRESS};
 use crate::error::{RemoteError, SupervisorError};
+use crate::wire::Ser;
+use crate::wire::Wire;
 
 /// How long a worker has to start a receiver.
 const START_DEADLINE_MS: u64 = 10_000;

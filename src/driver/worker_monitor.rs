@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch::ExecutorPool;
 use crate::block_manager::{WorkerId, WorkerMsg};
 use crate::cluster::node::{block_stores_of, DriverNode, NodeEvent};
-use crate::cluster::protocol::{executors_of, receiver_hosts_of, Ser, TaskHostMsg};
+use crate::cluster::protocol::{executors_of, receiver_hosts_of, TaskHostMsg};
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::remote_receivers::Host;
+use crate::wire::Ser;
 
 /// Where worker processes' executors go, and the job they must run.
 #[derive(Clone)]
