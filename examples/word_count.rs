@@ -9,6 +9,7 @@
 //! loopback (it launches them itself, relaunching one that dies): every block's replicas go to
 //! distinct processes (`--workers 0` keeps none in the driver), and the tasks (split, count per
 //! block) run in the worker processes where the blocks are; the driver merges the counts.
+//! `--receivers-in-workers` also runs the receiver in a worker process.
 //!
 //! Prints a line per batch (records, top words, delays), stops after `--duration` seconds
 //! (default 5; 0 = until Ctrl-C) or on Ctrl-C, gracefully: receivers stop, buffered records
@@ -52,6 +53,24 @@ struct Args {
     /// TRIBUTARY_COOKIE). `--worker-processes` starts these itself.
     #[arg(long, value_name = "HOST:PORT")]
     worker_of: Option<String>,
+    /// Run the receiver in a worker process (with `--worker-processes` or
+    /// `--cluster-listen`): its blocks cross to the driver, which replicates them; it is
+    /// started on another worker process if its own is lost.
+    #[arg(long)]
+    receivers_in_workers: bool,
+    /// Mutual TLS between driver and workers: this process's certificate chain (PEM), with
+    /// `--tls-key` and `--tls-ca`. Workers verify the driver's certificate for `--tls-name`.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This process's private key (PEM), with `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The cluster's CA certificate (PEM), with `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name in the driver's certificate (workers check it).
+    #[arg(long, default_value = "tributary-driver")]
+    tls_name: String,
     /// Accept worker processes started elsewhere (`--worker-of`) on this address; the
     /// cookie comes in TRIBUTARY_COOKIE.
     #[arg(long, value_name = "HOST:PORT")]
@@ -137,9 +156,19 @@ async fn main() -> anyhow::Result<()> {
         }
         None => cluster::worker_role()?,
     };
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(c), Some(k), Some(ca)) => Some(cluster::ClusterTls::from_pem_files(c, k, ca)?),
+        _ => None,
+    };
+    let role = match (role, &tls) {
+        (Some(w), Some(t)) => Some(w.tls(t.clone(), args.tls_name.clone())),
+        (role, _) => role,
+    };
     if let Some(worker) = role {
-        // The worker defines the same job (so that it can run its tasks), then serves it.
+        // The worker defines the same job (so that it can run its tasks and its receiver),
+        // with the same settings, then serves it.
         let ctx = StreamingContext::builder()
+            .block_interval(Duration::from_millis(args.batch_ms.min(200)))
             .receiver_strategy(recommended_strategy)
             .build()?;
         define_job(&ctx, &args, Arc::default(), Arc::default())?;
@@ -169,7 +198,16 @@ async fn main() -> anyhow::Result<()> {
         let listen = args
             .cluster_listen
             .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-        builder = builder.cluster(cluster::ClusterConfig::new(listen, cookie.clone()));
+        let mut cluster_cfg = cluster::ClusterConfig::new(listen, cookie.clone());
+        if let Some(t) = &tls {
+            cluster_cfg = cluster_cfg.tls(t.clone());
+        }
+        builder = builder.cluster(cluster_cfg);
+        if args.receivers_in_workers {
+            builder = builder.receiver_placement(tributary::ReceiverPlacement::WorkerProcesses);
+        }
+    } else if args.receivers_in_workers {
+        anyhow::bail!("--receivers-in-workers needs --worker-processes N or --cluster-listen");
     }
     let ctx = builder.build()?;
     match &args.socket {

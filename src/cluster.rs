@@ -25,6 +25,11 @@
 //! closures. A worker exits when its driver goes away (or fences it): a process manager, or the
 //! driver in the one-machine mode, starts a new incarnation, which joins as a new worker.
 //!
+//! Authentication is `ractor_cluster`'s cookie challenge; with [`ClusterTls`] on both sides
+//! ([`ClusterConfig::tls`], [`WorkerConfig::tls`]) the connection is also mutual TLS
+//! (rustls, as `ractor_cluster` uses it): encrypted, and only certificates of the cluster's CA
+//! get as far as the cookie.
+//!
 //! What `ractor_cluster` does not do, and what this module does instead: a node is only seen
 //! down when its connection closes, so a frozen process would go unnoticed; the driver runs a
 //! heartbeat with a deadline of its own ([`ClusterConfig::heartbeat_deadline`]). Its frames
@@ -38,12 +43,14 @@ mod launcher;
 pub(crate) mod node;
 pub(crate) mod protocol;
 pub(crate) mod receiver_host;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use launcher::{LaunchConfig, WorkerLauncher, WORKER_OF};
 pub use node::{run_worker, WorkerExit};
+pub use tls::ClusterTls;
 
 /// The largest block (encoded records) that may cross to a worker process: `ractor_cluster`
 /// refuses frames above 16 MiB, and a block travels in one frame with a small envelope.
@@ -91,6 +98,10 @@ pub enum ClusterError {
     /// A setting is invalid.
     #[error("invalid cluster setting: {0}")]
     Config(String),
+    /// TLS could not be set up (bad certificates or key), or its handshake failed (a peer
+    /// whose certificate the CA did not sign, or whose name is not the expected one).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The worker role, if this process was started as one: `TRIBUTARY_WORKER_OF=HOST:PORT`
@@ -145,6 +156,8 @@ pub struct ClusterConfig {
     pub cookie: String,
     /// A worker that answers no heartbeat for this long is lost (default 2 s).
     pub heartbeat_deadline: Duration,
+    /// TLS for the workers' connections (default: none, the cookie only).
+    pub tls: Option<ClusterTls>,
 }
 
 impl ClusterConfig {
@@ -154,7 +167,16 @@ impl ClusterConfig {
             listen,
             cookie: cookie.into(),
             heartbeat_deadline: Duration::from_secs(2),
+            tls: None,
         }
+    }
+
+    /// Workers connect with mutual TLS: they must present a certificate signed by `tls`'s CA,
+    /// and this driver presents `tls`'s certificate. A worker without TLS, or with a
+    /// certificate from another CA, is refused before the cookie challenge.
+    pub fn tls(mut self, tls: ClusterTls) -> ClusterConfig {
+        self.tls = Some(tls);
+        self
     }
 
     /// A worker silent for `deadline` is lost (default 2 s; at least 50 ms).
@@ -199,6 +221,8 @@ pub struct WorkerConfig {
     /// Tasks this worker's executor runs at once (default: the machine's parallelism),
     /// when it runs the job ([`StreamingContext::run_as_worker`](crate::StreamingContext::run_as_worker)).
     pub executors: usize,
+    /// TLS, and the driver's name its certificate must carry (default: none).
+    pub tls: Option<(ClusterTls, String)>,
 }
 
 impl WorkerConfig {
@@ -210,7 +234,15 @@ impl WorkerConfig {
             name: "worker".into(),
             connect_timeout: Duration::from_secs(10),
             executors: std::thread::available_parallelism().map_or(2, usize::from),
+            tls: None,
         }
+    }
+
+    /// Connect with mutual TLS: present `tls`'s certificate, and accept only a driver whose
+    /// certificate `tls`'s CA signed for `driver_name` (a DNS name or an IP address).
+    pub fn tls(mut self, tls: ClusterTls, driver_name: impl Into<String>) -> WorkerConfig {
+        self.tls = Some((tls, driver_name.into()));
+        self
     }
 
     /// Run up to `n` tasks at once (at least 1).

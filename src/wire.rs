@@ -268,7 +268,10 @@ mod tests {
         let b = block();
         let back = Wire::<(u64, Block)>::from_bytes(Wire::of((7, b.clone())).into_bytes());
         let (n, got) = back.0.expect("decodes");
-        assert_eq!((n, got.id, got.records, got.data), (7, b.id, b.records, b.data.clone()));
+        assert_eq!(
+            (n, got.id, got.records, got.data),
+            (7, b.id, b.records, b.data.clone())
+        );
         let back = Wire::<Option<Block>>::from_bytes(Wire::of(Some(b.clone())).into_bytes());
         assert_eq!(back.0.flatten().map(|x| x.data), Some(b.data.clone()));
         let none = Wire::<Option<Block>>::from_bytes(Wire::of(None).into_bytes());
@@ -282,13 +285,18 @@ mod tests {
     async fn a_block_store_message_and_its_reply_cross_as_bytes() {
         use ractor::Message;
         let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-        let sent = WorkerMsg::Put(Wire::of(block()), tx.into()).serialize().unwrap();
+        let sent = WorkerMsg::Put(Wire::of(block()), tx.into())
+            .serialize()
+            .unwrap();
         let WorkerMsg::Put(Wire(Some(got)), reply) = WorkerMsg::deserialize(sent).unwrap() else {
             panic!("not a Put with a block");
         };
         assert_eq!(got.data, block().data);
         reply.send(true).unwrap();
-        assert!(rx.await.unwrap(), "the answer came back through both bridges");
+        assert!(
+            rx.await.unwrap(),
+            "the answer came back through both bridges"
+        );
         let bad = call("Nope", Vec::new(), tokio::sync::oneshot::channel().0.into());
         assert!(WorkerMsg::deserialize(bad).is_err());
     }

@@ -24,6 +24,10 @@ use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 const COOKIE: &str = "executors-test-cookie";
 /// Set in a worker process to define another job than the driver's.
 const OTHER_JOB: &str = "TRIBUTARY_TEST_OTHER_JOB";
+/// Set in a worker process to connect with TLS, with the directory of the certificates.
+const TLS_DIR: &str = "TRIBUTARY_TEST_TLS_DIR";
+/// With `TLS_DIR`: which identity the worker presents (`worker` or `rogue`).
+const TLS_AS: &str = "TRIBUTARY_TEST_TLS_AS";
 /// Set in a worker process to define the file-source job, with the source's directory.
 const SOURCE_DIR: &str = "TRIBUTARY_TEST_SOURCE_DIR";
 /// Numbers the file source produces.
@@ -154,9 +158,21 @@ async fn worker_process() {
         println!("worker exit: {exit:?}");
         return;
     }
+    let mut worker = worker.executors(2);
+    if let Some(dir) = std::env::var_os(TLS_DIR) {
+        let who = std::env::var(TLS_AS).unwrap_or_else(|_| "worker".into());
+        let dir = Path::new(&dir);
+        let tls = cluster::ClusterTls::from_pem_files(
+            dir.join(format!("{who}.pem")),
+            dir.join(format!("{who}.key")),
+            dir.join(format!("{who}-ca.pem")),
+        )
+        .unwrap();
+        worker = worker.tls(tls, "tributary-driver");
+    }
     let ctx = StreamingContext::builder().build().unwrap();
     define(&ctx, 0, Seen::default()).unwrap();
-    let exit = ctx.run_as_worker(worker.executors(2)).await;
+    let exit = ctx.run_as_worker(worker).await;
     println!("worker exit: {exit:?}");
 }
 
@@ -172,6 +188,16 @@ impl Worker {
     }
 
     fn spawn_with(driver: &str, log: PathBuf, other_job: bool, source: Option<&Path>) -> Worker {
+        Self::spawn_tls(driver, log, other_job, source, None)
+    }
+
+    fn spawn_tls(
+        driver: &str,
+        log: PathBuf,
+        other_job: bool,
+        source: Option<&Path>,
+        tls: Option<(&Path, &str)>,
+    ) -> Worker {
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
@@ -195,6 +221,10 @@ impl Worker {
         match source {
             Some(dir) => cmd.env(SOURCE_DIR, dir),
             None => cmd.env_remove(SOURCE_DIR),
+        };
+        match tls {
+            Some((dir, who)) => cmd.env(TLS_DIR, dir).env(TLS_AS, who),
+            None => cmd.env_remove(TLS_DIR).env_remove(TLS_AS),
         };
         Worker {
             child: cmd.spawn().unwrap(),
@@ -590,4 +620,157 @@ async fn one_cluster_context_at_a_time_per_process() {
     // Once the first has stopped, a new one starts.
     let (third, _, _) = driver(10).await;
     third.stop(false).await.unwrap();
+}
+
+/// A CA, the driver's and a worker's certificates from it, and a "rogue" worker whose
+/// certificate and CA are another CA's, as PEM files in `dir`.
+fn make_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (cert, key)
+    };
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+    let (good_ca, good_key) = ca("tributary test CA");
+    let (rogue_ca, rogue_key) = ca("another CA");
+    let leaf = |who: &str, purpose, ca: &rcgen::Certificate, ca_key: &KeyPair| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![who.to_string()]).unwrap();
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, ca, ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    // An impostor: its certificate from the other CA, but it trusts the driver's CA.
+    let (cert, key) = leaf(
+        "worker",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &rogue_ca,
+        &rogue_key,
+    );
+    write("impostor.pem", cert);
+    write("impostor.key", key);
+    write("impostor-ca.pem", good_ca.pem());
+    for (who, purpose, ca, ca_key, file) in [
+        (
+            "tributary-driver",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &good_ca,
+            &good_key,
+            "driver",
+        ),
+        (
+            "worker",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &good_ca,
+            &good_key,
+            "worker",
+        ),
+        (
+            "worker",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &rogue_ca,
+            &rogue_key,
+            "rogue",
+        ),
+    ] {
+        let (cert, key) = leaf(who, purpose, ca, ca_key);
+        write(&format!("{file}.pem"), cert);
+        write(&format!("{file}.key"), key);
+        write(&format!("{file}-ca.pem"), ca.pem());
+    }
+}
+
+/// Waits (bounded) for a worker process to exit; its output.
+async fn exit_output(w: &mut Worker, within: Duration) -> String {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if w.child.try_wait().unwrap().is_some() {
+            return w.output();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker did not exit within {within:?}\n{}", w.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_only_workers_with_a_certificate_of_the_cluster_ca_join() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certificates(&certs);
+    let tls = cluster::ClusterTls::from_pem_files(
+        certs.join("driver.pem"),
+        certs.join("driver.key"),
+        certs.join("driver-ca.pem"),
+    )
+    .unwrap();
+    let total = 5_000;
+    let seen = Seen::default();
+    let ctx = StreamingContext::builder()
+        .workers(0)
+        .replication(1)
+        .executors(1)
+        .batch_interval(Duration::from_millis(200))
+        .block_interval(Duration::from_millis(50))
+        .cluster(ClusterConfig::new("127.0.0.1:0".parse().unwrap(), COOKIE).tls(tls))
+        .build()
+        .unwrap();
+    define(&ctx, total, seen.clone()).unwrap();
+    ctx.start().await.unwrap();
+    let addr = ctx.cluster_addr().unwrap().to_string();
+
+    // Without TLS: the driver's handshake fails, the worker is refused before the cookie.
+    let mut plain = Worker::spawn(&addr, log(tmp.path(), "plain"), false);
+    let out = exit_output(&mut plain, Duration::from_secs(30)).await;
+    assert!(out.contains("Refused"), "{out}");
+    // A certificate of another CA (which also does not trust the driver's): refused.
+    let mut rogue = Worker::spawn_tls(
+        &addr,
+        log(tmp.path(), "rogue"),
+        false,
+        None,
+        Some((&certs, "rogue")),
+    );
+    let out = exit_output(&mut rogue, Duration::from_secs(30)).await;
+    assert!(out.contains("TLS"), "{out}");
+    // A certificate the driver's CA did not sign, from a worker that trusts the driver:
+    // the driver refuses it.
+    let mut impostor = Worker::spawn_tls(
+        &addr,
+        log(tmp.path(), "impostor"),
+        false,
+        None,
+        Some((&certs, "impostor")),
+    );
+    let out = exit_output(&mut impostor, Duration::from_secs(30)).await;
+    assert!(out.contains("TLS") || out.contains("Refused"), "{out}");
+    assert!(ctx.live_workers().await.is_empty());
+    assert_eq!(count(&seen), 0);
+
+    // With the cluster CA's certificate: joins, and the job runs over TLS.
+    let good = Worker::spawn_tls(
+        &addr,
+        log(tmp.path(), "good"),
+        false,
+        None,
+        Some((&certs, "worker")),
+    );
+    wait_until(
+        "every record over TLS",
+        Duration::from_secs(40),
+        || async { count(&seen) >= total as usize },
+        &[&good],
+    )
+    .await;
+    ctx.stop(true).await.unwrap();
+    let by_process = exactly_once(&seen, total);
+    assert!(by_process.contains_key(&good.pid()), "{by_process:?}");
 }

@@ -112,6 +112,72 @@ impl Drop for NodeSlot {
     }
 }
 
+/// An accepted TLS connection handed to `ractor_cluster`.
+struct TlsTcp {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Option<String>,
+    local: Option<String>,
+}
+
+impl ClusterBidiStream for TlsTcp {
+    fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = tokio::io::split(self.stream);
+        (Box::new(r), Box::new(w))
+    }
+    fn peer_label(&self) -> Option<String> {
+        self.peer.clone()
+    }
+    fn local_label(&self) -> Option<String> {
+        self.local.clone()
+    }
+}
+
+/// How long a worker has to complete the TLS handshake.
+const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Hands an accepted connection to the node, after the TLS handshake when `tls` is on (in
+/// its own task: a slow handshake does not hold up other workers).
+fn hand_over(
+    to: &ActorRef<NodeServerMessage>,
+    stream: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> bool {
+    let Some(acceptor) = tls.cloned() else {
+        return to
+            .cast(NodeServerMessage::ConnectionOpenedExternal {
+                stream: Box::new(Tcp(stream)),
+                is_server: true,
+            })
+            .is_ok();
+    };
+    let to = to.clone();
+    tokio::spawn(async move {
+        let peer = stream.peer_addr().ok().map(|a| a.to_string());
+        let local = stream.local_addr().ok().map(|a| a.to_string());
+        match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let _ = to.cast(NodeServerMessage::ConnectionOpenedExternal {
+                    stream: Box::new(TlsTcp {
+                        stream,
+                        peer,
+                        local,
+                    }),
+                    is_server: true,
+                });
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = ?peer, error = %e, "a worker's TLS handshake failed: refused");
+                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+            }
+            Err(_) => {
+                tracing::warn!(peer = ?peer, "a worker did not complete the TLS handshake in time: refused");
+                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+            }
+        }
+    });
+    true
+}
+
 /// Starts a node server (its own listener on a loopback port the OS chooses, unused: the
 /// driver accepts connections itself, a worker only connects out).
 async fn node_server(
@@ -189,6 +255,7 @@ impl DriverNode {
             addr: cfg.listen,
             reason: e.to_string(),
         })?;
+        let tls = cfg.tls.as_ref().map(|t| t.acceptor()).transpose()?;
         let name = format!("tributary-driver-{}-{}", std::process::id(), addr.port());
         let (server, events) = node_server(name, cfg.cookie.clone()).await?;
         let to = server.clone();
@@ -198,13 +265,7 @@ impl DriverNode {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         tracing::debug!(%peer, "worker connection accepted");
-                        if to
-                            .cast(NodeServerMessage::ConnectionOpenedExternal {
-                                stream: Box::new(Tcp(stream)),
-                                is_server: true,
-                            })
-                            .is_err()
-                        {
+                        if !hand_over(&to, stream, tls.as_ref()) {
                             return;
                         }
                     }
@@ -331,9 +392,33 @@ pub(crate) async fn run_worker_with(
         _executor_guard = Some(StopOnDrop(exec.get_cell()));
     }
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let tls = match &cfg.tls {
+        Some((t, name)) => Some((t.connector()?, crate::cluster::tls::server_name(name)?)),
+        None => None,
+    };
     loop {
-        match ractor_cluster::client_connect(&server, cfg.driver.as_str()).await {
+        let connected = match &tls {
+            Some((connector, name)) => {
+                ractor_cluster::client_connect_enc(
+                    &server,
+                    cfg.driver.as_str(),
+                    connector.clone(),
+                    name.clone(),
+                )
+                .await
+            }
+            None => ractor_cluster::client_connect(&server, cfg.driver.as_str()).await,
+        };
+        match connected {
             Ok(()) => break,
+            // A handshake the driver refused, or a driver whose certificate does not verify:
+            // trying again would not change it.
+            Err(ractor_cluster::ClientConnectErr::Encryption(e)) => {
+                return Err(ClusterError::Tls(format!(
+                    "the TLS handshake with the driver at {} failed: {e}",
+                    cfg.driver
+                )))
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(driver = %cfg.driver, error = %e, "driver not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
