@@ -417,6 +417,9 @@ const DECODE_INLINE_BYTES: usize = 64 << 10;
 
 /// How much busier (in tasks) an executor holding a replica may be before one that must read
 /// the block from another process is chosen instead: a block is megabytes, a partial small.
+/// Measured (cluster bench, 2 worker processes, 3 runs each): never reading across processes
+/// when a holder is usable gave 2.34–2.53 M records/s; with this penalty the driver's idle
+/// executors take ~10% of the tasks and it gave 2.76–3.00 M.
 const CROSS_PROCESS_READ_PENALTY: usize = 8;
 
 impl TaskRunner {
