@@ -44,13 +44,14 @@ pub(crate) mod node;
 pub(crate) mod protocol;
 pub(crate) mod receiver_host;
 mod tls;
+pub(crate) mod worker_node;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use launcher::{LaunchConfig, WorkerLauncher, WORKER_OF};
-pub use node::{run_worker, WorkerExit};
 pub use tls::ClusterTls;
+pub use worker_node::{run_worker, WorkerExit};
 
 /// The largest block (encoded records) that may cross to a worker process: `ractor_cluster`
 /// refuses frames above 16 MiB, and a block travels in one frame with a small envelope.

@@ -729,7 +729,7 @@ impl StreamingContext {
             driver = %cfg.driver,
             "running as a worker process"
         );
-        Ok(crate::cluster::node::run_worker_with(cfg, Some((tasks, receivers))).await?)
+        Ok(crate::cluster::worker_node::run_worker_with(cfg, Some((tasks, receivers))).await?)
     }
 
     /// Stops the context and returns its outcome. Graceful: receivers stop, buffered records

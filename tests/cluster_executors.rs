@@ -336,6 +336,13 @@ fn log(tmp: &Path, name: &str) -> PathBuf {
     tmp.join(format!("{name}.log"))
 }
 
+/// `n` worker processes of the driver at `addr` (of the file-source job with `source`).
+fn spawn_workers(addr: &str, tmp: &Path, n: usize, source: Option<&Path>) -> Vec<Worker> {
+    (0..n)
+        .map(|i| Worker::spawn_with(addr, log(tmp, &format!("w{i}")), false, source))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() {
     let _driver = DRIVER.lock().await;
@@ -344,9 +351,7 @@ async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() 
     let total = 20_000;
     let (ctx, seen, addr) = driver(total).await;
     let remote = remote_tasks(&ctx);
-    let workers: Vec<Worker> = (0..2)
-        .map(|i| Worker::spawn(&addr, log(tmp.path(), &format!("w{i}")), false))
-        .collect();
+    let workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 2, None);
     let refs: Vec<&Worker> = workers.iter().collect();
     wait_until(
         "every record",
@@ -383,9 +388,7 @@ async fn a_worker_process_running_tasks_killed_mid_stream_changes_nothing_in_the
     let tmp = tempfile::tempdir().unwrap();
     let total = 60_000;
     let (ctx, seen, addr) = driver(total).await;
-    let mut workers: Vec<Worker> = (0..3)
-        .map(|i| Worker::spawn(&addr, log(tmp.path(), &format!("w{i}")), false))
-        .collect();
+    let mut workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 3, None);
     let refs: Vec<&Worker> = workers.iter().collect();
     wait_until(
         "a third of the records",
@@ -506,16 +509,7 @@ async fn receivers_run_in_worker_processes_and_nothing_is_lost_or_repeated() {
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let (ctx, seen, addr, source) = file_driver(tmp.path(), false).await;
-    let workers: Vec<Worker> = (0..2)
-        .map(|i| {
-            Worker::spawn_with(
-                &addr,
-                log(tmp.path(), &format!("w{i}")),
-                false,
-                Some(&source),
-            )
-        })
-        .collect();
+    let workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 2, Some(&source));
     let refs: Vec<&Worker> = workers.iter().collect();
     wait_until(
         "every number",
@@ -542,16 +536,7 @@ async fn the_receiving_worker_sigkilled_after_acks_loses_nothing_acknowledged_wi
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let (ctx, seen, addr, source) = file_driver(tmp.path(), true).await;
-    let mut workers: Vec<Worker> = (0..3)
-        .map(|i| {
-            Worker::spawn_with(
-                &addr,
-                log(tmp.path(), &format!("w{i}")),
-                false,
-                Some(&source),
-            )
-        })
-        .collect();
+    let mut workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 3, Some(&source));
     let refs: Vec<&Worker> = workers.iter().collect();
     wait_until(
         "a third of the numbers acknowledged",

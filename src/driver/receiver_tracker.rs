@@ -302,24 +302,21 @@ impl ReceiverTracker {
     /// the context holds the tracker while receivers start: a start abandoned or failed
     /// halfway is torn down with the rest (the tracker closed, its logs too).
     pub(crate) async fn start_receivers(&mut self) -> Result<(), ContextError> {
-        let Some(Starting {
-            prepared,
-            remote_hosts,
-            lost: lost_rx,
-            first_seq,
-            wals,
-            blocks,
-            block_interval,
-        }) = self.starting.take()
-        else {
+        let Some(start) = self.starting.take() else {
             return Ok(());
         };
+        let Starting {
+            prepared,
+            wals,
+            blocks,
+            ..
+        } = start;
         let (handle, receivers) = (self.handle.clone(), self.receivers.clone());
-        if let Some(hosts) = remote_hosts {
+        if let Some(hosts) = start.remote_hosts {
             let streams = prepared
                 .iter()
                 .map(|(p, ..)| {
-                    let seq = first_seq.get(&p.stream).copied().unwrap_or(0);
+                    let seq = start.first_seq.get(&p.stream).copied().unwrap_or(0);
                     (p.stream, p.name.clone(), seq)
                 })
                 .collect();
@@ -336,7 +333,7 @@ impl ReceiverTracker {
                     error: e,
                 })?;
             let remote = Arc::new(remote);
-            tokio::spawn(forward_losses(lost_rx, remote.clone()));
+            tokio::spawn(forward_losses(start.lost, remote.clone()));
             self.remote = Some(remote);
             return Ok(());
         }
@@ -352,7 +349,7 @@ impl ReceiverTracker {
             ));
             let flusher = tokio::spawn(crate::block_generator::flush_every(
                 generator.clone(),
-                block_interval,
+                start.block_interval,
             ));
             self.feeds.push(Feed {
                 generator: generator.clone(),
