@@ -759,3 +759,81 @@ async fn with_tls_only_workers_with_a_certificate_of_the_cluster_ca_join() {
     let by_process = exactly_once(&seen, total);
     assert!(by_process.contains_key(&good.pid()), "{by_process:?}");
 }
+
+/// `TRIBUTARY_WORKER_KILLS` (default 10) SIGKILLs of a random worker process while it runs
+/// tasks, a new worker started after each, the next kill once every block has 2 replicas
+/// again: every record exactly once at the end. Seeded (`TRIBUTARY_WORKER_KILLS_SEED`,
+/// printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_kills_of_workers_running_tasks_change_nothing_in_the_output() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
+    let kills: usize = std::env::var("TRIBUTARY_WORKER_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let seed = std::env::var("TRIBUTARY_WORKER_KILLS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("{kills} kills, seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    // The source runs until stopped; `total` is what it produced by then.
+    let (ctx, seen, addr) = driver(u64::MAX).await;
+    let mut workers = spawn_workers(&addr, tmp.path(), 3, None);
+    let mut spawned = workers.len();
+    for kill in 0..kills {
+        let refs: Vec<&Worker> = workers.iter().collect();
+        let before = count(&seen);
+        wait_until(
+            "records flowing",
+            Duration::from_secs(30),
+            || async { count(&seen) > before + 2_000 },
+            &refs,
+        )
+        .await;
+        let victim = rng.usize(..workers.len());
+        let mut dead = workers.remove(victim);
+        dead.child.kill().unwrap();
+        let _ = dead.child.wait();
+        workers.push(Worker::spawn(
+            &addr,
+            log(tmp.path(), &format!("w{spawned}")),
+            false,
+        ));
+        spawned += 1;
+        let refs: Vec<&Worker> = workers.iter().collect();
+        wait_until(
+            &format!("3 live workers and every block with 2 replicas after kill {kill}"),
+            Duration::from_secs(30),
+            || async {
+                ctx.live_workers().await.len() == 3
+                    && ctx
+                        .block_locations()
+                        .await
+                        .iter()
+                        .all(|(_, at)| at.len() >= 2)
+            },
+            &refs,
+        )
+        .await;
+    }
+    let ledger = ctx.ledger().await.expect("a ledger");
+    ctx.stop(true).await.unwrap();
+    let total = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let by_process = exactly_once(&seen, total);
+    println!(
+        "{kills} kills: {total} records, each exactly once, computed in {} processes",
+        by_process.len()
+    );
+    assert!(ledger.balances(), "{ledger:?}");
+    assert_eq!(ledger.total().lost_total(), 0, "{ledger:?}");
+}
