@@ -88,6 +88,15 @@ pub enum ClusterError {
         /// The driver's address.
         addr: String,
     },
+    /// The driver refused this worker after it authenticated: its job is not the driver's
+    /// (another program, another version, or streams defined differently).
+    #[error("the driver at {addr} refused this worker: {reason}")]
+    WrongJob {
+        /// The driver's address.
+        addr: String,
+        /// The driver's reason.
+        reason: String,
+    },
     /// The actor runtime could not start a part of the node.
     #[error("could not start {what}: {reason}")]
     Start {

@@ -681,8 +681,8 @@ impl StreamingContext {
     /// Returns when the driver goes away or fences this worker ([`WorkerExit::DriverGone`]:
     /// a process manager, or the driver's [`WorkerLauncher`](crate::cluster::WorkerLauncher),
     /// starts a new incarnation), or on Ctrl-C. The driver refuses a worker whose job differs
-    /// from its own (logged there, and the worker exits with `DriverGone`). The context is
-    /// used up: it has ended once this is called.
+    /// from its own, and says why: this returns [`ClusterError::WrongJob`](crate::cluster::ClusterError::WrongJob)
+    /// (as `ContextError::Cluster`). The context is used up: it has ended once this is called.
     ///
     /// ```no_run
     /// # async fn main_() -> Result<(), Box<dyn std::error::Error>> {

@@ -21,6 +21,8 @@ pub(crate) struct TaskHost {
     pub(crate) store: ActorRef<WorkerMsg>,
     pub(crate) tasks: TaskRegistry,
     pub(crate) slots: usize,
+    /// Where the driver's refusal (and its reason) goes: the worker exits with it.
+    pub(crate) refused: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl Actor for TaskHost {
@@ -48,6 +50,10 @@ impl Actor for TaskHost {
                     fingerprint: self.tasks.fingerprint(),
                     slots: u32::try_from(self.slots.max(1)).unwrap_or(u32::MAX),
                 }));
+            }
+            TaskHostMsg::Refused(Ser(reason)) => {
+                let reason = reason.unwrap_or_else(|| "no reason given".into());
+                let _ = self.refused.send(reason);
             }
             TaskHostMsg::Run(Ser(request), reply) => {
                 // Each task runs in its own task (the actor goes on receiving), at most

@@ -89,6 +89,8 @@ pub(crate) enum TaskHostMsg {
     /// Run a task over a block held in this process.
     #[rpc]
     Run(Ser<TaskRequest>, RpcReplyPort<TaskReply>),
+    /// The driver refuses this worker, and says why (its job is another).
+    Refused(Ser<String>),
 }
 
 /// Run the receiver of stream `stream` here, its blocks numbered from `first_seq`, as

@@ -50,6 +50,7 @@ pub(crate) async fn run_worker_with(
         })?;
     let _store_guard = StopOnDrop(store.get_cell());
     ractor::pg::join(BLOCK_STORES.to_string(), vec![store.get_cell()]);
+    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut _executor_guard = None;
     let mut _receivers_guard = None;
     if let Some((tasks, receivers)) = job {
@@ -65,6 +66,7 @@ pub(crate) async fn run_worker_with(
             store: store.clone(),
             tasks,
             slots: cfg.executors,
+            refused: refused_tx.clone(),
         };
         let (exec, _join) =
             Actor::spawn(None, host, ())
@@ -132,6 +134,10 @@ pub(crate) async fn run_worker_with(
                     break Err(ClusterError::Refused { addr: cfg.driver.clone() });
                 }
             },
+            Some(reason) = refused.recv() => {
+                tracing::error!(worker = %name, driver = %cfg.driver, %reason, "the driver refused this worker");
+                break Err(ClusterError::WrongJob { addr: cfg.driver.clone(), reason });
+            }
             _ = tokio::signal::ctrl_c() => break Ok(WorkerExit::Interrupted),
         }
     };

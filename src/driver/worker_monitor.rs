@@ -78,7 +78,15 @@ pub(crate) async fn membership(
                     Err(why) => {
                         tracing::error!(node = id, %peer, "a worker process was refused: {why}");
                         metrics::counter!(crate::telemetry::WORKERS_REFUSED_JOB_TOTAL).increment(1);
-                        node.fence(id).await;
+                        // Tell it why, then close its connection (a moment later, so the reason gets there).
+                        if let Some(exec) = executors_of(id).into_iter().next() {
+                            let _ = exec.send_message(TaskHostMsg::Refused(Ser::of(why)));
+                        }
+                        let (node, id) = (node.clone(), id);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            node.fence(id).await;
+                        });
                         continue;
                     }
                 };
