@@ -15,6 +15,7 @@ use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef, BytesConvertable, RpcReplyPort};
 
 use crate::block::{Block, BlockId};
+use crate::cluster::data_plane::{self, LinkTo, Token};
 pub(crate) use crate::wire::Wire;
 use crate::wire::{call, cast, port_in, port_out};
 
@@ -46,6 +47,9 @@ pub(crate) enum WorkerMsg {
     Count(RpcReplyPort<u64>),
     /// Liveness: echoes the number (the driver's heartbeat).
     Ping(u64, RpcReplyPort<u64>),
+    /// Open a data link to the driver with this token (a block store in a worker process;
+    /// see [`crate::cluster::data_plane`]).
+    Link(Token),
 }
 
 /// By hand rather than derived: a block is the message's only argument and goes as is, which
@@ -63,6 +67,7 @@ impl ractor::Message for WorkerMsg {
             WorkerMsg::Remove(ids) => cast("Remove", ids.into_bytes()),
             WorkerMsg::Count(r) => call("Count", Vec::new(), port_out(r)),
             WorkerMsg::Ping(n, r) => call("Ping", n.into_bytes(), port_out(r)),
+            WorkerMsg::Link(token) => cast("Link", token.to_vec()),
         })
     }
 
@@ -82,20 +87,35 @@ impl ractor::Message for WorkerMsg {
                 }
                 _ => Err(BoxedDowncastErr),
             },
-            SerializedMessage::Cast { variant, args, .. } if variant == "Remove" => {
-                Ok(WorkerMsg::Remove(Wire::from_bytes(args)))
-            }
+            SerializedMessage::Cast { variant, args, .. } => match variant.as_str() {
+                "Remove" => Ok(WorkerMsg::Remove(Wire::from_bytes(args))),
+                "Link" => Token::try_from(args.as_slice())
+                    .map(WorkerMsg::Link)
+                    .map_err(|_| BoxedDowncastErr),
+                _ => Err(BoxedDowncastErr),
+            },
             _ => Err(BoxedDowncastErr),
         }
     }
 }
 
-/// A worker's block store (an actor).
-pub(crate) struct Worker;
+/// A worker's block store (an actor). In a worker process it knows where its driver is, to
+/// open a data link when the driver offers one.
+#[derive(Default)]
+pub(crate) struct Worker {
+    pub(crate) link_to: Option<LinkTo>,
+}
+
+/// What a block store holds.
+pub(crate) struct Store {
+    blocks: HashMap<BlockId, Block>,
+    /// Its data link to the driver, if open.
+    link: Option<tokio::task::JoinHandle<()>>,
+}
 
 impl Actor for Worker {
     type Msg = WorkerMsg;
-    type State = HashMap<BlockId, Block>;
+    type State = Store;
     type Arguments = ();
 
     async fn pre_start(
@@ -103,15 +123,30 @@ impl Actor for Worker {
         _: ActorRef<WorkerMsg>,
         _: (),
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(HashMap::new())
+        Ok(Store {
+            blocks: HashMap::new(),
+            link: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<WorkerMsg>,
+        store: &mut Store,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(link) = store.link.take() {
+            link.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
         &self,
-        _: ActorRef<WorkerMsg>,
+        myself: ActorRef<WorkerMsg>,
         msg: WorkerMsg,
-        blocks: &mut Self::State,
+        store: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let blocks = &mut store.blocks;
         match msg {
             WorkerMsg::Put(Wire(block), ack) => {
                 let held = block.is_some();
@@ -136,6 +171,26 @@ impl Actor for Worker {
             }
             WorkerMsg::Ping(n, reply) => {
                 let _ = reply.send(n);
+            }
+            WorkerMsg::Link(token) => {
+                let Some(to) = self.link_to.clone() else {
+                    tracing::warn!(
+                        "offered a data link, but this block store has no driver to link to"
+                    );
+                    return Ok(());
+                };
+                if let Some(old) = store.link.take() {
+                    old.abort();
+                }
+                store.link = Some(tokio::spawn(async move {
+                    let driver = to.driver.clone();
+                    match data_plane::serve(to, token, myself).await {
+                        Ok(()) => tracing::debug!(%driver, "data link to the driver closed"),
+                        Err(e) => {
+                            tracing::warn!(%driver, error = %e, "data link to the driver failed; blocks go through the session")
+                        }
+                    }
+                }));
             }
         }
         Ok(())

@@ -7,6 +7,7 @@
 //!  StreamingContext + ClusterConfig                 cluster::run_worker(WorkerConfig)
 //!    NodeServer ◄──── TCP, cookie challenge ──────── NodeServer
 //!    BlockManagerMaster ──Put/Get/Remove/Ping──────► block store (joins "tributary.block-stores")
+//!      blocks (Put, Get) on a data link of their own ─► block store (see `data_plane`)
 //!      heartbeat: no Ping answer within the deadline ⇒ the worker is lost and its connection
 //!      is closed (fenced: that incarnation can never deliver into later batches)
 //!    TaskRunner ──Run(block id, task id)───────────► executor (joins "tributary.executors"),
@@ -36,8 +37,14 @@
 //! are capped at 16 MiB, so blocks are refused at configuration time above
 //! [`MAX_CLUSTER_BLOCK_BYTES`]. Its session writer queue is unbounded; Tributary never lets it
 //! grow with the input rate, since a block is sent only when the previous ones of the same
-//! receiver were acknowledged (the block queue bounds what is in flight).
+//! receiver were acknowledged (the block queue bounds what is in flight). Its transport copies
+//! a block several times per hop, so blocks between the driver and a worker's block store go
+//! on a second connection to the same port, a *data link* (written as they are, read into a
+//! buffer of their size; authenticated by a one-time token given over the session, TLS when
+//! the session is); with no link open they go through the session. The same credit window
+//! bounds what a link has in flight.
 
+pub(crate) mod data_plane;
 pub(crate) mod executor;
 mod launcher;
 pub(crate) mod node;
@@ -144,15 +151,19 @@ pub fn worker_role() -> Result<Option<WorkerConfig>, ClusterError> {
 /// A fresh random cookie (128 bits from the OS, as hex), for a driver that launches its own
 /// workers ([`WorkerLauncher`]) and so can hand it to them.
 pub fn random_cookie() -> Result<String, ClusterError> {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| ClusterError::Start {
-            what: "a random cookie".into(),
-            reason: e.to_string(),
-        })?;
+    let bytes = random_bytes::<16>().map_err(|e| ClusterError::Start {
+        what: "a random cookie".into(),
+        reason: e.to_string(),
+    })?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `N` bytes from the OS's random source.
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    use std::io::Read;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes))?;
+    Ok(bytes)
 }
 
 /// The driver's side of a cluster: where it listens for workers, the shared secret they must

@@ -217,6 +217,12 @@ pub const HEARTBEAT_MISSES_TOTAL: &str = "tributary_heartbeat_misses_total";
 pub const CLUSTER_REFUSED_TOTAL: &str = "tributary_cluster_refused_total";
 /// Counter: tasks a worker process's executor ran (counted in that process).
 pub const TASKS_RUN_REMOTELY_TOTAL: &str = "tributary_tasks_run_remotely_total";
+/// Counter: data links opened by worker processes (the driver's count; one per worker
+/// incarnation unless a link fails).
+pub const DATA_LINKS_OPENED_TOTAL: &str = "tributary_data_links_opened_total";
+/// Counter: blocks the driver sent to worker processes on data links (the rest went through
+/// the `ractor_cluster` session).
+pub const DATA_LINK_BLOCKS_TOTAL: &str = "tributary_data_link_blocks_total";
 /// Counter: worker processes refused because their job is not the driver's (another program,
 /// or another version of it).
 pub const WORKERS_REFUSED_JOB_TOTAL: &str = "tributary_workers_refused_job_total";

@@ -25,12 +25,12 @@ impl<T> Wire<T> {
     }
 }
 
-fn put_id(id: BlockId, out: &mut Vec<u8>) {
+pub(crate) fn put_id(id: BlockId, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.stream.to_le_bytes());
     out.extend_from_slice(&id.seq.to_le_bytes());
 }
 
-fn get_id(b: &[u8]) -> Option<BlockId> {
+pub(crate) fn get_id(b: &[u8]) -> Option<BlockId> {
     Some(BlockId {
         stream: u32::from_le_bytes(b.get(0..4)?.try_into().ok()?),
         seq: u64::from_le_bytes(b.get(4..12)?.try_into().ok()?),
@@ -38,33 +38,43 @@ fn get_id(b: &[u8]) -> Option<BlockId> {
 }
 
 /// Bytes before a block's data: id (12), creation time (8), records (4).
-const HEADER: usize = 24;
+pub(crate) const HEADER: usize = 24;
 
-fn put_block(block: &Block, out: &mut Vec<u8>) {
-    put_id(block.id, out);
+/// The bytes before a block's data in its encoding: id, creation time, records.
+pub(crate) fn block_header(block: &Block) -> [u8; HEADER] {
     let created = block
         .created
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    out.extend_from_slice(&created.to_le_bytes());
-    out.extend_from_slice(&block.records.to_le_bytes());
+    let mut out = [0u8; HEADER];
+    out[0..4].copy_from_slice(&block.id.stream.to_le_bytes());
+    out[4..12].copy_from_slice(&block.id.seq.to_le_bytes());
+    out[12..20].copy_from_slice(&created.to_le_bytes());
+    out[20..24].copy_from_slice(&block.records.to_le_bytes());
+    out
+}
+
+fn put_block(block: &Block, out: &mut Vec<u8>) {
+    out.extend_from_slice(&block_header(block));
     out.extend_from_slice(&block.data);
 }
 
-fn get_block(bytes: Vec<u8>) -> Option<Block> {
+/// A block from its encoding; its data is a slice of `bytes` (no copy).
+pub(crate) fn block_from(bytes: Bytes) -> Option<Block> {
     let id = get_id(&bytes)?;
     let created = u64::from_le_bytes(bytes.get(12..20)?.try_into().ok()?);
     let records = u32::from_le_bytes(bytes.get(20..24)?.try_into().ok()?);
-    if bytes.len() < 24 {
-        return None;
-    }
     Some(Block {
         id,
         created: UNIX_EPOCH + Duration::from_micros(created),
         records,
-        data: Bytes::from(bytes).slice(24..),
+        data: bytes.slice(HEADER..),
     })
+}
+
+fn get_block(bytes: Vec<u8>) -> Option<Block> {
+    block_from(Bytes::from(bytes))
 }
 
 impl BytesConvertable for Wire<Block> {

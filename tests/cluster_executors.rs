@@ -379,6 +379,14 @@ async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() 
         "{here} of {total} records computed in the driver: {by_process:?}"
     );
     assert!(remote.await.unwrap() > 0);
+    for w in &workers {
+        assert!(
+            w.output().contains("data link to the driver open"),
+            "worker {} opened no data link for its blocks:\n{}",
+            w.pid(),
+            w.output()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,6 +771,11 @@ async fn with_tls_only_workers_with_a_certificate_of_the_cluster_ca_join() {
     ctx.stop(true).await.unwrap();
     let by_process = exactly_once(&seen, total);
     assert!(by_process.contains_key(&good.pid()), "{by_process:?}");
+    assert!(
+        good.output().contains("data link to the driver open"),
+        "no data link over TLS:\n{}",
+        good.output()
+    );
 }
 
 /// `TRIBUTARY_WORKER_KILLS` (default 10) SIGKILLs of a random worker process while it runs

@@ -10,11 +10,13 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServer, NodeServerMessage};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::block_manager::WorkerMsg;
+use crate::cluster::data_plane::{Links, MAGIC};
 use crate::cluster::{ClusterConfig, ClusterError, BLOCK_STORES};
 
 /// A node's view of its sessions, as the driver's BlockManagerMaster and a worker need it.
@@ -133,47 +135,88 @@ impl ClusterBidiStream for TlsTcp {
 /// How long a worker has to complete the TLS handshake.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Hands an accepted connection to the node, after the TLS handshake when `tls` is on (in
-/// its own task: a slow handshake does not hold up other workers).
-fn hand_over(
+/// Routes an accepted connection by its first byte: a data link (its magic) to `links`,
+/// anything else to the node (a `ractor_cluster` session, or a TLS handshake before one).
+/// Runs in its own task: a slow or silent peer holds up no one else.
+async fn route(
+    to: ActorRef<NodeServerMessage>,
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    links: Links,
+) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => {
+            tracing::debug!(%peer, "a connection sent nothing in time; closed");
+            return;
+        }
+    }
+    if first[0] != MAGIC[0] {
+        hand_over(&to, stream, tls.as_ref()).await;
+        return;
+    }
+    let mut stream = stream;
+    let mut magic = [0u8; 4];
+    let read = tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, stream.read_exact(&mut magic)).await;
+    if !matches!(read, Ok(Ok(_))) || magic != MAGIC {
+        tracing::warn!(%peer, "a connection that is neither a worker's session nor its data link: closed");
+        metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+        return;
+    }
+    match tls {
+        None => links.accept(stream, peer).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => links.accept(stream, peer).await,
+                _ => {
+                    tracing::warn!(%peer, "a data link's TLS handshake failed: refused");
+                    metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+                }
+            }
+        }
+    }
+}
+
+/// Hands an accepted connection to the node, after the TLS handshake when `tls` is on.
+async fn hand_over(
     to: &ActorRef<NodeServerMessage>,
     stream: TcpStream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
-) -> bool {
+) {
     let Some(acceptor) = tls.cloned() else {
-        return to
-            .cast(NodeServerMessage::ConnectionOpenedExternal {
-                stream: Box::new(Tcp(stream)),
-                is_server: true,
-            })
-            .is_ok();
+        let _ = to.cast(NodeServerMessage::ConnectionOpenedExternal {
+            stream: Box::new(Tcp(stream)),
+            is_server: true,
+        });
+        return;
     };
-    let to = to.clone();
-    tokio::spawn(async move {
-        let peer = stream.peer_addr().ok().map(|a| a.to_string());
-        let local = stream.local_addr().ok().map(|a| a.to_string());
-        match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => {
-                let _ = to.cast(NodeServerMessage::ConnectionOpenedExternal {
-                    stream: Box::new(TlsTcp {
-                        stream,
-                        peer,
-                        local,
-                    }),
-                    is_server: true,
-                });
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(peer = ?peer, error = %e, "a worker's TLS handshake failed: refused");
-                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
-            }
-            Err(_) => {
-                tracing::warn!(peer = ?peer, "a worker did not complete the TLS handshake in time: refused");
-                metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
-            }
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let local = stream.local_addr().ok().map(|a| a.to_string());
+    match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let _ = to.cast(NodeServerMessage::ConnectionOpenedExternal {
+                stream: Box::new(TlsTcp {
+                    stream,
+                    peer,
+                    local,
+                }),
+                is_server: true,
+            });
         }
-    });
-    true
+        Ok(Err(e)) => {
+            tracing::warn!(peer = ?peer, error = %e, "a worker's TLS handshake failed: refused");
+            metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+        }
+        Err(_) => {
+            tracing::warn!(peer = ?peer, "a worker did not complete the TLS handshake in time: refused");
+            metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
+        }
+    }
 }
 
 /// Starts a node server (its own listener on a loopback port the OS chooses, unused: the
@@ -225,6 +268,8 @@ pub(crate) struct DriverNode {
     server: ActorRef<NodeServerMessage>,
     accept: JoinHandle<()>,
     addr: SocketAddr,
+    /// Data links to worker processes.
+    links: Links,
     /// Released by `stop` (not only on drop: tasks may hold the node a little longer).
     slot: Mutex<Option<NodeSlot>>,
 }
@@ -257,15 +302,15 @@ impl DriverNode {
         let name = format!("tributary-driver-{}-{}", std::process::id(), addr.port());
         let (server, events) = node_server(name, cfg.cookie.clone()).await?;
         let to = server.clone();
+        let links = Links::default();
+        let routed = links.clone();
         let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         tracing::debug!(%peer, "worker connection accepted");
-                        if !hand_over(&to, stream, tls.as_ref()) {
-                            return;
-                        }
+                        tokio::spawn(route(to.clone(), stream, tls.clone(), routed.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting a worker connection failed");
@@ -280,6 +325,7 @@ impl DriverNode {
                 server,
                 accept,
                 addr,
+                links,
                 slot: Mutex::new(Some(slot)),
             },
             events,
@@ -291,9 +337,15 @@ impl DriverNode {
         self.addr
     }
 
-    /// Closes the connection of `node`: that incarnation of the worker can no longer reach
-    /// the driver (it exits; a new one joins as a new worker).
+    /// The data links to worker processes.
+    pub(crate) fn links(&self) -> Links {
+        self.links.clone()
+    }
+
+    /// Closes the connection of `node` (and its data link): that incarnation of the worker
+    /// can no longer reach the driver (it exits; a new one joins as a new worker).
     pub(crate) async fn fence(&self, node: u64) {
+        self.links.close(node);
         let sessions = ractor::call_t!(self.server, NodeServerMessage::GetSessions, 2_000);
         if let Ok(sessions) = sessions {
             if let Some(s) = sessions.get(&node) {
@@ -306,6 +358,7 @@ impl DriverNode {
     /// Stops accepting and closes every session.
     pub(crate) fn stop(&self) {
         self.accept.abort();
+        self.links.close_all();
         self.server.stop(None);
         lock(&self.slot).take();
     }

@@ -7,6 +7,7 @@ use ractor::{Actor, ActorCell};
 
 use crate::batch::TaskRegistry;
 use crate::block_manager::Worker;
+use crate::cluster::data_plane::LinkTo;
 use crate::cluster::executor::TaskHost;
 use crate::cluster::node::{node_server, NodeEvent, NodeSlot};
 use crate::cluster::protocol::{EXECUTORS, RECEIVER_HOSTS};
@@ -42,7 +43,18 @@ pub(crate) async fn run_worker_with(
     let name = format!("{}-{}", cfg.name, std::process::id());
     let (server, mut events) = node_server(name.clone(), cfg.cookie.clone()).await?;
     let guard = StopOnDrop(server.get_cell());
-    let (store, _join) = Actor::spawn(None, Worker, ())
+    let tls = match &cfg.tls {
+        Some((t, name)) => Some((t.connector()?, crate::cluster::tls::server_name(name)?)),
+        None => None,
+    };
+    let link_to = LinkTo {
+        driver: cfg.driver.clone(),
+        tls: tls.clone(),
+    };
+    let store = Worker {
+        link_to: Some(link_to),
+    };
+    let (store, _join) = Actor::spawn(None, store, ())
         .await
         .map_err(|e| ClusterError::Start {
             what: "the block store".into(),
@@ -79,10 +91,6 @@ pub(crate) async fn run_worker_with(
         _executor_guard = Some(StopOnDrop(exec.get_cell()));
     }
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
-    let tls = match &cfg.tls {
-        Some((t, name)) => Some((t.connector()?, crate::cluster::tls::server_name(name)?)),
-        None => None,
-    };
     loop {
         let connected = match &tls {
             Some((connector, name)) => {

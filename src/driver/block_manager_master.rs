@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use crate::block::{Block, BlockId};
 use crate::block_manager::{BlockError, Wire, Worker, WorkerId, WorkerMsg};
+use crate::cluster::data_plane::Links;
 use crate::cluster::node::DriverNode;
 #[cfg(test)]
 use crate::cluster::ClusterConfig;
@@ -107,6 +108,8 @@ pub(crate) struct BlockManagerMaster {
     k: usize,
     /// Where worker processes join (with a cluster configuration).
     cluster_addr: Option<std::net::SocketAddr>,
+    /// Data links to worker processes (with a cluster): blocks go there when one is open.
+    links: Option<Links>,
     tx: mpsc::UnboundedSender<Cmd>,
     memory: Arc<Semaphore>,
     memory_kib: u32,
@@ -163,13 +166,14 @@ impl BlockManagerMaster {
         let bm = BlockManagerMaster {
             k,
             cluster_addr: node.as_ref().map(|n| n.addr()),
+            links: node.as_ref().map(|n| n.links()),
             tx: tx.clone(),
             memory: Arc::new(Semaphore::new(kib(memory_bytes) as usize)),
             memory_kib: kib(memory_bytes),
         };
         let mut refs = Vec::with_capacity(workers);
         for id in 0..workers {
-            let (actor, join) = match Actor::spawn(None, Worker, ()).await {
+            let (actor, join) = match Actor::spawn(None, Worker::default(), ()).await {
                 Ok(spawned) => spawned,
                 Err(e) => {
                     for a in &refs {
@@ -337,11 +341,7 @@ impl BlockManagerMaster {
             let mut acks = Vec::with_capacity(targets.len());
             for (w, actor) in targets {
                 tried.push(w);
-                let (tx, rx) = oneshot::channel();
-                if actor
-                    .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
-                    .is_ok()
-                {
+                if let Some(rx) = self.send_put(&actor, block) {
                     acks.push((w, rx));
                 }
             }
@@ -381,6 +381,9 @@ impl BlockManagerMaster {
     /// Reads `id` from worker `w`, if it holds it.
     pub(crate) async fn get_from(&self, w: WorkerId, id: BlockId) -> Option<Block> {
         let actor = self.ask(|r| Cmd::Worker(w, r)).await??;
+        if let Some(rx) = self.links.as_ref().and_then(|l| l.get(&actor, id)) {
+            return tokio::time::timeout(REPLY_DEADLINE, rx).await.ok()?.ok()?;
+        }
         let (tx, rx) = oneshot::channel();
         actor
             .send_message(WorkerMsg::Get(Wire::of(id), tx.into()))
@@ -389,6 +392,23 @@ impl BlockManagerMaster {
             Ok(Ok(Wire(Some(found)))) => found,
             _ => None,
         }
+    }
+
+    /// Sends `block` to the block store `actor`: on its process's data link when one is open,
+    /// else as a message. The answer is whether it is held; `None` if it could not be sent.
+    fn send_put(
+        &self,
+        actor: &ActorRef<WorkerMsg>,
+        block: &Block,
+    ) -> Option<oneshot::Receiver<bool>> {
+        if let Some(rx) = self.links.as_ref().and_then(|l| l.put(actor, block)) {
+            return Some(rx);
+        }
+        let (tx, rx) = oneshot::channel();
+        actor
+            .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
+            .ok()?;
+        Some(rx)
     }
 
     /// Frees blocks whose batch completed: removed from every worker, memory returned.
@@ -851,11 +871,10 @@ async fn re_replicate(
                     return;
                 };
                 for (target, actor) in targets {
-                    let (tx, rx) = oneshot::channel();
-                    if actor
-                        .send_message(WorkerMsg::Put(Wire::of(block.clone()), tx.into()))
-                        .is_ok()
-                        && held(rx).await
+                    let Some(rx) = master.send_put(&actor, &block) else {
+                        continue;
+                    };
+                    if held(rx).await
                         && master
                             .ask(|reply| Cmd::AddReplica { id, target, reply })
                             .await
@@ -949,7 +968,7 @@ mod tests {
         let (a, b) = ("10.0.0.1".parse().ok(), "10.0.0.2".parse().ok());
         // Worker 0: in the driver. 1 and 2: two processes on host a. 3: a process on host b.
         for (node, host) in [(10, a), (11, a), (12, b)] {
-            let (actor, _) = Actor::spawn(None, Worker, ()).await.unwrap();
+            let (actor, _) = Actor::spawn(None, Worker::default(), ()).await.unwrap();
             bm.ask(|reply| Cmd::Join {
                 actor,
                 node,

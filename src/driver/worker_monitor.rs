@@ -5,8 +5,9 @@
 //! ```text
 //!  NodeEvent::Ready ──► its executor's job fingerprint ≠ ours ──► refused (fenced)
 //!                   ──► block_stores_of(node) ──► master.join(..) ──► heartbeat task
+//!                   ──► a data link offered to its block store (Link(token))
 //!                   ──► its executor's task slots into the ExecutorPool
-//!  NodeEvent::Left ───► master.node_down(node), pool.remove_node(node)
+//!  NodeEvent::Left ───► its data link closed, master.node_down(node), pool.remove_node(node)
 //!  heartbeat: Ping every deadline/10; no answer for a deadline ──► master.worker_died(w),
 //!             pool.remove_node(node), node.fence(node)
 //! ```
@@ -99,6 +100,10 @@ pub(crate) async fn membership(
                     let Some(w) = master.join(actor.clone(), id, host).await else {
                         return;
                     };
+                    // Its blocks go on a data link of their own once the worker opens it.
+                    if let Some(token) = node.links().offer(id) {
+                        let _ = actor.send_message(WorkerMsg::Link(token));
+                    }
                     if let Some((exec, slots)) = executor.take() {
                         tracing::info!(
                             worker = w,
@@ -130,6 +135,7 @@ pub(crate) async fn membership(
             }
             NodeEvent::Left { node: id, peer } => {
                 tracing::warn!(node = id, %peer, "a worker process's connection closed");
+                node.links().close(id);
                 master.node_down(id);
                 jobs.pool.remove_node(id);
             }
