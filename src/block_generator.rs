@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::block::{Block, BlockId};
 use crate::buffer_pool::BufferPool;
+use crate::driver::rate_controller::RateCell;
 use crate::error::StoreError;
 
 /// Buffered records of one receiver, and the queue of cut blocks.
@@ -33,26 +34,70 @@ pub(crate) struct BlockGenerator {
 
 /// A token bucket: `rate` tokens per second, holding at most one second's worth (the burst
 /// allowed after a pause), full at start. Refilled from the clock only when it runs dry, so a
-/// store reads the clock once per burst rather than once per record.
+/// store reads the clock once per burst rather than once per record. Its rate is the lower of
+/// a fixed one and the adaptive one (the rate controller's cell, read when it changes); with
+/// neither it lets everything through.
 #[derive(Debug)]
 struct Bucket {
+    fixed: Option<f64>,
+    adaptive: Option<Arc<RateCell>>,
+    seen: u64,
+    /// Tokens per second; infinite: unlimited.
     rate: f64,
     tokens: f64,
     refilled: Instant,
 }
 
 impl Bucket {
-    fn new(rate: f64) -> Bucket {
-        Bucket {
-            rate,
-            tokens: rate.max(1.0),
+    fn new(fixed: Option<f64>, adaptive: Option<Arc<RateCell>>) -> Bucket {
+        let mut b = Bucket {
+            fixed,
+            adaptive,
+            seen: 0,
+            rate: f64::INFINITY,
+            tokens: 0.0,
             refilled: Instant::now(),
-        }
+        };
+        b.rate = b.effective();
+        b.tokens = b.rate.max(1.0);
+        b.seen = b.adaptive.as_ref().map_or(0, |c| c.version());
+        b
+    }
+
+    fn effective(&self) -> f64 {
+        let adaptive = self.adaptive.as_ref().and_then(|c| c.get());
+        let rate = match (self.fixed, adaptive) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(r), None) | (None, Some(r)) => r,
+            (None, None) => f64::INFINITY,
+        };
+        rate.max(f64::MIN_POSITIVE)
     }
 
     /// Takes a token, or says how long to wait before asking again.
     fn take(&mut self) -> Result<(), Duration> {
+        if let Some(cell) = &self.adaptive {
+            let v = cell.version();
+            if v != self.seen {
+                self.seen = v;
+                let was = self.rate;
+                self.rate = self.effective();
+                if was.is_infinite() {
+                    // From unlimited to a rate: no burst (the job is behind already).
+                    self.tokens = 0.0;
+                    self.refilled = Instant::now();
+                } else {
+                    self.tokens = self.tokens.min(self.rate.max(1.0));
+                }
+            }
+        }
+        if self.rate.is_infinite() {
+            return Ok(());
+        }
         if self.tokens < 1.0 {
+            if self.adaptive.as_ref().is_some_and(|c| c.is_ramping()) {
+                self.rate = self.effective();
+            }
             let now = Instant::now();
             let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
             self.tokens = (self.tokens + earned).min(self.rate.max(1.0));
@@ -90,7 +135,7 @@ impl BlockGenerator {
         rate: Option<f64>,
     ) -> (BlockGenerator, mpsc::Receiver<Block>) {
         let pool = BufferPool::new(1 << 20);
-        Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate, pool)
+        Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate, None, pool)
     }
 
     /// Like `new`, numbering blocks from `first_seq` (after a recovery).
@@ -100,6 +145,7 @@ impl BlockGenerator {
         max_block_bytes: usize,
         queue_blocks: usize,
         rate: Option<f64>,
+        adaptive: Option<Arc<RateCell>>,
         pool: Arc<BufferPool>,
     ) -> (BlockGenerator, mpsc::Receiver<Block>) {
         let (tx, rx) = mpsc::channel(queue_blocks.max(1));
@@ -112,7 +158,10 @@ impl BlockGenerator {
                 records: 0,
                 next_seq: first_seq,
                 tx: Some(tx),
-                limit: rate.filter(|r| *r > 0.0).map(Bucket::new),
+                limit: {
+                    let fixed = rate.filter(|r| *r > 0.0);
+                    (fixed.is_some() || adaptive.is_some()).then(|| Bucket::new(fixed, adaptive))
+                },
             }),
             pool,
         };

@@ -2,6 +2,7 @@
 //! anything runs ([`StreamingContextBuilder::validate`]); [`StreamingContextBuilder::build`]
 //! turns it into a [`StreamingContext`](crate::StreamingContext).
 
+use crate::driver::rate_controller::Backpressure;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ pub struct StreamingContextBuilder {
     pub(crate) checkpoint_every: u32,
     pub(crate) cluster: Option<crate::cluster::ClusterConfig>,
     pub(crate) receiver_placement: ReceiverPlacement,
+    pub(crate) backpressure: Backpressure,
 }
 
 /// Wraps the storage of the checkpoint directory's logs (see
@@ -99,6 +101,7 @@ impl Default for StreamingContextBuilder {
             checkpoint_every: 100,
             cluster: None,
             receiver_placement: ReceiverPlacement::Driver,
+            backpressure: Backpressure::default(),
         }
     }
 }
@@ -129,9 +132,19 @@ impl StreamingContextBuilder {
         self.executors = n;
         self
     }
-    /// At most `records_per_second` records stored per receiver (default: unlimited).
+    /// At most `records_per_second` records stored per receiver (default: unlimited). With
+    /// [`backpressure`](Self::backpressure) on, the adaptive rate stays within it too.
     pub fn rate_limit(mut self, records_per_second: f64) -> Self {
         self.rate_limit = Some(records_per_second);
+        self
+    }
+    /// The adaptive ingestion rate (default: on; each receiver starts at 1,000 records/s and
+    /// never goes below 100): each receiver's `store` is paced to the rate its stream was last
+    /// processed at, so batches stay near one interval of work and the scheduling delay below
+    /// one interval. [`Backpressure::off`] turns it off.
+    /// Receivers in worker processes keep only the fixed [`rate_limit`](Self::rate_limit).
+    pub fn backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = backpressure;
         self
     }
     /// A block is cut early when its encoded size reaches `bytes` (default 8 MiB).
@@ -285,6 +298,7 @@ impl StreamingContextBuilder {
                 ));
             }
         }
+        self.backpressure.validate()?;
         if self.max_block_bytes < 64 {
             return Err(ConfigError::new("max_block_bytes", "must be at least 64"));
         }

@@ -35,6 +35,7 @@ use crate::cluster::{WorkerConfig, WorkerExit};
 use crate::config::StreamingContextBuilder;
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
+use crate::driver::rate_controller::RateController;
 use crate::driver::receiver_tracker::{
     PendingReceiver, ReceiverTracker, Starter, TrackerConfig, TrackerHandle, TrackerStart,
 };
@@ -616,12 +617,14 @@ impl StreamingContext {
         self.inner.check_stop()?;
 
         // The ReceiverTracker and the receivers.
+        let rates = RateController::new(cfg.backpressure, cfg.batch_interval, cfg.block_interval);
         let tracker = ReceiverTracker::start(
             TrackerConfig {
                 workers: cfg.workers,
                 max_block_bytes: cfg.max_block_bytes,
                 block_queue: cfg.block_queue,
                 rate_limit: cfg.rate_limit,
+                rates: rates.clone(),
                 memory_bytes: cfg.memory_bytes,
                 block_interval: cfg.block_interval,
                 strategy: cfg.receivers_strategy(),
@@ -661,6 +664,7 @@ impl StreamingContext {
             outputs,
             runner,
             blocks: blocks.clone(),
+            rates,
             reports: lock(&self.inner.batches)
                 .clone()
                 .unwrap_or_else(|| broadcast::channel(1).0),

@@ -18,6 +18,7 @@
 
 pub(crate) mod block_manager_master;
 pub(crate) mod job_scheduler;
+pub(crate) mod rate_controller;
 pub(crate) mod receiver_tracker;
 pub(crate) mod recovery;
 pub(crate) mod remote_receivers;

@@ -141,6 +141,7 @@ pub use block_manager::BlockError;
 pub use checkpoint::{Ledger, LossCause, StreamLedger};
 pub use config::{ReceiverPlacement, StreamingContextBuilder};
 pub use context::{ContextError, StreamingContext};
+pub use driver::rate_controller::Backpressure;
 pub use driver::{OnBatchFailure, RecoveryReport};
 pub use error::{
     BoxError, ConfigError, Error, PanicError, RemoteError, Result, SharedError, StoreError,

@@ -232,6 +232,9 @@ pub const BATCHES_TOTAL: &str = "tributary_batches_total";
 pub const BATCHES_FAILED_TOTAL: &str = "tributary_batches_failed_total";
 /// Counter: records in completed batches.
 pub const BATCH_RECORDS_TOTAL: &str = "tributary_batch_records_total";
+/// Gauge: a receiver's adaptive ingestion rate (records per second), labelled `stream` (its
+/// stream id); see [`Backpressure`](crate::Backpressure).
+pub const RECEIVER_RATE: &str = "tributary_receiver_rate";
 /// Counter: write-ahead log syncs (group commits).
 pub const WAL_SYNCS_TOTAL: &str = "tributary_wal_syncs_total";
 /// Counter: metadata log appends that failed and were rolled back.

@@ -40,7 +40,6 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerMsg;
-use crate::cluster::MAX_CLUSTER_BLOCK_BYTES;
 use crate::wire::{block_from, block_header, get_id, put_id, Wire, HEADER};
 
 /// The first bytes of a link (a `ractor_cluster` session starts with a zero byte, TLS with
@@ -58,8 +57,11 @@ const FOUND: u8 = 4;
 /// Kind and request number, after the length.
 const ENVELOPE: usize = 1 + 8;
 
-/// The largest frame read: the largest block with its header and envelope.
-const MAX_FRAME: usize = MAX_CLUSTER_BLOCK_BYTES + HEADER + ENVELOPE + 1;
+/// The largest frame read. Blocks are at most
+/// [`MAX_CLUSTER_BLOCK_BYTES`](crate::cluster::MAX_CLUSTER_BLOCK_BYTES) plus the record that
+/// crossed that size (it goes in whole); the link takes those up to this size (the session's
+/// transport stops at 16 MiB).
+const MAX_FRAME: usize = 256 << 20;
 
 /// How long a link has to present its token.
 const TOKEN_DEADLINE: Duration = Duration::from_secs(10);

@@ -95,11 +95,24 @@ pub(crate) enum TaskHostMsg {
 
 /// Run the receiver of stream `stream` here, its blocks numbered from `first_seq`, as
 /// placement `epoch` of that stream (the driver refuses blocks of an older placement).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct StartReceiver {
     pub(crate) stream: u32,
     pub(crate) epoch: u64,
     pub(crate) first_seq: u64,
+    /// Its adaptive ingestion rate now (`None`: unlimited, or backpressure off).
+    pub(crate) rate: Option<f64>,
+    /// The rate was not measured yet: it doubles every block interval until it is.
+    pub(crate) ramping: bool,
+    /// The highest rate (backpressure's maximum).
+    pub(crate) max: Option<f64>,
+}
+
+/// Stream `stream`'s receiver's new adaptive ingestion rate (records per second).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SetRate {
+    pub(crate) stream: u32,
+    pub(crate) rate: f64,
 }
 
 /// Messages of a worker process's receiver host.
@@ -112,6 +125,8 @@ pub(crate) enum ReceiverHostMsg {
     /// forwarded first. Replies when done.
     #[rpc]
     Stop(Ser<bool>, RpcReplyPort<Ser<bool>>),
+    /// A receiver's new adaptive rate (the driver's rate controller).
+    Rate(Ser<SetRate>),
 }
 
 /// A receiver's failure that escalated past its supervisor in a worker process.

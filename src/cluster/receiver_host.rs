@@ -26,6 +26,7 @@ use crate::buffer_pool::BufferPool;
 use crate::cluster::protocol::{
     ingress, IngressMsg, ReceiverFailure, ReceiverHostMsg, StartReceiver,
 };
+use crate::driver::rate_controller::RateCell;
 use crate::driver::receiver_tracker::PendingReceiver;
 use crate::store::Durability;
 use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
@@ -66,6 +67,8 @@ pub(crate) struct HostState {
     supervisor: Option<SupervisorHandle>,
     pool: Arc<BufferPool>,
     running: Vec<Running>,
+    /// The adaptive rates of the receivers here, set by the driver.
+    rates: HashMap<u32, Arc<RateCell>>,
 }
 
 impl Actor for ReceiverHost {
@@ -88,6 +91,7 @@ impl Actor for ReceiverHost {
             pending,
             supervisor: None,
             running: Vec::new(),
+            rates: HashMap::new(),
         })
     }
 
@@ -112,6 +116,14 @@ impl Actor for ReceiverHost {
                 state.stop(graceful.unwrap_or(false)).await;
                 let _ = reply.send(Ser::of(true));
             }
+            ReceiverHostMsg::Rate(Ser(set)) => match set {
+                Some(set) if set.rate.is_finite() && set.rate > 0.0 => {
+                    if let Some(cell) = state.rates.get(&set.stream) {
+                        cell.set(set.rate);
+                    }
+                }
+                _ => tracing::warn!("a rate update arrived damaged; ignored"),
+            },
         }
         Ok(())
     }
@@ -155,6 +167,20 @@ impl HostState {
             self.job.max_block_bytes,
             self.job.block_queue,
             self.job.rate_limit,
+            Some(
+                self.rates
+                    .entry(s.stream)
+                    .and_modify(|c| c.set_opt(s.rate))
+                    .or_insert_with(|| {
+                        Arc::new(match s.rate {
+                            Some(r) if s.ramping => {
+                                RateCell::ramping(r, self.job.block_interval, s.max)
+                            }
+                            rate => RateCell::new(rate),
+                        })
+                    })
+                    .clone(),
+            ),
             self.pool.clone(),
         );
         let generator = Arc::new(generator);

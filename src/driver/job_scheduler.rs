@@ -28,6 +28,7 @@ use crate::block::BlockId;
 use crate::checkpoint::{CheckpointError, LossCause};
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::rate_controller::RateController;
 use crate::driver::receiver_tracker::TrackerHandle;
 use crate::driver::recovery::ScheduledBatch;
 use crate::driver::restorer::Restorer;
@@ -58,6 +59,8 @@ pub(crate) struct SchedulerParts {
     pub(crate) outputs: Vec<OutputFn>,
     pub(crate) runner: TaskRunner,
     pub(crate) blocks: BlockManagerMaster,
+    /// The adaptive rates, fed each batch's figures (backpressure on).
+    pub(crate) rates: Option<RateController>,
     pub(crate) reports: broadcast::Sender<BatchInfo>,
 }
 
@@ -96,6 +99,7 @@ impl JobScheduler {
             tracker: parts.tracker,
             reports: parts.reports,
             policy: parts.policy,
+            rates: parts.rates,
         };
         let runner = tokio::spawn(async move {
             let outcome = runner.run(batch_rx).await;
@@ -205,6 +209,7 @@ struct Runner {
     tracker: TrackerHandle,
     reports: broadcast::Sender<BatchInfo>,
     policy: OnBatchFailure,
+    rates: Option<RateController>,
 }
 
 impl Runner {
@@ -290,6 +295,18 @@ impl Runner {
                 failed: failed.as_ref().map(|e| e.to_string()),
                 ledger: logged.clone().ok().flatten().unwrap_or_default(),
             };
+            if let Some(rates) = &self.rates {
+                let per_stream = batch
+                    .by_stream
+                    .iter()
+                    .map(|(s, blocks)| (*s, blocks.iter().map(|(_, r)| u64::from(*r)).sum()));
+                rates.batch_done(
+                    ended,
+                    per_stream,
+                    info.processing_time,
+                    info.scheduling_delay,
+                );
+            }
             if info.lost_blocks > 0 {
                 tracing::error!(%id, lost_blocks = info.lost_blocks, lost_records, "batch lost blocks");
             }

@@ -36,6 +36,7 @@ use crate::checkpoint::{
 };
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::{BlockManagerMaster, ClusterEvent};
+use crate::driver::rate_controller::RateController;
 use crate::driver::remote_receivers::{Host, Push, RemoteReceivers};
 use crate::error::SupervisorError;
 use crate::store::Durability;
@@ -69,6 +70,8 @@ pub(crate) struct TrackerConfig {
     pub(crate) max_block_bytes: usize,
     pub(crate) block_queue: usize,
     pub(crate) rate_limit: Option<f64>,
+    /// The adaptive rates (backpressure on).
+    pub(crate) rates: Option<RateController>,
     pub(crate) memory_bytes: usize,
     pub(crate) block_interval: Duration,
     pub(crate) strategy: Strategy,
@@ -214,6 +217,7 @@ struct Starting {
     wals: HashMap<u32, Arc<Wal>>,
     blocks: BlockManagerMaster,
     block_interval: Duration,
+    rates: Option<RateController>,
 }
 
 impl std::fmt::Debug for ReceiverTracker {
@@ -254,6 +258,7 @@ impl ReceiverTracker {
                 cfg.max_block_bytes,
                 cfg.block_queue,
                 cfg.rate_limit,
+                cfg.rates.as_ref().map(|r| r.cell(p.stream)),
                 pool.clone(),
             );
             let (home_tx, home_rx) = watch::channel(p.stream as usize % cfg.workers.max(1));
@@ -293,6 +298,7 @@ impl ReceiverTracker {
             wals,
             blocks,
             block_interval: cfg.block_interval,
+            rates: cfg.rates.clone(),
         });
         Ok(tracker)
     }
@@ -326,7 +332,7 @@ impl ReceiverTracker {
                 let wal = w.get(&block.id.stream).cloned();
                 Box::pin(async move { push_one(block, &b, home, wal.as_ref(), &t).await })
             });
-            let remote = RemoteReceivers::start(streams, hosts, push)
+            let remote = RemoteReceivers::start(streams, hosts, push, start.rates.clone())
                 .await
                 .map_err(|e| ContextError::Start {
                     what: "the ingress of remote receivers".into(),

@@ -27,7 +27,8 @@ use tokio::task::JoinHandle;
 
 use crate::block::Block;
 use crate::block_manager::WorkerId;
-use crate::cluster::protocol::{IngressMsg, ReceiverHostMsg, StartReceiver, INGRESS};
+use crate::cluster::protocol::{IngressMsg, ReceiverHostMsg, SetRate, StartReceiver, INGRESS};
+use crate::driver::rate_controller::RateController;
 use crate::error::{RemoteError, SupervisorError};
 use crate::wire::Ser;
 use crate::wire::Wire;
@@ -93,6 +94,7 @@ impl RemoteReceivers {
         streams: Vec<(u32, String, u64)>,
         hosts: mpsc::UnboundedReceiver<Host>,
         push: Push,
+        rates: Option<RateController>,
     ) -> Result<RemoteReceivers, String> {
         let placements = Arc::new(Mutex::new(Placements {
             streams: streams
@@ -122,7 +124,7 @@ impl RemoteReceivers {
             .map_err(|e| e.to_string())?;
         ractor::pg::join(INGRESS.to_string(), vec![ingress.get_cell()]);
         let (commands, rx) = mpsc::unbounded_channel();
-        let placer = tokio::spawn(place(placements, hosts, rx));
+        let placer = tokio::spawn(place(placements, hosts, rx, rates));
         Ok(RemoteReceivers {
             commands,
             failures,
@@ -163,6 +165,7 @@ async fn place(
     placements: Arc<Mutex<Placements>>,
     mut hosts: mpsc::UnboundedReceiver<Host>,
     mut commands: mpsc::UnboundedReceiver<Cmd>,
+    rates: Option<RateController>,
 ) {
     let mut retry = tokio::time::interval(RETRY_EVERY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -196,13 +199,30 @@ async fn place(
                 None => return,
             },
             _ = retry.tick() => {}
+            _ = async { rates.as_ref()?.changed().await; Some(()) }, if rates.is_some() => {
+                if let Some(rates) = &rates {
+                    forward_rates(&placements, rates);
+                }
+            }
         }
-        place_unplaced(&placements).await;
+        place_unplaced(&placements, rates.as_ref()).await;
+    }
+}
+
+/// Sends each placed receiver its adaptive rate.
+fn forward_rates(placements: &Mutex<Placements>, rates: &RateController) {
+    let p = lock(placements);
+    for (&stream, r) in &p.streams {
+        if let (Some(host), (Some(rate), false)) = (&r.at, rates.rate(stream)) {
+            let _ = host
+                .actor
+                .send_message(ReceiverHostMsg::Rate(Ser::of(SetRate { stream, rate })));
+        }
     }
 }
 
 /// Starts every unplaced stream on the host running the fewest.
-async fn place_unplaced(placements: &Mutex<Placements>) {
+async fn place_unplaced(placements: &Mutex<Placements>, rates: Option<&RateController>) {
     loop {
         let next = {
             let mut p = lock(placements);
@@ -230,6 +250,9 @@ async fn place_unplaced(placements: &Mutex<Placements>) {
                 stream,
                 epoch: r.epoch,
                 first_seq: r.next_seq,
+                rate: rates.and_then(|r| r.rate(stream).0),
+                ramping: rates.is_some_and(|r| r.rate(stream).1),
+                max: rates.and_then(RateController::max_rate),
             };
             (host, start, r.name.clone())
         };
