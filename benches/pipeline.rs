@@ -23,14 +23,15 @@
 //! at 5 M records/s (blocks are held until their batch completes, and the next batch's blocks
 //! arrive meanwhile). Knobs: `BENCH_ONLY=<case>` runs one case in this process (for
 //! profiling), `BENCH_SECONDS` (default 8) sets each run's length, `BENCH_MEM_MB` the budget,
-//! `BENCH_DEBUG=1` prints every batch's size and timings to stderr.
+//! `BENCH_DEBUG=1` prints every batch's size and timings to stderr, `BENCH_BACKPRESSURE=off`
+//! turns the adaptive ingestion rate off (on by default, as for users).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tributary::{BatchInfo, StreamingContext};
+use tributary::{Backpressure, BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
@@ -79,6 +80,11 @@ async fn run(
                 .unwrap_or(1024)
                 << 20,
         )
+        .backpressure(if std::env::var("BENCH_BACKPRESSURE").is_ok_and(|v| v == "off") {
+            Backpressure::off()
+        } else {
+            Backpressure::default()
+        })
         .build()
         .unwrap();
     let mut source = SyntheticReceiver::new()
