@@ -80,11 +80,13 @@ async fn run(
                 .unwrap_or(1024)
                 << 20,
         )
-        .backpressure(if std::env::var("BENCH_BACKPRESSURE").is_ok_and(|v| v == "off") {
-            Backpressure::off()
-        } else {
-            Backpressure::default()
-        })
+        .backpressure(
+            if std::env::var("BENCH_BACKPRESSURE").is_ok_and(|v| v == "off") {
+                Backpressure::off()
+            } else {
+                Backpressure::default()
+            },
+        )
         .build()
         .unwrap();
     let mut source = SyntheticReceiver::new()

@@ -1,0 +1,328 @@
+//! Run: cargo bench --bench word_count
+//!
+//! The job as users write it, as README's "A streaming job" shows it: text records, `flat_map`
+//! to owned words, `(word, 1)`, `reduce_by_key`, `for_each_batch`. Fed by the synthetic
+//! receiver as fast as it goes, one `store` per record (the Spark peer's workload: 100-byte
+//! records, a 13-digit sequence number, a creation time, ten words of a 256-word vocabulary),
+//! 1 s batches, 200 ms blocks, 2 workers, 2 executors, k = 2, the default block budget.
+//!
+//! One JSON object per line:
+//! * `plain_loop`: first, a single-threaded loop with no framework over records already in
+//!   memory (parse the two numbers, count the ten words in a `HashMap<&str, u64>`): its
+//!   records/s per core is this machine's yardstick;
+//! * `natural_word_count_k2` (backpressure on, the default) and
+//!   `natural_word_count_k2_backpressure_off`: records completed per second over the measured
+//!   window (after the warm-up), `ratio_to_loop` = that ÷ (cores × the loop's per-core rate),
+//!   batch sizes (min / median / max), the largest scheduling delay, latency from a record's
+//!   creation to its batch's output (p50 / p99, every 1,024th record), CPU-seconds per million
+//!   records, peak RSS, and records lost and duplicated (each sequence number is tracked by a
+//!   second output on the same stream: both must be 0).
+//!
+//! `BENCH_SECONDS` (default 60) is the measured window, `BENCH_WARMUP` (default 20) the
+//! warm-up before it; `BENCH_ONLY=<case>` runs one case (each case runs in a process of its own).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tributary::{Backpressure, BatchInfo, ByteString, StreamingContext};
+use tributary_receivers::synthetic::{parse, word, StoreMode, SyntheticReceiver};
+
+mod support;
+use support::peak_rss_mb;
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// CPU seconds this process used (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Records in the synthetic format, in memory.
+fn records(n: usize) -> Vec<String> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let vocabulary: Vec<String> = (0..=255u8).map(word).collect();
+    (0..n)
+        .map(|i| {
+            let mut r = format!("{i:013} {:016}", 1_732_482_000_123_456u64 + i as u64);
+            for _ in 0..10 {
+                r.push(' ');
+                r.push_str(&vocabulary[rng.u8(..) as usize]);
+            }
+            r
+        })
+        .collect()
+}
+
+/// The yardstick: records/s of a plain single-threaded loop.
+fn plain_loop() -> f64 {
+    let recs = records(1_000_000);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut counts: HashMap<&str, u64> = HashMap::new();
+        let mut sum = 0u64;
+        for r in &recs {
+            let (seq, created, words) = parse(r).expect("a synthetic record");
+            sum = sum.wrapping_add(seq ^ created);
+            for w in words {
+                *counts.entry(w).or_insert(0) += 1;
+            }
+        }
+        std::hint::black_box((sum, &counts));
+        best = best.max(recs.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Sequence numbers seen (as runs) and latency samples, per block and per batch.
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+struct Seen {
+    runs: Vec<(u64, u64)>,
+    created_us: Vec<u64>,
+}
+
+impl Seen {
+    fn add(&mut self, seq: u64, created: u64) {
+        match self.runs.last_mut() {
+            Some((_, end)) if *end == seq => *end += 1,
+            _ => self.runs.push((seq, seq + 1)),
+        }
+        if seq.is_multiple_of(1024) {
+            self.created_us.push(created);
+        }
+    }
+}
+
+struct Outcome {
+    infos: Vec<BatchInfo>,
+    runs: Vec<(u64, u64)>,
+    latency_ms: Vec<u64>,
+    cpu: f64,
+    measured_from: Instant,
+}
+
+async fn natural(backpressure: Backpressure, warmup: f64, seconds: f64) -> Outcome {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(1))
+        .block_interval(Duration::from_millis(200))
+        .workers(2)
+        .replication(2)
+        .executors(2)
+        .backpressure(backpressure)
+        .build()
+        .unwrap();
+    let lines = ctx
+        .receiver_stream(
+            "synthetic",
+            SyntheticReceiver::new().mode(StoreMode::Single).chunk(500),
+        )
+        .unwrap();
+    // The job, as README shows it (the first two fields are the sequence number and time).
+    let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let t = top.clone();
+    lines
+        .flat_map(|l: ByteString| {
+            l.split_whitespace()
+                .skip(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .map(|w| (w, 1u64))
+        .reduce_by_key(|a, b| a + b)
+        .for_each_batch(move |batch| {
+            let mut best: Vec<(String, u64)> = batch.records.into_iter().collect();
+            best.sort_unstable_by_key(|w| std::cmp::Reverse(w.1));
+            best.truncate(3);
+            *t.lock().unwrap() = best;
+        })
+        .unwrap();
+    // The tracker: every sequence number, and a creation time now and then.
+    let runs: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let latency: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (r, lat) = (runs.clone(), latency.clone());
+    lines
+        .aggregate(
+            Seen::default,
+            |s: &mut Seen, l: ByteString| {
+                if let Some((seq, created, _)) = parse(&l) {
+                    s.add(seq, created);
+                }
+            },
+            |mut a: Seen, b: Seen| {
+                a.runs.extend(b.runs);
+                a.created_us.extend(b.created_us);
+                a
+            },
+        )
+        .for_each_batch(move |batch| {
+            let done = now_us();
+            for s in batch.records {
+                r.lock().unwrap().extend(s.runs);
+                lat.lock()
+                    .unwrap()
+                    .extend(s.created_us.iter().map(|c| done.saturating_sub(*c) / 1000));
+            }
+        })
+        .unwrap();
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    let measured_from = Instant::now();
+    let cpu0 = cpu_seconds();
+    let skip_latency = latency.lock().unwrap().len();
+    let mut infos = Vec::new();
+    // Drop the warm-up's reports.
+    while reports.try_recv().is_ok() {}
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    loop {
+        match tokio::time::timeout_at(until, reports.recv()).await {
+            Ok(Ok(info)) => infos.push(info),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            _ => break,
+        }
+    }
+    let cpu = cpu_seconds() - cpu0;
+    ctx.stop(true).await.unwrap();
+    let latency_ms = latency.lock().unwrap().split_off(skip_latency);
+    let runs = std::mem::take(&mut *runs.lock().unwrap());
+    Outcome {
+        infos,
+        runs,
+        latency_ms,
+        cpu,
+        measured_from,
+    }
+}
+
+/// (lost, duplicated) sequence numbers: every number below the highest seen must be seen once.
+fn lost_and_duplicated(mut runs: Vec<(u64, u64)>) -> (u64, u64) {
+    runs.sort_unstable();
+    let (mut next, mut lost, mut dup) = (0u64, 0u64, 0u64);
+    for (start, end) in runs {
+        if start > next {
+            lost += start - next;
+            next = end;
+        } else {
+            dup += end.min(next) - start;
+            next = next.max(end);
+        }
+    }
+    (lost, dup)
+}
+
+fn pick(sorted: &[u64], q: f64) -> u64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
+async fn case(name: &str, backpressure: Backpressure) {
+    let loop_rate = plain_loop();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+    let (warmup, seconds) = (
+        env_f64("BENCH_WARMUP", 20.0),
+        env_f64("BENCH_SECONDS", 60.0),
+    );
+    let o = natural(backpressure, warmup, seconds).await;
+    let wall = o
+        .measured_from
+        .elapsed()
+        .as_secs_f64()
+        .min(seconds)
+        .max(1e-9);
+    let records: u64 = o.infos.iter().map(|i| i.records).sum();
+    let rate = records as f64 / wall;
+    let mut sizes: Vec<u64> = o.infos.iter().map(|i| i.records).collect();
+    sizes.sort_unstable();
+    let mut lat = o.latency_ms;
+    lat.sort_unstable();
+    let (lost, duplicated) = lost_and_duplicated(o.runs);
+    println!(
+        "{}",
+        json!({
+            "name": name,
+            "records_per_s": rate.round(),
+            "ratio_to_loop": ((rate / (cores * loop_rate)) * 1000.0).round() / 1000.0,
+            "loop_records_per_s_per_core": loop_rate.round(),
+            "batches": o.infos.len(),
+            "batch_records_min": sizes.first().copied().unwrap_or(0),
+            "batch_records_median": pick(&sizes, 0.5),
+            "batch_records_max": sizes.last().copied().unwrap_or(0),
+            "max_scheduling_delay_ms": o.infos.iter().map(|i| i.scheduling_delay.as_millis()).max().unwrap_or(0),
+            "latency_p50_ms": pick(&lat, 0.5),
+            "latency_p99_ms": pick(&lat, 0.99),
+            "cpu_s_per_m_records": if records > 0 { (o.cpu / (records as f64 / 1e6) * 100.0).round() / 100.0 } else { 0.0 },
+            "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+            "lost": lost,
+            "duplicated": duplicated,
+            "lost_blocks": o.infos.iter().map(|i| i.lost_blocks).sum::<usize>(),
+            "warmup_s": warmup,
+            "seconds": seconds,
+        })
+    );
+}
+
+const CASES: [&str; 3] = [
+    "plain_loop",
+    "natural_word_count_k2",
+    "natural_word_count_k2_backpressure_off",
+];
+
+fn main() {
+    let Ok(only) = std::env::var("BENCH_ONLY") else {
+        let exe = std::env::current_exe().expect("bench executable");
+        for case in CASES {
+            let status = std::process::Command::new(&exe)
+                .env("BENCH_ONLY", case)
+                .status()
+                .expect("run a bench case");
+            assert!(status.success(), "{case} failed: {status}");
+        }
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        match only.as_str() {
+            "plain_loop" => {
+                let rate = plain_loop();
+                println!(
+                    "{}",
+                    json!({"name": "plain_loop", "records_per_s_per_core": rate.round(), "records": 1_000_000})
+                );
+            }
+            "natural_word_count_k2" => case(&only, Backpressure::default()).await,
+            "natural_word_count_k2_backpressure_off" => case(&only, Backpressure::off()).await,
+            other => panic!("unknown case {other}; cases: {CASES:?}"),
+        }
+    });
+}
