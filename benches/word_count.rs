@@ -1,7 +1,7 @@
 //! Run: cargo bench --bench word_count
 //!
-//! The job as users write it, as README's "A streaming job" shows it: text records, `flat_map`
-//! to owned words, `(word, 1)`, `reduce_by_key`, `for_each_batch`. Fed by the synthetic
+//! The job as users write it: text records, `flat_map` to owned words, `(word, 1)`,
+//! `reduce_by_key`, `for_each_batch` (as README showed it until `reduce_by_key_with`). Fed by the synthetic
 //! receiver as fast as it goes, one `store` per record (the Spark peer's workload: 100-byte
 //! records, a 13-digit sequence number, a creation time, ten words of a 256-word vocabulary),
 //! 1 s batches, 200 ms blocks, 2 workers, 2 executors, k = 2, the default block budget.
@@ -16,7 +16,12 @@
 //!   batch sizes (min / median / max), the largest scheduling delay, latency from a record's
 //!   creation to its batch's output (p50 / p99, every 1,024th record), CPU-seconds per million
 //!   records, peak RSS, and records lost and duplicated (each sequence number is tracked by a
-//!   second output on the same stream: both must be 0).
+//!   second output on the same stream: both must be 0);
+//! * `readme_word_count_k2`: the job as README shows it now, `reduce_by_key_with` over
+//!   borrowed `&str` words (a key is made a `String` only the first time a block's task
+//!   sees it);
+//! * `sliced_word_count_k2`: the same with each word a `ByteString` slice of the block
+//!   (`flat_map_with` emitting `(line.slice_ref(w), 1)`): no allocation per word.
 //!
 //! `BENCH_SECONDS` (default 60) is the measured window, `BENCH_WARMUP` (default 20) the
 //! warm-up before it; `BENCH_ONLY=<case>` runs one case (each case runs in a process of its own).
@@ -126,7 +131,25 @@ struct Outcome {
     measured_from: Instant,
 }
 
-async fn natural(backpressure: Backpressure, warmup: f64, seconds: f64) -> Outcome {
+/// How the job makes its words (keys).
+#[derive(Clone, Copy)]
+enum Job {
+    /// `flat_map` to owned `String`s, then `(word, 1)`: README's way until now.
+    Owned,
+    /// `flat_map_with` emitting `(ByteString, 1)`: each word a slice of the block.
+    Sliced,
+    /// `reduce_by_key_with` over borrowed `&str` words: README's way now.
+    Borrowed,
+}
+
+fn top3<K: Ord>(records: Vec<(K, u64)>) -> Vec<(K, u64)> {
+    let mut best = records;
+    best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    best.truncate(3);
+    best
+}
+
+async fn natural(job: Job, backpressure: Backpressure, warmup: f64, seconds: f64) -> Outcome {
     let ctx = StreamingContext::builder()
         .batch_interval(Duration::from_secs(1))
         .block_interval(Duration::from_millis(200))
@@ -142,25 +165,49 @@ async fn natural(backpressure: Backpressure, warmup: f64, seconds: f64) -> Outco
             SyntheticReceiver::new().mode(StoreMode::Single).chunk(500),
         )
         .unwrap();
-    // The job, as README shows it (the first two fields are the sequence number and time).
-    let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
-    let t = top.clone();
-    lines
-        .flat_map(|l: ByteString| {
-            l.split_whitespace()
-                .skip(2)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .map(|w| (w, 1u64))
-        .reduce_by_key(|a, b| a + b)
-        .for_each_batch(move |batch| {
-            let mut best: Vec<(String, u64)> = batch.records.into_iter().collect();
-            best.sort_unstable_by_key(|w| std::cmp::Reverse(w.1));
-            best.truncate(3);
-            *t.lock().unwrap() = best;
-        })
-        .unwrap();
+    // The job (the first two fields are the sequence number and time).
+    match job {
+        Job::Owned => {
+            let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+            lines
+                .flat_map(|l: ByteString| {
+                    l.split_whitespace()
+                        .skip(2)
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .map(|w| (w, 1u64))
+                .reduce_by_key(|a, b| a + b)
+                .for_each_batch(move |batch| *top.lock().unwrap() = top3(batch.records))
+                .unwrap();
+        }
+        Job::Borrowed => {
+            let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+            lines
+                .reduce_by_key_with(
+                    |l: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                        for w in l.split_whitespace().skip(2) {
+                            out(w, 1);
+                        }
+                    },
+                    |a, b| a + b,
+                )
+                .for_each_batch(move |batch| *top.lock().unwrap() = top3(batch.records))
+                .unwrap();
+        }
+        Job::Sliced => {
+            let top: Arc<Mutex<Vec<(ByteString, u64)>>> = Arc::default();
+            lines
+                .flat_map_with(|l: ByteString, out| {
+                    for w in l.split_whitespace().skip(2) {
+                        out((l.slice_ref(w), 1u64));
+                    }
+                })
+                .reduce_by_key(|a, b| a + b)
+                .for_each_batch(move |batch| *top.lock().unwrap() = top3(batch.records))
+                .unwrap();
+        }
+    }
     // The tracker: every sequence number, and a creation time now and then.
     let runs: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let latency: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -242,14 +289,14 @@ fn pick(sorted: &[u64], q: f64) -> u64 {
         .unwrap_or(0)
 }
 
-async fn case(name: &str, backpressure: Backpressure) {
+async fn case(name: &str, job: Job, backpressure: Backpressure) {
     let loop_rate = plain_loop();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
     let (warmup, seconds) = (
         env_f64("BENCH_WARMUP", 20.0),
         env_f64("BENCH_SECONDS", 60.0),
     );
-    let o = natural(backpressure, warmup, seconds).await;
+    let o = natural(job, backpressure, warmup, seconds).await;
     let wall = o
         .measured_from
         .elapsed()
@@ -288,10 +335,12 @@ async fn case(name: &str, backpressure: Backpressure) {
     );
 }
 
-const CASES: [&str; 3] = [
+const CASES: [&str; 5] = [
     "plain_loop",
+    "readme_word_count_k2",
     "natural_word_count_k2",
     "natural_word_count_k2_backpressure_off",
+    "sliced_word_count_k2",
 ];
 
 fn main() {
@@ -320,8 +369,14 @@ fn main() {
                     json!({"name": "plain_loop", "records_per_s_per_core": rate.round(), "records": 1_000_000})
                 );
             }
-            "natural_word_count_k2" => case(&only, Backpressure::default()).await,
-            "natural_word_count_k2_backpressure_off" => case(&only, Backpressure::off()).await,
+            "natural_word_count_k2" => case(&only, Job::Owned, Backpressure::default()).await,
+            "natural_word_count_k2_backpressure_off" => {
+                case(&only, Job::Owned, Backpressure::off()).await
+            }
+            "readme_word_count_k2" => {
+                case(&only, Job::Borrowed, Backpressure::default()).await
+            }
+            "sliced_word_count_k2" => case(&only, Job::Sliced, Backpressure::default()).await,
             other => panic!("unknown case {other}; cases: {CASES:?}"),
         }
     });

@@ -99,42 +99,52 @@ fn define_job(
     tops: Tops,
     totals: Totals,
 ) -> anyhow::Result<()> {
-    let words = match &args.socket {
+    // Words are counted where they are: `reduce_by_key_with` looks each one up as the `&str`
+    // it is, and makes it a `String` only the first time a block's task sees it.
+    let counts = match &args.socket {
         Some(addr) => ctx
             .receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
-            .flat_map_with(|line: String, out| {
-                for w in line.split_whitespace() {
-                    out((w.to_lowercase(), 1u64));
-                }
-            }),
+            .reduce_by_key_with(
+                |line: &String, out: &mut dyn FnMut(&str, u64)| {
+                    for w in line.split_whitespace() {
+                        if w.chars().any(char::is_uppercase) {
+                            out(&w.to_lowercase(), 1);
+                        } else {
+                            out(w, 1);
+                        }
+                    }
+                },
+                |a, b| a + b,
+            ),
         None => {
             let mut source = SyntheticReceiver::new();
             if args.rate > 0.0 {
                 source = source.rate(args.rate);
             }
             ctx.receiver_stream("synthetic", source)?
-                .flat_map_with(|record: ByteString, out| {
-                    if let Some((_seq, _created, words)) = parse(&record) {
-                        for w in words {
-                            out((w.to_string(), 1u64));
+                .reduce_by_key_with(
+                    |record: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                        if let Some((_seq, _created, words)) = parse(record) {
+                            for w in words {
+                                out(w, 1);
+                            }
                         }
-                    }
-                })
+                    },
+                    |a, b| a + b,
+                )
         }
     };
 
     let (t, tot) = (tops, totals);
-    words
-        .reduce_by_key(|a, b| a + b)
-        .for_each_batch(move |batch| {
-            let mut tot = tot.lock().unwrap();
-            for (w, c) in &batch.records {
-                *tot.entry(w.clone()).or_default() += c;
-            }
-            t.lock()
-                .unwrap()
-                .insert(batch.id, top_words(&batch.records, 3));
-        })?;
+    counts.for_each_batch(move |batch| {
+        let mut tot = tot.lock().unwrap();
+        for (w, c) in &batch.records {
+            *tot.entry(w.clone()).or_default() += c;
+        }
+        t.lock()
+            .unwrap()
+            .insert(batch.id, top_words(&batch.records, 3));
+    })?;
     Ok(())
 }
 

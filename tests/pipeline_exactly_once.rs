@@ -1,9 +1,10 @@
 //! Every record stored is processed exactly once when nothing fails.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tributary::StreamingContext;
+use tributary::{ByteString, StreamingContext};
 use tributary_receivers::synthetic::{parse, StoreMode, SyntheticReceiver};
 
 async fn run(mode: StoreMode, n: u64) {
@@ -26,12 +27,37 @@ async fn run(mode: StoreMode, n: u64) {
         .unwrap();
     let words = Arc::new(Mutex::new(0u64));
     let w = words.clone();
+    let per_word: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let pw = per_word.clone();
     lines
         .flat_map(|r| r[31..].split(' ').map(str::to_owned).collect::<Vec<_>>())
         .map(|w| (w, 1u64))
         .reduce_by_key(|a, b| a + b)
         .for_each_batch(move |b| {
-            *w.lock().unwrap() += b.records.iter().map(|(_, c)| c).sum::<u64>()
+            *w.lock().unwrap() += b.records.iter().map(|(_, c)| c).sum::<u64>();
+            let mut pw = pw.lock().unwrap();
+            for (word, c) in b.records {
+                *pw.entry(word).or_default() += c;
+            }
+        })
+        .unwrap();
+    // The same count with borrowed keys: the same totals, word for word.
+    let borrowed: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let bw = borrowed.clone();
+    lines
+        .reduce_by_key_with(
+            |r: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                for w in r[31..].split(' ') {
+                    out(w, 1);
+                }
+            },
+            |a, b| a + b,
+        )
+        .for_each_batch(move |b| {
+            let mut bw = bw.lock().unwrap();
+            for (word, c) in b.records {
+                *bw.entry(word).or_default() += c;
+            }
         })
         .unwrap();
     let mut reports = ctx.subscribe_batches();
@@ -66,6 +92,16 @@ async fn run(mode: StoreMode, n: u64) {
         *words.lock().unwrap(),
         10 * n,
         "ten words per record, counted once"
+    );
+    let (per_word, borrowed) = (per_word.lock().unwrap(), borrowed.lock().unwrap());
+    assert!(
+        per_word.len() > 100,
+        "many distinct words: {}",
+        per_word.len()
+    );
+    assert_eq!(
+        *per_word, *borrowed,
+        "reduce_by_key_with counts as reduce_by_key does"
     );
 
     let mut reported = 0;
