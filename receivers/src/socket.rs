@@ -6,15 +6,22 @@
 //!             └──Failed(error, generation)──► handle returns the typed error ──► decider
 //! ```
 //!
+//! The reader reads ahead of `store` by at most [`READ_AHEAD`] messages (each of up to 1,000
+//! lines): each message carries a credit, returned once its lines are stored. When `store`
+//! waits (the pipeline is full, or the adaptive rate paces it), the reader stops reading and
+//! TCP slows the sender; nothing queues without bound.
+//!
 //! Errors go to the supervisor's decider as [`SocketError`] variants; the streaming context's
 //! default (Restart with backoff) reconnects. Lines the reader already read are in the
 //! receiver's mailbox and survive a restart, so nothing read is lost; a failure reported by a
 //! reader of an earlier connection is ignored (its connection is already gone).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tributary::{BoxError, Receiver, ReceiverContext, ReceiverRef};
 
@@ -120,6 +127,19 @@ impl SocketTextReceiver {
     }
 }
 
+/// Messages of lines the reader may have read and not yet seen stored, per connection.
+pub const READ_AHEAD: usize = 16;
+
+/// A message's place in the reader's read-ahead window, given back when it is dropped (once
+/// its lines are stored, or given up).
+pub struct Credit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl std::fmt::Debug for Credit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credit")
+    }
+}
+
 /// Messages from the reader task.
 #[derive(Debug)]
 pub enum SocketMsg {
@@ -131,6 +151,8 @@ pub enum SocketMsg {
         first_line: u64,
         /// The lines.
         lines: Vec<Vec<u8>>,
+        /// Its place in the read-ahead window (see [`READ_AHEAD`]).
+        credit: Credit,
     },
     /// The reader hit an error.
     Failed {
@@ -158,6 +180,12 @@ async fn read_lines<R: AsyncRead + Unpin>(
     generation: u64,
     me: ReceiverRef<SocketMsg>,
 ) {
+    let credits = Arc::new(Semaphore::new(READ_AHEAD));
+    let me = Sender {
+        me,
+        credits,
+        generation,
+    };
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut line_no = 0u64;
     let mut batch: Vec<Vec<u8>> = Vec::new();
@@ -170,8 +198,8 @@ async fn read_lines<R: AsyncRead + Unpin>(
             let buf = match reader.fill_buf().await {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = flush(&me, generation, first, &mut batch);
-                    let _ = me.send(SocketMsg::Failed {
+                    let _ = me.flush(first, &mut batch).await;
+                    let _ = me.me.send(SocketMsg::Failed {
                         generation,
                         error: SocketError::Io {
                             addr,
@@ -202,8 +230,8 @@ async fn read_lines<R: AsyncRead + Unpin>(
             }
         };
         if eof && line.is_empty() && !too_long {
-            let _ = flush(&me, generation, first, &mut batch);
-            let _ = me.send(SocketMsg::Failed {
+            let _ = me.flush(first, &mut batch).await;
+            let _ = me.me.send(SocketMsg::Failed {
                 generation,
                 error: SocketError::Closed { addr },
             });
@@ -214,11 +242,12 @@ async fn read_lines<R: AsyncRead + Unpin>(
             line.pop();
         }
         if too_long {
-            if flush(&me, generation, first, &mut batch).is_err() {
+            if me.flush(first, &mut batch).await.is_err() {
                 return;
             }
             first = line_no + 1;
             if me
+                .me
                 .send(SocketMsg::Failed {
                     generation,
                     error: SocketError::LineTooLong { line: line_no, max },
@@ -232,13 +261,13 @@ async fn read_lines<R: AsyncRead + Unpin>(
         }
         // Hand over what is buffered when the socket has nothing more right now, or every 1000.
         if batch.len() >= 1000 || reader.buffer().is_empty() {
-            if flush(&me, generation, first, &mut batch).is_err() {
+            if me.flush(first, &mut batch).await.is_err() {
                 return;
             }
             first = line_no + 1;
         }
         if eof {
-            let _ = me.send(SocketMsg::Failed {
+            let _ = me.me.send(SocketMsg::Failed {
                 generation,
                 error: SocketError::Closed { addr },
             });
@@ -247,21 +276,30 @@ async fn read_lines<R: AsyncRead + Unpin>(
     }
 }
 
-fn flush(
-    me: &ReceiverRef<SocketMsg>,
+/// The reader's way to the receiver: lines go with a credit of the read-ahead window.
+struct Sender {
+    me: ReceiverRef<SocketMsg>,
+    credits: Arc<Semaphore>,
     generation: u64,
-    first_line: u64,
-    batch: &mut Vec<Vec<u8>>,
-) -> Result<(), ()> {
-    if batch.is_empty() {
-        return Ok(());
+}
+
+impl Sender {
+    /// Sends the buffered lines once the window has room (waits for it: the socket is not
+    /// read meanwhile).
+    async fn flush(&self, first_line: u64, batch: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let credit = self.credits.clone().acquire_owned().await.map_err(|_| ())?;
+        self.me
+            .send(SocketMsg::Lines {
+                generation: self.generation,
+                first_line,
+                lines: std::mem::take(batch),
+                credit: Credit(credit),
+            })
+            .map_err(|_| ())
     }
-    me.send(SocketMsg::Lines {
-        generation,
-        first_line,
-        lines: std::mem::take(batch),
-    })
-    .map_err(|_| ())
 }
 
 impl Receiver for SocketTextReceiver {
@@ -311,7 +349,10 @@ impl Receiver for SocketTextReceiver {
     ) -> Result<(), BoxError> {
         match msg {
             SocketMsg::Lines {
-                first_line, lines, ..
+                first_line,
+                lines,
+                credit,
+                ..
             } => {
                 // Lines of any connection are stored: they were read, and must not be lost.
                 let mut good = Vec::with_capacity(lines.len());
@@ -328,6 +369,7 @@ impl Receiver for SocketTextReceiver {
                 // Every valid line is stored, also those after an invalid one; then the
                 // invalid line is reported.
                 ctx.store_many(good).await?;
+                drop(credit); // stored: the reader may read one more message ahead
                 if let Some(line) = first_bad {
                     return Err(Box::new(SocketError::InvalidUtf8 { line }));
                 }

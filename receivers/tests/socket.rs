@@ -114,3 +114,53 @@ async fn a_refused_connection_is_a_typed_start_failure() {
     );
     root.shutdown().await.unwrap();
 }
+
+/// A sender faster than `store`: the reader reads at most its window ahead, then stops
+/// reading, and TCP holds the sender back (nothing queues without bound in the receiver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_cannot_store_stops_reading_and_tcp_holds_the_sender_back() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    let server = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let line = format!("{}\n", "w".repeat(99));
+        let chunk = line.repeat(640); // 64,000 bytes
+        while w.load(Ordering::Relaxed) < 512 << 20 {
+            if c.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+            w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let root = Supervisor::start("root", strategy()).await.unwrap();
+    // Nobody reads the store's channel: after 64 lines, `store` waits.
+    let (store, rx) = Store::channel(64);
+    root.spawn_receiver(ReceiverSpec::new(
+        "socket",
+        SocketTextReceiver::new(addr),
+        store,
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = written.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = written.load(Ordering::Relaxed);
+    // The window (16 messages of at most 1,000 100-byte lines) plus the kernel's buffers.
+    let window = (tributary_receivers::socket::READ_AHEAD * 1000 * 100) as u64;
+    assert!(
+        b < window + (32 << 20),
+        "the sender wrote {b} bytes into a receiver that stores nothing"
+    );
+    assert_eq!(
+        a, b,
+        "the sender is held back: it wrote nothing more in a second"
+    );
+    drop(rx);
+    root.shutdown().await.unwrap();
+    server.abort();
+}
