@@ -95,9 +95,6 @@ impl Bucket {
             return Ok(());
         }
         if self.tokens < 1.0 {
-            if self.adaptive.as_ref().is_some_and(|c| c.is_ramping()) {
-                self.rate = self.effective();
-            }
             let now = Instant::now();
             let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
             self.tokens = (self.tokens + earned).min(self.rate.max(1.0));

@@ -138,8 +138,8 @@ impl StreamingContextBuilder {
         self.rate_limit = Some(records_per_second);
         self
     }
-    /// The adaptive ingestion rate (default: on; each receiver starts at 1,000 records/s and
-    /// never goes below 100): each receiver's `store` is paced to the rate its stream was last
+    /// The adaptive ingestion rate (default: on; each receiver starts at 1,000 records/s until
+    /// its stream's first batch is measured, and never goes below 100): each receiver's `store` is paced to the rate its stream was last
     /// processed at, so batches stay near one interval of work and the scheduling delay below
     /// one interval. [`Backpressure::off`] turns it off.
     /// Receivers in worker processes keep only the fixed [`rate_limit`](Self::rate_limit).

@@ -190,7 +190,7 @@ impl Stages {
             let _ = e.shutdown().await;
         }
         if let Some(b) = &self.blocks {
-            b.shutdown();
+            b.shut_down().await;
         }
     }
 }
@@ -617,7 +617,7 @@ impl StreamingContext {
         self.inner.check_stop()?;
 
         // The ReceiverTracker and the receivers.
-        let rates = RateController::new(cfg.backpressure, cfg.batch_interval, cfg.block_interval);
+        let rates = RateController::new(cfg.backpressure, cfg.batch_interval);
         let tracker = ReceiverTracker::start(
             TrackerConfig {
                 workers: cfg.workers,

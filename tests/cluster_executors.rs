@@ -110,7 +110,13 @@ impl Receiver for FileSource {
 type FileSeen = Arc<Mutex<Vec<(u32, u64, u32)>>>;
 
 /// The file-source job: the records tagged with the process that ran their task.
-fn define_file_job(ctx: &StreamingContext, dir: &Path, seen: FileSeen) -> Result<(), ContextError> {
+/// The driver's output costs `cost_ns` per record (a slow job; workers never run outputs).
+fn define_file_job(
+    ctx: &StreamingContext,
+    dir: &Path,
+    seen: FileSeen,
+    cost_ns: u64,
+) -> Result<(), ContextError> {
     let source = FileSource {
         dir: dir.to_path_buf(),
         limit: FILE_TOTAL,
@@ -123,7 +129,11 @@ fn define_file_job(ctx: &StreamingContext, dir: &Path, seen: FileSeen) -> Result
                 }
             }
         })
-        .for_each_batch(move |batch| seen.lock().unwrap().extend(batch.records))
+        .for_each_batch(move |batch| {
+            let n = batch.records.len() as u64;
+            seen.lock().unwrap().extend(batch.records);
+            std::thread::sleep(Duration::from_nanos(n * cost_ns));
+        })
 }
 
 fn file_job_builder() -> tributary::StreamingContextBuilder {
@@ -153,7 +163,7 @@ async fn worker_process() {
     init_logs();
     if let Some(dir) = std::env::var_os(SOURCE_DIR) {
         let ctx = file_job_builder().build().unwrap();
-        define_file_job(&ctx, Path::new(&dir), FileSeen::default()).unwrap();
+        define_file_job(&ctx, Path::new(&dir), FileSeen::default(), 0).unwrap();
         let exit = ctx.run_as_worker(worker.executors(2)).await;
         println!("worker exit: {exit:?}");
         return;
@@ -475,6 +485,15 @@ async fn a_worker_process_of_another_job_is_refused() {
 /// A driver whose receivers run in worker processes (k = 2, no in-process worker), on the
 /// file source in `tmp/source`; with `wal`, the write-ahead log in `tmp/ckpt`.
 async fn file_driver(tmp: &Path, wal: bool) -> (StreamingContext, FileSeen, String, PathBuf) {
+    file_driver_costing(tmp, wal, 0).await
+}
+
+/// Like `file_driver`, the driver's output costing `cost_ns` per record.
+async fn file_driver_costing(
+    tmp: &Path,
+    wal: bool,
+    cost_ns: u64,
+) -> (StreamingContext, FileSeen, String, PathBuf) {
     let source = tmp.join("source");
     std::fs::create_dir_all(&source).unwrap();
     let seen = FileSeen::default();
@@ -493,7 +512,7 @@ async fn file_driver(tmp: &Path, wal: bool) -> (StreamingContext, FileSeen, Stri
             .write_ahead_log(WalConfig::default());
     }
     let ctx = b.build().unwrap();
-    define_file_job(&ctx, &source, seen.clone()).unwrap();
+    define_file_job(&ctx, &source, seen.clone(), cost_ns).unwrap();
     ctx.start().await.unwrap();
     let addr = ctx.cluster_addr().unwrap().to_string();
     (ctx, seen, addr, source)
@@ -541,6 +560,53 @@ async fn receivers_run_in_worker_processes_and_nothing_is_lost_or_repeated() {
         "a record was received outside the worker processes"
     );
     assert!(seen.iter().all(|(task, _, _)| pids.contains(task)));
+}
+
+/// Backpressure reaches receivers in worker processes: a driver whose output takes 1 ms per
+/// record (1,000 records/s) behind a source several times faster keeps its batches near
+/// 200 records and its scheduling delay below two intervals (without the driver's rate the
+/// worker's receiver would ramp past the source's speed and the delay would grow batch after
+/// batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_rate_reaches_receivers_in_worker_processes() {
+    let _driver = DRIVER.lock().await;
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ctx, _seen, addr, source) = file_driver_costing(tmp.path(), false, 1_000_000).await;
+    let mut reports = ctx.subscribe_batches();
+    let workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 1, Some(&source));
+    let refs: Vec<&Worker> = workers.iter().collect();
+    // Until records flow, then a few seconds for the rate to settle.
+    wait_until(
+        "records flowing",
+        Duration::from_secs(30),
+        || async { FileSource::offset(&source) > 0 },
+        &refs,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    while reports.try_recv().is_ok() {}
+    let mut infos = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Ok(info)) = tokio::time::timeout_at(until, reports.recv()).await {
+        infos.push(info);
+    }
+    ctx.stop(false).await.unwrap();
+    let shown: Vec<String> = infos
+        .iter()
+        .map(|i| format!("{} rec / {} ms", i.records, i.scheduling_delay.as_millis()))
+        .collect();
+    println!("batches: {shown:?}");
+    assert!(infos.len() >= 5, "batches ran: {shown:?}");
+    let busy: Vec<_> = infos.iter().filter(|i| i.records > 0).collect();
+    assert!(!busy.is_empty(), "records flowed: {shown:?}");
+    for i in &busy {
+        assert!(i.records <= 600, "a batch near 200 records: {shown:?}");
+        assert!(
+            i.scheduling_delay < Duration::from_millis(400),
+            "the delay stays below two intervals: {shown:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

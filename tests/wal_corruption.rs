@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tributary::wal::{WalConfig, WalError, WalRecovery};
-use tributary::{ContextError, StreamingContext};
+use tributary::{Backpressure, ContextError, StreamingContext};
 use tributary_receivers::synthetic::SyntheticReceiver;
 
 const RECORDS: u64 = 20_000;
@@ -28,6 +28,9 @@ fn job_with(
         let ctx = b
             .batch_interval(Duration::from_secs(60))
             .block_interval(Duration::from_millis(5))
+            // The log is filled as fast as the source goes (its own 100,000/s), not paced
+            // from 1,000/s for the first 60 s batch.
+            .backpressure(Backpressure::off())
             .write_ahead_log(WalConfig {
                 segment_bytes: 256 << 10,
                 recovery,

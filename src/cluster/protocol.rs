@@ -102,10 +102,6 @@ pub(crate) struct StartReceiver {
     pub(crate) first_seq: u64,
     /// Its adaptive ingestion rate now (`None`: unlimited, or backpressure off).
     pub(crate) rate: Option<f64>,
-    /// The rate was not measured yet: it doubles every block interval until it is.
-    pub(crate) ramping: bool,
-    /// The highest rate (backpressure's maximum).
-    pub(crate) max: Option<f64>,
 }
 
 /// Stream `stream`'s receiver's new adaptive ingestion rate (records per second).

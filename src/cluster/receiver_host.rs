@@ -171,14 +171,7 @@ impl HostState {
                 self.rates
                     .entry(s.stream)
                     .and_modify(|c| c.set_opt(s.rate))
-                    .or_insert_with(|| {
-                        Arc::new(match s.rate {
-                            Some(r) if s.ramping => {
-                                RateCell::ramping(r, self.job.block_interval, s.max)
-                            }
-                            rate => RateCell::new(rate),
-                        })
-                    })
+                    .or_insert_with(|| Arc::new(RateCell::new(s.rate)))
                     .clone(),
             ),
             self.pool.clone(),

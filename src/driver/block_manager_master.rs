@@ -99,7 +99,8 @@ enum Cmd {
         target: WorkerId,
         reply: Reply<bool>,
     },
-    Shutdown,
+    /// Stop everything; the reply once the cluster node is stopped too.
+    Shutdown(Option<Reply<()>>),
 }
 
 /// The handle to the master task. Cheap to clone.
@@ -436,9 +437,20 @@ impl BlockManagerMaster {
     }
 
     /// Stops every worker (a clean shutdown: nothing is reported lost) and the master task.
+    #[cfg(test)]
     pub(crate) fn shutdown(&self) {
         self.memory.close();
-        let _ = self.tx.send(Cmd::Shutdown);
+        let _ = self.tx.send(Cmd::Shutdown(None));
+    }
+
+    /// Like `shutdown`, and returns once the master has stopped its workers and the cluster
+    /// node (so that another context may start one in this process right away).
+    pub(crate) async fn shut_down(&self) {
+        self.memory.close();
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Cmd::Shutdown(Some(reply))).is_ok() {
+            let _ = done.await;
+        }
     }
 }
 
@@ -653,7 +665,7 @@ impl MasterState {
                 };
                 let _ = reply.send(added);
             }
-            Cmd::Shutdown => {
+            Cmd::Shutdown(done) => {
                 self.shutting_down = true;
                 if let Some(node) = self.node.take() {
                     node.stop();
@@ -662,6 +674,9 @@ impl MasterState {
                     actor.stop(None);
                 }
                 self.meta.clear();
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
                 return false;
             }
         }

@@ -213,7 +213,7 @@ async fn place(
 fn forward_rates(placements: &Mutex<Placements>, rates: &RateController) {
     let p = lock(placements);
     for (&stream, r) in &p.streams {
-        if let (Some(host), (Some(rate), false)) = (&r.at, rates.rate(stream)) {
+        if let (Some(host), Some(rate)) = (&r.at, rates.rate(stream)) {
             let _ = host
                 .actor
                 .send_message(ReceiverHostMsg::Rate(Ser::of(SetRate { stream, rate })));
@@ -250,9 +250,7 @@ async fn place_unplaced(placements: &Mutex<Placements>, rates: Option<&RateContr
                 stream,
                 epoch: r.epoch,
                 first_seq: r.next_seq,
-                rate: rates.and_then(|r| r.rate(stream).0),
-                ramping: rates.is_some_and(|r| r.rate(stream).1),
-                max: rates.and_then(RateController::max_rate),
+                rate: rates.and_then(|r| r.rate(stream)),
             };
             (host, start, r.name.clone())
         };
