@@ -35,7 +35,7 @@ use tributary::{Backpressure, BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
-use support::{peak_rss_mb, steady, word_job, Key};
+use support::{only_case, peak_rss_mb, steady, word_job, Key};
 
 fn secs() -> f64 {
     std::env::var("BENCH_SECONDS")
@@ -221,15 +221,7 @@ const CASES: [&str; 5] = [
 
 fn main() {
     // BENCH_ONLY=<name> runs one case in this process (also how each case is run).
-    let Ok(only) = std::env::var("BENCH_ONLY") else {
-        let exe = std::env::current_exe().expect("bench executable");
-        for case in CASES {
-            let status = std::process::Command::new(&exe)
-                .env("BENCH_ONLY", case)
-                .status()
-                .expect("run a bench case");
-            assert!(status.success(), "{case} failed: {status}");
-        }
+    let Some(only) = only_case(&CASES) else {
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

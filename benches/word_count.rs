@@ -35,7 +35,7 @@ use tributary::{Backpressure, BatchInfo, ByteString, StreamingContext};
 use tributary_receivers::synthetic::{parse, word, StoreMode, SyntheticReceiver};
 
 mod support;
-use support::peak_rss_mb;
+use support::{only_case, peak_rss_mb};
 
 fn env_f64(name: &str, default: f64) -> f64 {
     std::env::var(name)
@@ -344,15 +344,7 @@ const CASES: [&str; 5] = [
 ];
 
 fn main() {
-    let Ok(only) = std::env::var("BENCH_ONLY") else {
-        let exe = std::env::current_exe().expect("bench executable");
-        for case in CASES {
-            let status = std::process::Command::new(&exe)
-                .env("BENCH_ONLY", case)
-                .status()
-                .expect("run a bench case");
-            assert!(status.success(), "{case} failed: {status}");
-        }
+    let Some(only) = only_case(&CASES) else {
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -104,3 +104,21 @@ pub fn steady(infos: &[BatchInfo], interval: std::time::Duration) -> (&[BatchInf
         .unwrap_or(0);
     (steady, rate, max_sched)
 }
+
+/// The case this process runs (`BENCH_ONLY`); without one, runs every case of `cases`, each
+/// in a process of its own (this executable again: its peak RSS is its own), and returns
+/// `None`.
+pub fn only_case(cases: &[&str]) -> Option<String> {
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        return Some(only);
+    }
+    let exe = std::env::current_exe().expect("bench executable");
+    for case in cases {
+        let status = std::process::Command::new(&exe)
+            .env("BENCH_ONLY", case)
+            .status()
+            .expect("run a bench case");
+        assert!(status.success(), "{case} failed: {status}");
+    }
+    None
+}
