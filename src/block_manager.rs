@@ -10,12 +10,12 @@
 //! live in another process: nothing here refers to the driver's state.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef, BytesConvertable, RpcReplyPort};
 
 use crate::block::{Block, BlockId};
-use crate::cluster::data_plane::{self, LinkTo, Token};
 pub(crate) use crate::wire::Wire;
 use crate::wire::{call, cast, port_in, port_out};
 
@@ -99,11 +99,19 @@ impl ractor::Message for WorkerMsg {
     }
 }
 
-/// A worker's block store (an actor). In a worker process it knows where its driver is, to
-/// open a data link when the driver offers one.
+/// What authenticates a data link: given to a worker process over its session, valid once.
+pub(crate) type Token = [u8; 16];
+
+/// Opens a data link to the driver with a token, serving it with the given block store (a
+/// worker process's; see [`crate::cluster::data_plane`]).
+pub(crate) type OpenLink =
+    Arc<dyn Fn(Token, ActorRef<WorkerMsg>) -> tokio::task::JoinHandle<()> + Send + Sync>;
+
+/// A worker's block store (an actor). In a worker process it can open a data link to its
+/// driver when the driver offers one.
 #[derive(Default)]
 pub(crate) struct Worker {
-    pub(crate) link_to: Option<LinkTo>,
+    pub(crate) open_link: Option<OpenLink>,
 }
 
 /// What a block store holds.
@@ -173,7 +181,7 @@ impl Actor for Worker {
                 let _ = reply.send(n);
             }
             WorkerMsg::Link(token) => {
-                let Some(to) = self.link_to.clone() else {
+                let Some(open) = &self.open_link else {
                     tracing::warn!(
                         "offered a data link, but this block store has no driver to link to"
                     );
@@ -182,15 +190,7 @@ impl Actor for Worker {
                 if let Some(old) = store.link.take() {
                     old.abort();
                 }
-                store.link = Some(tokio::spawn(async move {
-                    let driver = to.driver.clone();
-                    match data_plane::serve(to, token, myself).await {
-                        Ok(()) => tracing::debug!(%driver, "data link to the driver closed"),
-                        Err(e) => {
-                            tracing::warn!(%driver, error = %e, "data link to the driver failed; blocks go through the session")
-                        }
-                    }
-                }));
+                store.link = Some(open(token, myself));
             }
         }
         Ok(())

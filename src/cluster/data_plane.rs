@@ -39,15 +39,12 @@ use tokio::task::AbortHandle;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::block::{Block, BlockId};
-use crate::block_manager::WorkerMsg;
+use crate::block_manager::{OpenLink, Token, WorkerMsg};
 use crate::wire::{block_from, block_header, get_id, put_id, Wire, HEADER};
 
 /// The first bytes of a link (a `ractor_cluster` session starts with a zero byte, TLS with
 /// 0x16: the driver tells them apart on one port).
 pub(crate) const MAGIC: [u8; 4] = *b"TRBD";
-
-/// What authenticates a link: given to the worker over its session, valid once.
-pub(crate) type Token = [u8; 16];
 
 const PUT: u8 = 1;
 const GET: u8 = 2;
@@ -390,6 +387,24 @@ async fn answers<R: AsyncRead + Unpin>(
 pub(crate) struct LinkTo {
     pub(crate) driver: String,
     pub(crate) tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl LinkTo {
+    /// How a worker process's block store opens its link when offered one.
+    pub(crate) fn opener(self) -> OpenLink {
+        Arc::new(move |token, store| {
+            let to = self.clone();
+            tokio::spawn(async move {
+                let driver = to.driver.clone();
+                match serve(to, token, store).await {
+                    Ok(()) => tracing::debug!(%driver, "data link to the driver closed"),
+                    Err(e) => {
+                        tracing::warn!(%driver, error = %e, "data link to the driver failed; blocks go through the session")
+                    }
+                }
+            })
+        })
+    }
 }
 
 /// A worker process's end: connects to the driver, presents `token`, and serves the driver's

@@ -52,7 +52,7 @@ pub(crate) async fn run_worker_with(
         tls: tls.clone(),
     };
     let store = Worker {
-        link_to: Some(link_to),
+        open_link: Some(link_to.opener()),
     };
     let (store, _join) = Actor::spawn(None, store, ())
         .await
