@@ -104,7 +104,11 @@ impl Bucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            // At most 100 ms at a time: a changed adaptive rate is seen within that (and a
+            // very low rate cannot make a wait too long to represent).
+            Err(Duration::from_secs_f64(
+                ((1.0 - self.tokens) / self.rate).min(0.1),
+            ))
         }
     }
 }
