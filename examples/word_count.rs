@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{cluster, BatchId, ByteString, StreamingContext};
+use tributary::{cluster, Backpressure, BatchId, ByteString, StreamingContext};
 use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -39,6 +39,14 @@ struct Args {
     /// Synthetic records per second (0: as fast as possible).
     #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
+    /// The adaptive ingestion rate's ceiling, records per second per receiver (it follows
+    /// what the job processes, below this).
+    #[arg(long, value_name = "RECORDS_PER_S")]
+    max_rate: Option<f64>,
+    /// Turn the adaptive ingestion rate (backpressure) off: receivers store as fast as they
+    /// can, and the block budget makes them wait when the job falls behind.
+    #[arg(long)]
+    no_backpressure: bool,
     /// In-process workers holding blocks.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -195,6 +203,11 @@ async fn main() -> anyhow::Result<()> {
         .block_interval(Duration::from_millis(args.batch_ms.min(200)))
         .workers(args.workers)
         .replication(args.replication)
+        .backpressure(match (args.no_backpressure, args.max_rate) {
+            (true, _) => Backpressure::off(),
+            (false, Some(max)) => Backpressure::default().max_rate(max),
+            (false, None) => Backpressure::default(),
+        })
         // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
         .receiver_strategy(recommended_strategy);
     let cookie = match std::env::var("TRIBUTARY_COOKIE") {
