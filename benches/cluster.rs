@@ -299,11 +299,7 @@ const CASES: [&str; 4] = [
 ];
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = support::runtime();
     // The worker role: the launcher starts this binary with the driver's address.
     let args: Vec<String> = std::env::args().collect();
     if let Some(driver) = args

@@ -224,11 +224,7 @@ fn main() {
     let Some(only) = only_case(&CASES) else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = support::runtime();
     rt.block_on(async {
         match only.as_str() {
             "throughput_store_many_k1" => {

@@ -122,3 +122,12 @@ pub fn only_case(cases: &[&str]) -> Option<String> {
     }
     None
 }
+
+/// The benches' runtime: two worker threads, as the machine has two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
