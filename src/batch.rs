@@ -25,6 +25,7 @@ use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerId;
 use crate::cluster::protocol::{TaskHostMsg, TaskReply, TaskRequest};
 use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::early_tasks::{Attempted, EarlyTasks};
 pub use crate::error::BatchError;
 use crate::error::BoxError;
 use crate::receiver::{Receiver, ReceiverContext, ReceiverRef};
@@ -391,6 +392,17 @@ pub(crate) struct TaskRunner {
     pub(crate) blocks: BlockManagerMaster,
     pub(crate) attempts: u32,
     next: Arc<AtomicUsize>,
+    /// Tasks started as their blocks are acknowledged (`None`: only at the batch boundary).
+    early: Option<EarlyTasks>,
+}
+
+impl std::fmt::Debug for TaskRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskRunner")
+            .field("attempts", &self.attempts)
+            .field("early", &self.early.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Decrements an executor's in-flight count when the attempt ends, however it ends.
@@ -428,6 +440,7 @@ impl TaskRunner {
         tasks: TaskRegistry,
         blocks: BlockManagerMaster,
         attempts: u32,
+        early: bool,
     ) -> Self {
         TaskRunner {
             pool,
@@ -435,16 +448,62 @@ impl TaskRunner {
             blocks,
             attempts,
             next: Arc::new(AtomicUsize::new(0)),
+            early: early.then(EarlyTasks::default),
         }
     }
 
-    /// Runs `task` over every block (concurrently across executors).
+    /// Block `block` is acknowledged: the tasks its stream's outputs run start now (early
+    /// tasks on), their results kept for its batch.
+    pub(crate) fn acknowledged(&self, block: BlockId) {
+        let Some(early) = &self.early else {
+            return;
+        };
+        for task in early.wanted(block.stream) {
+            let me = self.clone();
+            let work = tokio::spawn(async move { me.run_one(block, task).await });
+            early.started(block, task, work);
+        }
+    }
+
+    /// The batch of these blocks is done: early work no output took is dropped.
+    pub(crate) fn forget(&self, blocks: &[BlockId]) {
+        if let Some(early) = &self.early {
+            early.forget(blocks);
+        }
+    }
+
+    /// All early work is dropped (the scheduler has ended).
+    pub(crate) fn clear_early(&self) {
+        if let Some(early) = &self.early {
+            early.clear();
+        }
+    }
+
+    /// Runs `task` over every block (concurrently across executors), taking the results of
+    /// tasks started early.
     pub(crate) async fn run(
         &self,
         blocks: &[BlockId],
         task: TaskId,
     ) -> Result<TaskOutputs, BatchError> {
-        let futures = blocks.iter().map(|b| self.run_one(*b, task));
+        let started = match &self.early {
+            Some(early) => early.take(blocks, task),
+            None => Vec::new(),
+        };
+        let mut started = started.into_iter();
+        let futures = blocks.iter().map(|b| {
+            let early = started.next().flatten();
+            async move {
+                match early {
+                    Some(work) => match work.await {
+                        Ok(r) => r,
+                        // Stopped (or it panicked, which the attempt loop never does): now.
+                        Err(_) => self.run_one(*b, task).await,
+                    },
+                    None => self.run_one(*b, task).await,
+                }
+            }
+        });
         let results = futures::future::join_all(futures).await;
         let mut out = TaskOutputs {
             parts: Vec::with_capacity(blocks.len()),
@@ -468,11 +527,7 @@ impl TaskRunner {
 
     /// One task with retries: its partial and whether it ran in a worker process, and the
     /// retries. `None`: the block has no replica left (lost, reported).
-    async fn run_one(
-        &self,
-        block: BlockId,
-        task: TaskId,
-    ) -> Result<(Option<(Box<dyn Any + Send>, bool)>, u32), BatchError> {
+    async fn run_one(&self, block: BlockId, task: TaskId) -> Attempted {
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = String::from("not attempted");
         for attempt in 0..self.attempts {

@@ -5,8 +5,13 @@
 //!                                                                       (bounded: full ⇒ store waits)
 //! ```
 //!
+//! With a [`BatchClock`], the block in progress is also cut at every batch boundary, and a mark
+//! follows it in the queue ("everything up to boundary k is queued"): each block is stamped
+//! with the boundary that closes its batch, so no block straddles two batches.
+//!
 //! Invariants: records are encoded exactly once, in the order they were stored; blocks of one
 //! receiver are cut and queued in sequence order (one lock covers encode, cut and enqueue);
+//! stamps never decrease along the sequence;
 //! nothing is dropped: when the queue is full, `store` waits (backpressure), and when the
 //! pipeline has shut down, `store` fails with [`StoreError::Closed`]. An optional rate limit
 //! paces `store` to at most N records per second.
@@ -18,6 +23,7 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 
+use crate::batch_clock::BatchClock;
 use crate::block::{Block, BlockId};
 use crate::buffer_pool::BufferPool;
 use crate::driver::rate_controller::RateCell;
@@ -117,12 +123,35 @@ impl Bucket {
 /// whole, so a buffer of this much more never has to grow for records up to this size.
 const BUFFER_SLACK: usize = 64 << 10;
 
+/// What a generator queues, in order.
+#[derive(Debug)]
+pub(crate) enum Cut {
+    /// A block, and the id of the batch boundary that closes its batch (0: the next batch,
+    /// whichever it is; blocks cut before the first boundary, or with no batch clock).
+    Block(Block, u64),
+    /// Every block of the batches up to this boundary id is queued before this mark.
+    Mark(u64),
+}
+
+impl Cut {
+    /// The block, if this is one.
+    #[cfg(test)]
+    pub(crate) fn into_block(self) -> Option<Block> {
+        match self {
+            Cut::Block(b, _) => Some(b),
+            Cut::Mark(_) => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct GenState {
     buf: BytesMut,
     records: u32,
     next_seq: u64,
-    tx: Option<mpsc::Sender<Block>>,
+    /// The stamp of the blocks cut now: the boundary id that closes the current batch.
+    batch: u64,
+    tx: Option<mpsc::Sender<Cut>>,
     limit: Option<Bucket>,
 }
 
@@ -134,7 +163,7 @@ impl BlockGenerator {
         max_block_bytes: usize,
         queue_blocks: usize,
         rate: Option<f64>,
-    ) -> (BlockGenerator, mpsc::Receiver<Block>) {
+    ) -> (BlockGenerator, mpsc::Receiver<Cut>) {
         let pool = BufferPool::new(1 << 20);
         Self::starting_at(stream, 0, max_block_bytes, queue_blocks, rate, None, pool)
     }
@@ -148,7 +177,7 @@ impl BlockGenerator {
         rate: Option<f64>,
         adaptive: Option<Arc<RateCell>>,
         pool: Arc<BufferPool>,
-    ) -> (BlockGenerator, mpsc::Receiver<Block>) {
+    ) -> (BlockGenerator, mpsc::Receiver<Cut>) {
         let (tx, rx) = mpsc::channel(queue_blocks.max(1));
         let max_block_bytes = max_block_bytes.max(64);
         let gen = BlockGenerator {
@@ -158,6 +187,7 @@ impl BlockGenerator {
                 buf: pool.take(max_block_bytes + BUFFER_SLACK),
                 records: 0,
                 next_seq: first_seq,
+                batch: 0,
                 tx: Some(tx),
                 limit: {
                     let fixed = rate.filter(|r| *r > 0.0);
@@ -207,6 +237,23 @@ impl BlockGenerator {
         st.tx.is_some() && self.cut_and_send(&mut st).await.is_ok()
     }
 
+    /// The batch boundary `this` has come: cuts what is buffered (the last block of that
+    /// batch), queues a mark after it, and stamps later blocks with `next`. Returns `false` if
+    /// the pipeline has shut down.
+    pub(crate) async fn cut_at_boundary(&self, this: u64, next: u64) -> bool {
+        let mut st = self.state.lock().await;
+        if st.tx.is_none() || self.cut_and_send(&mut st).await.is_err() {
+            return false;
+        }
+        // Stamps never go back (a boundary handled late still closes only its own batch).
+        let mark = st.batch.max(this);
+        st.batch = st.batch.max(next);
+        let Some(tx) = st.tx.as_ref() else {
+            return false;
+        };
+        tx.send(Cut::Mark(mark)).await.is_ok()
+    }
+
     /// Cuts what is buffered now and returns the sequence number of the last block cut so far
     /// (which holds every record stored before this call), or `None` if none was ever cut.
     pub(crate) async fn cut_now(&self) -> Result<Option<u64>, StoreError> {
@@ -254,23 +301,54 @@ impl BlockGenerator {
         let Some(tx) = st.tx.as_ref() else {
             return Err(records as usize);
         };
-        if let Err(e) = tx.send(block).await {
+        if tx.send(Cut::Block(block, st.batch)).await.is_err() {
             st.tx = None;
-            return Err(e.0.records as usize);
+            return Err(records as usize);
         }
         Ok(())
     }
 }
 
-/// Cuts a block every block interval until the generator closes.
-pub(crate) async fn flush_every(generator: Arc<BlockGenerator>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
+/// Cuts a block every block interval until the generator closes; with a batch clock, also at
+/// every batch boundary (the next block interval then starts from the boundary).
+pub(crate) async fn flush_every(
+    generator: Arc<BlockGenerator>,
+    interval: Duration,
+    clock: Option<BatchClock>,
+) {
+    let Some(clock) = clock else {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        if !generator.flush().await {
-            break;
+        loop {
+            tick.tick().await;
+            if !generator.flush().await {
+                break;
+            }
+        }
+        return;
+    };
+    let mut k: u32 = 1;
+    let mut last = Instant::now();
+    loop {
+        let boundary = clock.deadline(k);
+        let next_block = last + interval;
+        if boundary <= next_block {
+            tokio::time::sleep_until(boundary).await;
+            if !generator
+                .cut_at_boundary(clock.id(k).0, clock.id(k + 1).0)
+                .await
+            {
+                break;
+            }
+            last = boundary;
+            k += 1;
+        } else {
+            tokio::time::sleep_until(next_block).await;
+            if !generator.flush().await {
+                break;
+            }
+            last = next_block;
         }
     }
 }
@@ -293,7 +371,7 @@ mod tests {
         assert!(g.flush().await);
         let mut blocks = Vec::new();
         while let Ok(b) = rx.try_recv() {
-            blocks.push(b);
+            blocks.extend(b.into_block());
         }
         let seqs: Vec<u64> = blocks.iter().map(|b| b.id.seq).collect();
         assert_eq!(seqs, (0..blocks.len() as u64).collect::<Vec<_>>());
@@ -329,11 +407,41 @@ mod tests {
         );
         let mut got = 0;
         while got < 100 {
-            let b = rx.recv().await.unwrap();
+            let b = rx.recv().await.unwrap().into_block().unwrap();
             got += b.records;
         }
         writer.await.unwrap();
         assert_eq!(got, 100);
+    }
+
+    #[tokio::test]
+    async fn a_boundary_cuts_the_last_block_of_its_batch_then_marks_it() {
+        let (g, mut rx) = BlockGenerator::new(0, 1 << 20, 16, None);
+        store_str(&g, "before").await.unwrap();
+        assert!(g.cut_at_boundary(1_000, 1_500).await);
+        store_str(&g, "after").await.unwrap();
+        assert!(g.flush().await);
+        // Nothing buffered at the next boundary: the mark alone.
+        assert!(g.cut_at_boundary(1_500, 2_000).await);
+        // A boundary handled late never stamps backwards.
+        assert!(g.cut_at_boundary(1_000, 1_500).await);
+        let mut got = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            got.push(match c {
+                Cut::Block(b, stamp) => format!("{}@{stamp}", b.decode::<String>().unwrap()[0]),
+                Cut::Mark(m) => format!("mark {m}"),
+            });
+        }
+        assert_eq!(
+            got,
+            [
+                "before@0",
+                "mark 1000",
+                "after@1500",
+                "mark 1500",
+                "mark 2000"
+            ]
+        );
     }
 
     #[tokio::test]
@@ -342,7 +450,13 @@ mod tests {
         store_str(&g, "kept").await.unwrap();
         g.close().await;
         assert_eq!(
-            rx.recv().await.unwrap().decode::<String>().unwrap(),
+            rx.recv()
+                .await
+                .unwrap()
+                .into_block()
+                .unwrap()
+                .decode::<String>()
+                .unwrap(),
             ["kept"]
         );
         assert!(rx.recv().await.is_none());

@@ -40,6 +40,7 @@ pub struct StreamingContextBuilder {
     pub(crate) block_queue: usize,
     pub(crate) memory_bytes: usize,
     pub(crate) task_attempts: u32,
+    pub(crate) early_tasks: bool,
     pub(crate) on_batch_failure: OnBatchFailure,
     pub(crate) receiver_backoff: Option<Backoff>,
     pub(crate) receiver_strategy: Option<StrategyFactory>,
@@ -89,6 +90,7 @@ impl Default for StreamingContextBuilder {
             block_queue: 4,
             memory_bytes: 1 << 30,
             task_attempts: 4,
+            early_tasks: true,
             on_batch_failure: OnBatchFailure::Continue,
             receiver_backoff: Some(Backoff::new(
                 Duration::from_millis(100),
@@ -161,6 +163,16 @@ impl StreamingContextBuilder {
     /// (default 1 GiB; replicas in this process share memory, so this counts each block once).
     pub fn memory_limit(mut self, bytes: usize) -> Self {
         self.memory_bytes = bytes;
+        self
+    }
+    /// Whether a block's per-block work (narrow operations and the map-side combine of
+    /// `count`, `aggregate`, `reduce_by_key`) starts as soon as the block is acknowledged
+    /// (default `true`), rather than at its batch boundary. The merge of the partial results
+    /// and `for_each_batch` still run at the boundary, in batch order. On: the executors work
+    /// as records arrive instead of idling between boundaries, and a batch's output follows
+    /// its boundary by little more than its last block's work.
+    pub fn early_tasks(mut self, on: bool) -> Self {
+        self.early_tasks = on;
         self
     }
     /// Attempts per task before the batch fails (default 4).

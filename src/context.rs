@@ -28,6 +28,7 @@ use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::batch::{BatchInfo, Executor, ExecutorPool, TaskDef, TaskId, TaskRegistry, TaskRunner};
+use crate::batch_clock::BatchClock;
 use crate::block::{BlockId, Record};
 use crate::checkpoint::Ledger;
 use crate::cluster::node::DriverNode;
@@ -613,11 +614,19 @@ impl StreamingContext {
                 .map_err(|e| start_err("executors", &e))?;
             pool.add_local(worker, r);
         }
-        let runner = TaskRunner::new(pool, tasks, blocks.clone(), cfg.task_attempts);
+        let runner = TaskRunner::new(
+            pool,
+            tasks,
+            blocks.clone(),
+            cfg.task_attempts,
+            cfg.early_tasks,
+        );
         self.inner.check_stop()?;
 
         // The ReceiverTracker and the receivers.
         let rates = RateController::new(cfg.backpressure, cfg.batch_interval);
+        // The batch boundaries, shared by the generators (which cut at each) and the scheduler.
+        let clock = BatchClock::new(cfg.batch_interval, recovered.last_batch);
         let tracker = ReceiverTracker::start(
             TrackerConfig {
                 workers: cfg.workers,
@@ -627,6 +636,8 @@ impl StreamingContext {
                 rates: rates.clone(),
                 memory_bytes: cfg.memory_bytes,
                 block_interval: cfg.block_interval,
+                clock: Some(clock),
+                tasks: Some(runner.clone()),
                 strategy: cfg.receivers_strategy(),
             },
             receivers,
@@ -654,11 +665,10 @@ impl StreamingContext {
 
         // The JobScheduler.
         stages.scheduler = Some(JobScheduler::start(SchedulerParts {
-            interval: cfg.batch_interval,
+            clock,
             policy: cfg.on_batch_failure,
             rerun: recovered.rerun,
             restorer,
-            last_batch: recovered.last_batch,
             lost_at_restart: recovered.lost_at_restart,
             tracker: handle.clone(),
             outputs,

@@ -115,6 +115,7 @@
 )]
 
 pub mod batch;
+mod batch_clock;
 pub mod block;
 mod block_generator;
 mod block_manager;
@@ -125,6 +126,7 @@ pub mod checkpoint;
 mod config;
 mod context;
 mod driver;
+mod early_tasks;
 mod error;
 mod receiver;
 mod store;

@@ -20,8 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::block::Block;
-use crate::block_generator::{flush_every, BlockGenerator};
+use crate::block_generator::{flush_every, BlockGenerator, Cut};
 use crate::buffer_pool::BufferPool;
 use crate::cluster::protocol::{
     ingress, IngressMsg, ReceiverFailure, ReceiverHostMsg, StartReceiver,
@@ -179,7 +178,11 @@ impl HostState {
         let generator = Arc::new(generator);
         let durability = Arc::new(Durability::new());
         let forwarder = tokio::spawn(forward(queue, to, s.epoch, durability.clone()));
-        let flusher = tokio::spawn(flush_every(generator.clone(), self.job.block_interval));
+        let flusher = tokio::spawn(flush_every(
+            generator.clone(),
+            self.job.block_interval,
+            None,
+        ));
         self.running.push(Running {
             generator: generator.clone(),
             durability: durability.clone(),
@@ -215,12 +218,14 @@ impl HostState {
 /// Forwards each cut block to the driver, in order, one at a time, and settles its
 /// durability with the driver's answer.
 async fn forward(
-    mut queue: mpsc::Receiver<Block>,
+    mut queue: mpsc::Receiver<Cut>,
     to: ActorRef<IngressMsg>,
     epoch: u64,
     durability: Arc<Durability>,
 ) {
-    while let Some(block) = queue.recv().await {
+    while let Some(cut) = queue.recv().await {
+        // Receivers here have no batch clock: their blocks go into the driver's next batch.
+        let Cut::Block(block, _) = cut else { continue };
         let seq = block.id.seq;
         let outcome = match ractor::call_t!(
             to,

@@ -15,13 +15,13 @@
 //! back into the context.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
-use crate::block::BatchId;
+use crate::batch_clock::{batch_id, BatchClock};
 use std::collections::HashMap;
 
 use crate::block::BlockId;
@@ -45,14 +45,13 @@ pub enum OnBatchFailure {
 
 /// What the scheduler runs and where it reports.
 pub(crate) struct SchedulerParts {
-    pub(crate) interval: Duration,
+    /// The batch boundaries (shared with the block generators).
+    pub(crate) clock: BatchClock,
     pub(crate) policy: OnBatchFailure,
     /// Batches a previous run allocated and did not complete.
     pub(crate) rerun: Vec<ScheduledBatch>,
     /// Blocks recovered from the write-ahead log, read back as their batches come.
     pub(crate) restorer: Restorer,
-    /// The last batch id a previous run used.
-    pub(crate) last_batch: u64,
     /// Acknowledged blocks recovery found gone, and why.
     pub(crate) lost_at_restart: HashMap<BlockId, LossCause>,
     pub(crate) tracker: TrackerHandle,
@@ -84,11 +83,10 @@ impl JobScheduler {
             let _ = batch_tx.send(batch);
         }
         let timer = tokio::spawn(cut_batches(
-            parts.interval,
+            parts.clock,
             parts.tracker.clone(),
             batch_tx,
             drain_rx,
-            parts.last_batch,
         ));
         let runner = Runner {
             restorer: parts.restorer,
@@ -102,7 +100,9 @@ impl JobScheduler {
             rates: parts.rates,
         };
         let runner = tokio::spawn(async move {
+            let tasks = runner.runner.clone();
             let outcome = runner.run(batch_rx).await;
+            tasks.clear_early();
             let _ = ended_tx.send(outcome);
         });
         JobScheduler {
@@ -151,41 +151,29 @@ impl JobScheduler {
     }
 }
 
-fn batch_id(t: SystemTime) -> BatchId {
-    BatchId(
-        t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    )
-}
-
-/// Every batch interval, the blocks acknowledged since the last batch become one batch.
+/// At every batch boundary, the blocks of the batch it closes become one batch.
 async fn cut_batches(
-    interval: Duration,
+    clock: BatchClock,
     tracker: TrackerHandle,
     batches: mpsc::UnboundedSender<ScheduledBatch>,
     mut drain: oneshot::Receiver<()>,
-    after_ms: u64,
 ) {
-    // New batch ids come after every id a previous run used.
-    let start_sys = SystemTime::now().max(UNIX_EPOCH + Duration::from_millis(after_ms + 1));
-    let start = tokio::time::Instant::now();
     let mut k: u32 = 0;
     loop {
         k += 1;
-        let due = start + interval * k;
         let draining = tokio::select! {
-            _ = tokio::time::sleep_until(due) => false,
+            _ = tokio::time::sleep_until(clock.deadline(k)) => false,
             _ = &mut drain => true,
         };
-        // The final (drain) batch is cut now rather than at the next boundary.
+        // The final (drain) batch is cut now rather than at the next boundary, and takes
+        // every block acknowledged (the receivers have stopped).
         let time = if draining {
-            SystemTime::now().max(start_sys + interval * (k - 1) + Duration::from_millis(1))
+            SystemTime::now().max(clock.previous_time(k) + Duration::from_millis(1))
         } else {
-            start_sys + interval * k
+            clock.time(k)
         };
         let id = batch_id(time);
-        match tracker.allocate(id).await {
+        match tracker.allocate(id, draining).await {
             Ok(Some(blocks)) => {
                 if batches.send((id, time, blocks)).is_err() || draining {
                     return;
@@ -272,6 +260,8 @@ impl Runner {
                     (*b, cause)
                 })
                 .collect();
+            // Early work of these blocks that no output took (one failed) is not needed.
+            self.runner.forget(&all);
             let logged = self.tracker.completed(id, all, lost).await;
             let ended = SystemTime::now();
             let lost_records: u64 = batch

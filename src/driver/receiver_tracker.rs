@@ -26,9 +26,10 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::batch::BatchBlocks;
+use crate::batch::{BatchBlocks, TaskRunner};
+use crate::batch_clock::BatchClock;
 use crate::block::{BatchId, Block, BlockId};
-use crate::block_generator::BlockGenerator;
+use crate::block_generator::{BlockGenerator, Cut};
 use crate::block_manager::WorkerId;
 use crate::buffer_pool::BufferPool;
 use crate::checkpoint::{
@@ -42,6 +43,11 @@ use crate::error::SupervisorError;
 use crate::store::Durability;
 use crate::supervisor::{Strategy, Supervisor, SupervisorHandle};
 use crate::wal::Wal;
+
+/// The longest a batch allocation waits for a stream's mark (at most a quarter of the batch
+/// interval): a stream whose pipeline is behind (its queue full, a slow replica) does not hold
+/// the others' batch back longer; its late blocks go into the next batch.
+const MARK_GRACE: Duration = Duration::from_millis(100);
 
 /// Retries of a batch completion that could not be logged (100 ms, doubling: ~3 s in all).
 const COMPLETION_RETRIES: u32 = 5;
@@ -74,6 +80,10 @@ pub(crate) struct TrackerConfig {
     pub(crate) rates: Option<RateController>,
     pub(crate) memory_bytes: usize,
     pub(crate) block_interval: Duration,
+    /// The batch boundaries: in-process generators cut at each (`None`: block interval only).
+    pub(crate) clock: Option<BatchClock>,
+    /// Told of each acknowledged block, to start its tasks early.
+    pub(crate) tasks: Option<TaskRunner>,
     pub(crate) strategy: Strategy,
 }
 
@@ -96,10 +106,19 @@ enum Command {
     Added {
         id: BlockId,
         records: u32,
+        /// The boundary id that closes its batch (0: the next batch).
+        batch: u64,
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// A stream's blocks up to this boundary id are all recorded.
+    Mark {
+        stream: u32,
+        upto: u64,
     },
     Allocate {
         id: BatchId,
+        /// Take every acknowledged block, whatever its stamp, without waiting (the last batch).
+        all: bool,
         reply: oneshot::Sender<Result<BatchBlocks, String>>,
     },
     Completed {
@@ -119,22 +138,39 @@ pub(crate) struct TrackerHandle {
 }
 
 impl TrackerHandle {
-    /// Block `id` is replicated (and in the WAL): log it and queue it for the next batch.
-    async fn added(&self, id: BlockId, records: u32) -> Result<(), String> {
+    /// Block `id` is replicated (and in the WAL): log it and queue it for its batch (the one
+    /// boundary `batch` closes; 0: the next).
+    async fn added(&self, id: BlockId, records: u32, batch: u64) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Added { id, records, reply })
+            .send(Command::Added {
+                id,
+                records,
+                batch,
+                reply,
+            })
             .map_err(|_| "the receiver tracker has stopped".to_string())?;
         rx.await
             .map_err(|_| "the receiver tracker has stopped".to_string())?
     }
 
-    /// The blocks acknowledged since the last allocation become batch `id` (logged first).
+    /// Stream `stream` has recorded every block of the batches up to boundary id `upto`.
+    fn mark(&self, stream: u32, upto: u64) {
+        let _ = self.tx.send(Command::Mark { stream, upto });
+    }
+
+    /// The acknowledged blocks of the batches up to `id` become batch `id` (logged first),
+    /// once every stream has marked that boundary (or after a short grace: a stream that is
+    /// behind does not hold the others back); with `all`, every acknowledged block, now.
     /// `Ok(None)` once the tracker has stopped; `Err` if the allocation could not be logged:
     /// then the blocks stay queued for the next batch, and this one must not run.
-    pub(crate) async fn allocate(&self, id: BatchId) -> Result<Option<BatchBlocks>, String> {
+    pub(crate) async fn allocate(
+        &self,
+        id: BatchId,
+        all: bool,
+    ) -> Result<Option<BatchBlocks>, String> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Allocate { id, reply }).is_err() {
+        if self.tx.send(Command::Allocate { id, all, reply }).is_err() {
             return Ok(None);
         }
         match rx.await {
@@ -204,7 +240,7 @@ pub(crate) struct ReceiverTracker {
 type Prepared = (
     PendingReceiver,
     Arc<BlockGenerator>,
-    mpsc::Receiver<Block>,
+    mpsc::Receiver<Cut>,
     watch::Receiver<WorkerId>,
 );
 
@@ -217,6 +253,7 @@ struct Starting {
     wals: HashMap<u32, Arc<Wal>>,
     blocks: BlockManagerMaster,
     block_interval: Duration,
+    clock: Option<BatchClock>,
     rates: Option<RateController>,
 }
 
@@ -271,7 +308,22 @@ impl ReceiverTracker {
         let state = TrackerState {
             decisions: from.decisions,
             names,
-            acked: from.unallocated,
+            acked: from
+                .unallocated
+                .into_iter()
+                .map(|(id, records)| (id, records, 0))
+                .collect(),
+            // In-process generators mark every boundary: wait for each from the first one.
+            marks: if cfg.clock.is_some() && remote_hosts.is_none() {
+                prepared.iter().map(|(p, ..)| (p.stream, 0)).collect()
+            } else {
+                HashMap::new()
+            },
+            parked: None,
+            tasks: cfg.tasks.clone(),
+            grace: cfg
+                .clock
+                .map_or(Duration::ZERO, |c| (c.interval() / 4).min(MARK_GRACE)),
             recovered_bytes: from.recovered_bytes,
             batch_bytes: from.batch_bytes,
             meta: from.meta.map(|m| Arc::new(Mutex::new(m))),
@@ -298,6 +350,7 @@ impl ReceiverTracker {
             wals,
             blocks,
             block_interval: cfg.block_interval,
+            clock: cfg.clock,
             rates: cfg.rates.clone(),
         });
         Ok(tracker)
@@ -346,6 +399,7 @@ impl ReceiverTracker {
         for (p, generator, queue, home) in prepared {
             let durability = Arc::new(Durability::new());
             let pusher = tokio::spawn(push_blocks(
+                p.stream,
                 queue,
                 blocks.clone(),
                 home,
@@ -356,6 +410,7 @@ impl ReceiverTracker {
             let flusher = tokio::spawn(crate::block_generator::flush_every(
                 generator.clone(),
                 start.block_interval,
+                start.clock,
             ));
             self.feeds.push(Feed {
                 generator: generator.clone(),
@@ -448,25 +503,39 @@ const PUSH_WINDOW: usize = 4;
 
 /// Replicates each cut block (and appends it to the write-ahead log, concurrently), up to
 /// [`PUSH_WINDOW`] at once; in order, has the tracker log and queue each, and settles its
-/// durability.
+/// durability. Marks pass through in order: the tracker hears of one after every block
+/// before it is recorded.
 async fn push_blocks(
-    queue: mpsc::Receiver<Block>,
+    stream: u32,
+    queue: mpsc::Receiver<Cut>,
     blocks: BlockManagerMaster,
     home: watch::Receiver<WorkerId>,
     wal: Option<Arc<Wal>>,
     tracker: TrackerHandle,
     durability: Arc<Durability>,
 ) {
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
     let cut = futures::stream::unfold(queue, |mut q| async move { q.recv().await.map(|b| (b, q)) });
     let replicated = cut
-        .map(|block| replicate(block, &blocks, *home.borrow(), wal.as_ref()))
+        .map(|cut| match cut {
+            Cut::Block(block, batch) => futures::future::Either::Left(
+                replicate(block, batch, &blocks, *home.borrow(), wal.as_ref()).map(Pushed::Block),
+            ),
+            Cut::Mark(upto) => {
+                futures::future::Either::Right(futures::future::ready(Pushed::Mark(upto)))
+            }
+        })
         .buffered(PUSH_WINDOW);
     let mut replicated = std::pin::pin!(replicated);
-    while let Some(r) = replicated.next().await {
-        let seq = r.id.seq;
-        let outcome = record(r, &blocks, &tracker).await;
-        durability.settle(seq, outcome);
+    while let Some(pushed) = replicated.next().await {
+        match pushed {
+            Pushed::Block(r) => {
+                let seq = r.id.seq;
+                let outcome = record(r, &blocks, &tracker).await;
+                durability.settle(seq, outcome);
+            }
+            Pushed::Mark(upto) => tracker.mark(stream, upto),
+        }
     }
 }
 
@@ -480,14 +549,21 @@ async fn push_one(
     wal: Option<&Arc<Wal>>,
     tracker: &TrackerHandle,
 ) -> Result<(), String> {
-    let r = replicate(block, blocks, home, wal).await;
+    let r = replicate(block, 0, blocks, home, wal).await;
     record(r, blocks, tracker).await
+}
+
+/// A block pushed, or a mark passed through.
+enum Pushed {
+    Block(Replicated),
+    Mark(u64),
 }
 
 /// A block replicated (or not) and appended to the write-ahead log (or not).
 struct Replicated {
     id: BlockId,
     records: u32,
+    batch: u64,
     outcome: Result<(), String>,
     put_ok: bool,
 }
@@ -496,6 +572,7 @@ struct Replicated {
 /// concurrently. The append is handed to the log now, so blocks are logged in call order.
 fn replicate(
     block: Block,
+    batch: u64,
     blocks: &BlockManagerMaster,
     home: WorkerId,
     wal: Option<&Arc<Wal>>,
@@ -510,6 +587,7 @@ fn replicate(
                 return Replicated {
                     id,
                     records,
+                    batch,
                     outcome: Err(e.to_string()),
                     put_ok: false,
                 }
@@ -536,6 +614,7 @@ fn replicate(
         Replicated {
             id,
             records,
+            batch,
             outcome,
             put_ok,
         }
@@ -550,7 +629,7 @@ async fn record(
 ) -> Result<(), String> {
     let (id, records) = (r.id, r.records);
     let outcome = match r.outcome {
-        Ok(()) => tracker.added(id, records).await,
+        Ok(()) => tracker.added(id, records, r.batch).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &outcome {
@@ -570,6 +649,12 @@ async fn forward_losses(mut lost: mpsc::UnboundedReceiver<WorkerId>, remote: Arc
     }
 }
 
+/// An allocation request waiting for the streams' marks.
+struct ParkedAlloc {
+    id: BatchId,
+    reply: oneshot::Sender<Result<BatchBlocks, String>>,
+}
+
 /// The state the tracker task owns.
 struct TrackerState {
     /// The decisions applied so far, as the metadata log holds them (the log keeps its own
@@ -577,8 +662,17 @@ struct TrackerState {
     decisions: DriverState,
     /// Receiver names, by stream.
     names: Vec<String>,
-    /// Acknowledged blocks not allocated to a batch yet, in acknowledgement order.
-    acked: Vec<(BlockId, u32)>,
+    /// Acknowledged blocks not allocated to a batch yet, in acknowledgement order, with the
+    /// boundary id that closes each one's batch (0: the next batch).
+    acked: Vec<(BlockId, u32, u64)>,
+    /// Per stream, the last boundary id up to which its blocks are all recorded.
+    marks: HashMap<u32, u64>,
+    /// An allocation waiting for marks, and until when.
+    parked: Option<(ParkedAlloc, tokio::time::Instant)>,
+    /// How long an allocation waits for marks.
+    grace: Duration,
+    /// Told of each acknowledged block (early tasks).
+    tasks: Option<TaskRunner>,
     /// Bytes of acknowledged blocks still only in the write-ahead log (recovered, read back
     /// when their batch runs).
     recovered_bytes: HashMap<BlockId, u64>,
@@ -601,10 +695,23 @@ impl TrackerState {
     ) {
         let mut cluster_open = true;
         loop {
+            let parked_until = self.parked.as_ref().map(|(_, until)| *until);
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Close) => break,
                     Some(cmd) => self.command(cmd).await,
+                },
+                () = sleep_until_some(parked_until) => {
+                    if let Some((p, _)) = self.parked.take() {
+                        let behind: Vec<u32> = self
+                            .marks
+                            .iter()
+                            .filter(|(_, m)| **m < p.id.0)
+                            .map(|(s, _)| *s)
+                            .collect();
+                        tracing::debug!(id = %p.id, ?behind, "streams did not mark the boundary in time; their late blocks go into the next batch");
+                        self.allocate(p.id, false, p.reply).await;
+                    }
                 },
                 event = cluster.recv(), if cluster_open => match event {
                     Some(ClusterEvent::WorkerLost(dead)) => {
@@ -626,12 +733,12 @@ impl TrackerState {
     /// recovered blocks it reads back from the write-ahead log stay within the memory budget
     /// (at least one block, so a batch always moves on). The rest wait, in order, for the
     /// next batch.
-    fn allocatable(&self) -> usize {
+    fn allocatable(&self, eligible: &[(BlockId, u32, u64)]) -> usize {
         if self.recovered_bytes.is_empty() {
-            return self.acked.len();
+            return eligible.len();
         }
         let mut bytes = 0u64;
-        for (i, (id, _)) in self.acked.iter().enumerate() {
+        for (i, (id, _, _)) in eligible.iter().enumerate() {
             if let Some(b) = self.recovered_bytes.get(id) {
                 if i > 0 && bytes + b > self.batch_bytes {
                     return i;
@@ -639,64 +746,116 @@ impl TrackerState {
                 bytes += b;
             }
         }
-        self.acked.len()
+        eligible.len()
+    }
+
+    /// Whether every stream that marks boundaries has marked `id`.
+    fn marked(&self, id: BatchId) -> bool {
+        self.marks.values().all(|m| *m >= id.0)
+    }
+
+    /// Batch `id`: the acknowledged blocks of the batches up to it (all of them with `all`),
+    /// logged, then handed to the scheduler.
+    async fn allocate(
+        &mut self,
+        id: BatchId,
+        all: bool,
+        reply: oneshot::Sender<Result<BatchBlocks, String>>,
+    ) {
+        let mut b = BatchBlocks::default();
+        // Blocks of later batches (cut after this boundary) stay; stamps only grow along a
+        // stream, so each stream keeps a suffix of its blocks, in order.
+        let (eligible, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.acked)
+            .into_iter()
+            .partition(|(_, _, batch)| all || *batch <= id.0);
+        let take = self.allocatable(&eligible);
+        let mut eligible = eligible;
+        let mut rest = eligible.split_off(take);
+        rest.extend(later);
+        self.acked = rest;
+        let mut sizes = Vec::new();
+        let mut stamps = HashMap::new();
+        for (bid, records, batch) in eligible {
+            if let Some(bytes) = self.recovered_bytes.remove(&bid) {
+                sizes.push((bid, bytes));
+            }
+            stamps.insert(bid, batch);
+            b.by_stream
+                .entry(bid.stream)
+                .or_default()
+                .push((bid, records));
+        }
+        for v in b.by_stream.values_mut() {
+            v.sort_by_key(|(bid, _)| bid.seq);
+        }
+        if b.len() > 0 {
+            let alloc = Allocation {
+                id: id.0,
+                time_ms: id.0,
+                blocks: b
+                    .by_stream
+                    .values()
+                    .flatten()
+                    .map(|(bid, r)| (bid.stream, bid.seq, *r))
+                    .collect(),
+            };
+            let logged = alloc.clone();
+            if let Err(e) = self.log(move |m| m.allocated(logged)).await {
+                // Not logged (rolled back): the batch does not exist. Its blocks go back to
+                // the front of the queue, for the next batch.
+                tracing::error!(%id, error = %e, "could not log the batch allocation; its blocks wait for the next batch");
+                let mut back: Vec<(BlockId, u32, u64)> = b
+                    .by_stream
+                    .into_values()
+                    .flatten()
+                    .map(|(bid, r)| (bid, r, stamps.get(&bid).copied().unwrap_or(0)))
+                    .collect();
+                back.append(&mut self.acked);
+                self.acked = back;
+                self.recovered_bytes.extend(sizes);
+                let _ = reply.send(Err(e));
+                return;
+            }
+            self.decisions.apply(Entry::Alloc(alloc));
+        }
+        let _ = reply.send(Ok(b));
     }
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Added { id, records, reply } => {
+            Command::Added {
+                id,
+                records,
+                batch,
+                reply,
+            } => {
                 let r = self.log(move |m| m.added(id, records)).await;
                 if r.is_ok() {
-                    self.acked.push((id, records));
+                    if let Some(tasks) = &self.tasks {
+                        tasks.acknowledged(id);
+                    }
+                    self.acked.push((id, records, batch));
                     self.decisions
                         .apply(Entry::Added((id.stream, id.seq, records)));
                 }
                 let _ = reply.send(r);
             }
-            Command::Allocate { id, reply } => {
-                let mut b = BatchBlocks::default();
-                let take = self.allocatable();
-                let rest = self.acked.split_off(take);
-                let mut sizes = Vec::new();
-                for (bid, records) in std::mem::replace(&mut self.acked, rest) {
-                    if let Some(bytes) = self.recovered_bytes.remove(&bid) {
-                        sizes.push((bid, bytes));
+            Command::Allocate { id, all, reply } => {
+                if all || self.grace.is_zero() || self.marked(id) {
+                    self.allocate(id, all, reply).await;
+                } else {
+                    let until = tokio::time::Instant::now() + self.grace;
+                    self.parked = Some((ParkedAlloc { id, reply }, until));
+                }
+            }
+            Command::Mark { stream, upto } => {
+                let m = self.marks.entry(stream).or_insert(0);
+                *m = (*m).max(upto);
+                if self.parked.as_ref().is_some_and(|(p, _)| self.marked(p.id)) {
+                    if let Some((p, _)) = self.parked.take() {
+                        self.allocate(p.id, false, p.reply).await;
                     }
-                    b.by_stream
-                        .entry(bid.stream)
-                        .or_default()
-                        .push((bid, records));
                 }
-                for v in b.by_stream.values_mut() {
-                    v.sort_by_key(|(bid, _)| bid.seq);
-                }
-                if b.len() > 0 {
-                    let alloc = Allocation {
-                        id: id.0,
-                        time_ms: id.0,
-                        blocks: b
-                            .by_stream
-                            .values()
-                            .flatten()
-                            .map(|(bid, r)| (bid.stream, bid.seq, *r))
-                            .collect(),
-                    };
-                    let logged = alloc.clone();
-                    if let Err(e) = self.log(move |m| m.allocated(logged)).await {
-                        // Not logged (rolled back): the batch does not exist. Its blocks go
-                        // back to the front of the queue, for the next batch.
-                        tracing::error!(%id, error = %e, "could not log the batch allocation; its blocks wait for the next batch");
-                        let mut back: Vec<(BlockId, u32)> =
-                            b.by_stream.into_values().flatten().collect();
-                        back.append(&mut self.acked);
-                        self.acked = back;
-                        self.recovered_bytes.extend(sizes);
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                    self.decisions.apply(Entry::Alloc(alloc));
-                }
-                let _ = reply.send(Ok(b));
             }
             Command::Completed {
                 id,
@@ -783,5 +942,13 @@ impl TrackerState {
             tracing::warn!(receiver = %name, from = dead, to, "worker lost: restarting receiver on another worker");
             let _ = self.receivers.restart_child(name).await;
         }
+    }
+}
+
+/// Sleeps until `until`, or forever with `None`.
+async fn sleep_until_some(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,111 @@
+//! Early tasks: a block's per-block work starts as soon as the block is acknowledged, not at
+//! its batch boundary.
+//!
+//! ```text
+//!  block acknowledged ──► for each task the outputs ran over its stream: start it now
+//!                              (executors busy between boundaries, not idle then bursting)
+//!  batch boundary ──► the batch's tasks: take each block's early result (waiting for it if it
+//!                     is still running), run the rest now; merge and output as before
+//!  batch done ──► early work of its blocks not taken (an output that failed) is dropped
+//! ```
+//!
+//! Which tasks a stream needs is learned from the batches themselves: the first batch runs
+//! its tasks at the boundary, the next ones find them started. An early task is the same
+//! attempt loop as a batch's (retries on a replica, losses found when the block has no replica
+//! left), so every promise holds; only when it runs changes. A block whose replicas are all lost
+//! after its early work finished is not lost: its partial results are computed already.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
+
+use crate::batch::{BatchError, TaskId};
+use crate::block::BlockId;
+
+/// A task's outcome: its partial (and whether it ran in a worker process), and the retries;
+/// `None`: the block has no replica left.
+pub(crate) type Attempted = Result<(Option<(Box<dyn Any + Send>, bool)>, u32), BatchError>;
+
+/// The early work in flight or done, per block and task. Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct EarlyTasks(Arc<Mutex<State>>);
+
+#[derive(Default)]
+struct State {
+    /// The tasks the outputs ran over each stream's blocks.
+    wanted: HashMap<u32, Vec<TaskId>>,
+    started: HashMap<(BlockId, u32), JoinHandle<Attempted>>,
+}
+
+impl EarlyTasks {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tasks to start now for an acknowledged block of `stream`.
+    pub(crate) fn wanted(&self, stream: u32) -> Vec<TaskId> {
+        self.state()
+            .wanted
+            .get(&stream)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Keeps the early work of `task` over `block`.
+    pub(crate) fn started(&self, block: BlockId, task: TaskId, work: JoinHandle<Attempted>) {
+        if let Some(old) = self.state().started.insert((block, task.0), work) {
+            old.abort();
+        }
+    }
+
+    /// A batch runs `task` over `blocks` (of one stream): remembered for the next blocks, and
+    /// the early work already started for these is handed over (in block order).
+    pub(crate) fn take(
+        &self,
+        blocks: &[BlockId],
+        task: TaskId,
+    ) -> Vec<Option<JoinHandle<Attempted>>> {
+        let mut s = self.state();
+        if let Some(first) = blocks.first() {
+            let wanted = s.wanted.entry(first.stream).or_default();
+            if !wanted.contains(&task) {
+                wanted.push(task);
+            }
+        }
+        blocks
+            .iter()
+            .map(|b| s.started.remove(&(*b, task.0)))
+            .collect()
+    }
+
+    /// Drops (and stops) the early work of these blocks that no output took.
+    pub(crate) fn forget(&self, blocks: &[BlockId]) {
+        let mut s = self.state();
+        if s.started.is_empty() {
+            return;
+        }
+        let tasks: Vec<u32> = s.wanted.values().flatten().map(|t| t.0).collect();
+        for b in blocks {
+            for t in &tasks {
+                if let Some(work) = s.started.remove(&(*b, *t)) {
+                    work.abort();
+                }
+            }
+        }
+    }
+
+    /// Drops (and stops) all early work (the scheduler has ended).
+    pub(crate) fn clear(&self) {
+        for (_, work) in self.state().started.drain() {
+            work.abort();
+        }
+    }
+
+    /// Early work started and not taken yet.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        self.state().started.len()
+    }
+}
