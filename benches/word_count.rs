@@ -23,6 +23,11 @@
 //! * `sliced_word_count_k2`: the same with each word a `ByteString` slice of the block
 //!   (`flat_map_with` emitting `(line.slice_ref(w), 1)`): no allocation per word.
 //!
+//! * `latency_50k_500ms` (and `…_early_tasks_off`): README's job fed at 50 k records/s,
+//!   500 ms batches, 200 ms blocks (the setting of the Spark and Flink latency figures);
+//!   `latency_1m`: at 1 M records/s with `BENCH_LATENCY_INTERVAL_MS` (default 20) batches and
+//!   blocks.
+//!
 //! `BENCH_SECONDS` (default 60) is the measured window, `BENCH_WARMUP` (default 20) the
 //! warm-up before it; `BENCH_ONLY=<case>` runs one case (each case runs in a process of its own).
 
@@ -149,22 +154,48 @@ fn top3<K: Ord>(records: Vec<(K, u64)>) -> Vec<(K, u64)> {
     best
 }
 
-async fn natural(job: Job, backpressure: Backpressure, warmup: f64, seconds: f64) -> Outcome {
+/// How a case runs: intervals, the source's rate (`None`: as fast as it goes), the knobs.
+#[derive(Clone, Copy)]
+struct Shape {
+    batch: Duration,
+    block: Duration,
+    rate: Option<f64>,
+    backpressure: Backpressure,
+    early_tasks: bool,
+}
+
+impl Shape {
+    /// 1 s batches, 200 ms blocks, free-running, the defaults.
+    fn free(backpressure: Backpressure) -> Shape {
+        Shape {
+            batch: Duration::from_secs(1),
+            block: Duration::from_millis(200),
+            rate: None,
+            backpressure,
+            early_tasks: true,
+        }
+    }
+}
+
+async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64) -> Outcome {
     let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(1))
-        .block_interval(Duration::from_millis(200))
+        .batch_interval(shape.batch)
+        .block_interval(shape.block)
         .workers(2)
         .replication(2)
         .executors(2)
-        .backpressure(backpressure)
+        .backpressure(shape.backpressure)
+        .early_tasks(shape.early_tasks)
         .build()
         .unwrap();
-    let lines = ctx
-        .receiver_stream(
-            "synthetic",
-            SyntheticReceiver::new().mode(StoreMode::Single).chunk(500),
-        )
-        .unwrap();
+    let mut source = SyntheticReceiver::new().mode(StoreMode::Single).chunk(500);
+    if let Some(rate) = shape.rate {
+        // Chunks of 1 ms of records: the rate is steady at this grain.
+        source = source
+            .rate(rate)
+            .chunk(((rate / 1000.0) as usize).clamp(1, 500));
+    }
+    let lines = ctx.receiver_stream("synthetic", source).unwrap();
     // The job (the first two fields are the sequence number and time).
     match job {
         Job::Owned => {
@@ -289,14 +320,14 @@ fn pick(sorted: &[u64], q: f64) -> u64 {
         .unwrap_or(0)
 }
 
-async fn case(name: &str, job: Job, backpressure: Backpressure) {
+async fn case(name: &str, job: Job, shape: Shape) {
     let loop_rate = plain_loop();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
     let (warmup, seconds) = (
         env_f64("BENCH_WARMUP", 20.0),
         env_f64("BENCH_SECONDS", 60.0),
     );
-    let o = natural(job, backpressure, warmup, seconds).await;
+    let o = natural(job, shape, warmup, seconds).await;
     let wall = o
         .measured_from
         .elapsed()
@@ -329,19 +360,49 @@ async fn case(name: &str, job: Job, backpressure: Backpressure) {
             "lost": lost,
             "duplicated": duplicated,
             "lost_blocks": o.infos.iter().map(|i| i.lost_blocks).sum::<usize>(),
+            "batch_interval_ms": shape.batch.as_millis(),
+            "block_interval_ms": shape.block.as_millis(),
+            "source_rate": shape.rate,
+            "early_tasks": shape.early_tasks,
             "warmup_s": warmup,
             "seconds": seconds,
         })
     );
 }
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 8] = [
     "plain_loop",
     "readme_word_count_k2",
     "natural_word_count_k2",
     "natural_word_count_k2_backpressure_off",
     "sliced_word_count_k2",
+    "latency_50k_500ms",
+    "latency_50k_500ms_early_tasks_off",
+    "latency_1m",
 ];
+
+/// The latency cases: README's job at a fixed rate (50 k records/s, 500 ms batches, 200 ms
+/// blocks: the Spark and Flink figures' setting), and at 1 M records/s with short batches
+/// (`BENCH_LATENCY_INTERVAL_MS`, default 20, blocks the same).
+fn latency_shape(fast: bool, early_tasks: bool) -> Shape {
+    let (batch, block, rate) = if fast {
+        let ms = env_f64("BENCH_LATENCY_INTERVAL_MS", 20.0).max(1.0) as u64;
+        (Duration::from_millis(ms), Duration::from_millis(ms), 1e6)
+    } else {
+        (
+            Duration::from_millis(500),
+            Duration::from_millis(200),
+            50_000.0,
+        )
+    };
+    Shape {
+        batch,
+        block,
+        rate: Some(rate),
+        backpressure: Backpressure::default(),
+        early_tasks,
+    }
+}
 
 fn main() {
     let Some(only) = only_case(&CASES) else {
@@ -357,14 +418,23 @@ fn main() {
                     json!({"name": "plain_loop", "records_per_s_per_core": rate.round(), "records": 1_000_000})
                 );
             }
-            "natural_word_count_k2" => case(&only, Job::Owned, Backpressure::default()).await,
+            "natural_word_count_k2" => {
+                case(&only, Job::Owned, Shape::free(Backpressure::default())).await
+            }
             "natural_word_count_k2_backpressure_off" => {
-                case(&only, Job::Owned, Backpressure::off()).await
+                case(&only, Job::Owned, Shape::free(Backpressure::off())).await
             }
             "readme_word_count_k2" => {
-                case(&only, Job::Borrowed, Backpressure::default()).await
+                case(&only, Job::Borrowed, Shape::free(Backpressure::default())).await
             }
-            "sliced_word_count_k2" => case(&only, Job::Sliced, Backpressure::default()).await,
+            "sliced_word_count_k2" => {
+                case(&only, Job::Sliced, Shape::free(Backpressure::default())).await
+            }
+            "latency_50k_500ms" => case(&only, Job::Borrowed, latency_shape(false, true)).await,
+            "latency_50k_500ms_early_tasks_off" => {
+                case(&only, Job::Borrowed, latency_shape(false, false)).await
+            }
+            "latency_1m" => case(&only, Job::Borrowed, latency_shape(true, true)).await,
             other => panic!("unknown case {other}; cases: {CASES:?}"),
         }
     });

@@ -70,6 +70,10 @@ struct Args {
     /// Run without the write-ahead log.
     #[arg(long)]
     no_wal: bool,
+    /// Process each block only when its batch runs (by default a block's per-block work
+    /// starts as soon as it is acknowledged).
+    #[arg(long)]
+    no_early_tasks: bool,
     /// On a damaged write-ahead log, quarantine the damaged segments and go on (reporting
     /// what was lost) instead of refusing to start.
     #[arg(long)]
@@ -236,7 +240,8 @@ async fn main() -> anyhow::Result<()> {
             .batch_interval(Duration::from_millis(200))
             .block_interval(Duration::from_millis(50))
             .workers(local_workers)
-            .replication(replication);
+            .replication(replication)
+            .early_tasks(!args.no_early_tasks);
         if let Some(c) = cluster {
             builder = builder.cluster(c);
         }

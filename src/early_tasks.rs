@@ -109,3 +109,43 @@ impl EarlyTasks {
         self.state().started.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(seq: u64) -> BlockId {
+        BlockId { stream: 0, seq }
+    }
+
+    fn done() -> JoinHandle<Attempted> {
+        tokio::spawn(async { Ok((None, 0)) })
+    }
+
+    #[tokio::test]
+    async fn work_is_handed_to_its_batch_once_and_dropped_when_no_output_takes_it() {
+        let early = EarlyTasks::default();
+        // Nothing is started for a stream before a batch ran its tasks.
+        assert!(early.wanted(0).is_empty());
+        assert!(early
+            .take(&[block(0)], TaskId(3))
+            .iter()
+            .all(Option::is_none));
+        assert_eq!(early.wanted(0), [TaskId(3)]);
+        assert!(early.wanted(1).is_empty());
+        early.started(block(1), TaskId(3), done());
+        early.started(block(2), TaskId(3), done());
+        assert_eq!(early.pending(), 2);
+        let taken = early.take(&[block(1)], TaskId(3));
+        assert!(taken[0].is_some());
+        assert!(
+            early.take(&[block(1)], TaskId(3))[0].is_none(),
+            "taken once"
+        );
+        early.forget(&[block(2)]);
+        assert_eq!(early.pending(), 0);
+        early.started(block(3), TaskId(3), done());
+        early.clear();
+        assert_eq!(early.pending(), 0);
+    }
+}

@@ -230,6 +230,9 @@ pub const WORKERS_REFUSED_JOB_TOTAL: &str = "tributary_workers_refused_job_total
 pub const BATCHES_TOTAL: &str = "tributary_batches_total";
 /// Counter: batches that failed.
 pub const BATCHES_FAILED_TOTAL: &str = "tributary_batches_failed_total";
+/// Counter: batch boundaries skipped because batches were queued behind a slow one (their
+/// blocks went into the next batch).
+pub const BATCHES_SKIPPED_TOTAL: &str = "tributary_batches_skipped_total";
 /// Counter: records in completed batches.
 pub const BATCH_RECORDS_TOTAL: &str = "tributary_batch_records_total";
 /// Gauge: a receiver's adaptive ingestion rate (records per second), labelled `stream` (its

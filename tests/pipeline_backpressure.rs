@@ -144,3 +144,52 @@ async fn the_rate_never_exceeds_the_configured_maximum() {
         );
     }
 }
+
+/// The queue of batches waiting to run is bounded: behind a batch that takes 75 intervals, at
+/// most 16 wait; later boundaries are skipped and their blocks go into the next batch cut (one
+/// larger batch, not an ever longer queue). Nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_queued_behind_a_slow_one_are_bounded_and_nothing_is_lost() {
+    let interval = Duration::from_millis(20);
+    let ctx = StreamingContext::builder()
+        .batch_interval(interval)
+        .block_interval(interval)
+        .replication(1)
+        .backpressure(Backpressure::off())
+        .build()
+        .unwrap();
+    let sizes: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let s = sizes.clone();
+    ctx.receiver_stream(
+        "synthetic",
+        SyntheticReceiver::new().rate(2_000.0).chunk(2).limit(8_000),
+    )
+    .unwrap()
+    .count()
+    .for_each_batch(move |b| {
+        let n: u64 = b.records.iter().sum();
+        let mut s = s.lock().unwrap();
+        if n > 0 && s.is_empty() {
+            // The first batch with records takes 1.5 s: ~75 boundaries pass behind it.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        s.push(n);
+    })
+    .unwrap();
+    ctx.start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ctx.stop(true).await.unwrap();
+    let sizes = sizes.lock().unwrap().clone();
+    assert_eq!(
+        sizes.iter().sum::<u64>(),
+        8_000,
+        "every record once: {sizes:?}"
+    );
+    // ~40 records per 20 ms interval; the batch after the skipped boundaries holds dozens of
+    // intervals' worth.
+    let largest_after = sizes.iter().skip_while(|n| **n == 0).skip(1).max().copied();
+    assert!(
+        largest_after.unwrap_or(0) > 40 * 20,
+        "behind a slow batch, skipped boundaries must fold into one batch: {sizes:?}"
+    );
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 mod pipeline_support;
 
-use pipeline_support::{collect, drain, generate_then_hold, wait_until, Seqs};
+use pipeline_support::{
+    collect, drain, generate_then_hold, generate_then_hold_with, wait_until, Seqs,
+};
 use tributary::StreamingContext;
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -99,6 +101,41 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
         l.lost,
         std::collections::BTreeMap::from([(tributary::LossCause::WorkerLost, lost_records)])
     );
+}
+
+/// With early tasks, blocks processed before their worker died are not lost: their partial
+/// results are computed already. The accounting stays exact: lost = what was not processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_loss_with_k1_and_early_tasks_loses_only_what_was_not_processed() {
+    let n = 30_000;
+    let (ctx, seqs, mut reports) = generate_then_hold_with(2, 1, n, true).await;
+    let on_worker_0 = ctx
+        .block_locations()
+        .await
+        .iter()
+        .filter(|(_, at)| at == &vec![0])
+        .count();
+    assert!(ctx.kill_worker(0).await);
+    ctx.stop(true).await.unwrap();
+
+    let infos = drain(&mut reports);
+    let lost_blocks: usize = infos.iter().map(|i| i.lost_blocks).sum();
+    let lost_records: u64 = infos.iter().map(|i| i.lost_records).sum();
+    let processed = seqs.lock().unwrap().len() as u64;
+    assert!(lost_blocks <= on_worker_0, "{lost_blocks} > {on_worker_0}");
+    assert_eq!(
+        processed + lost_records,
+        n,
+        "lost = exactly what was not processed"
+    );
+    let mut got = seqs.lock().unwrap().clone();
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(got.len() as u64, processed, "no duplicates");
+    let ledger = &infos.last().expect("a batch").ledger;
+    let l = &ledger.streams["synthetic"];
+    assert!(ledger.balances(), "{ledger:?}");
+    assert_eq!((l.stored, l.completed, l.pending), (n, processed, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,13 @@ use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
 const INTERVAL: Duration = Duration::from_millis(500);
 
+/// Per batch: its time (ms), the earliest and latest creation time (ms) of its records, and
+/// how many.
+type Spans = Arc<Mutex<Vec<(i64, i64, i64, usize)>>>;
+
+/// Per batch: its time (ms), and when each of its blocks' tasks ran (ms).
+type Ran = Arc<Mutex<Vec<(i64, Vec<i64>)>>>;
+
 /// Timer slack: a boundary cut runs a little after its boundary.
 const SLACK_MS: i64 = 60;
 
@@ -28,7 +35,7 @@ async fn every_record_of_a_batch_was_stored_in_the_interval_it_closes() {
         .build()
         .unwrap();
     // (batch time ms, earliest and latest record creation ms in it, records)
-    let seen: Arc<Mutex<Vec<(i64, i64, i64, usize)>>> = Arc::default();
+    let seen: Spans = Arc::default();
     let s = seen.clone();
     ctx.receiver_stream(
         "synthetic",
@@ -84,7 +91,7 @@ async fn task_times(early: bool) -> Vec<(i64, Vec<i64>)> {
         .backpressure(Backpressure::off())
         .build()
         .unwrap();
-    let seen: Arc<Mutex<Vec<(i64, Vec<i64>)>>> = Arc::default();
+    let seen: Ran = Arc::default();
     let s = seen.clone();
     let now_ms = || {
         std::time::SystemTime::now()
@@ -92,27 +99,30 @@ async fn task_times(early: bool) -> Vec<(i64, Vec<i64>)> {
             .unwrap()
             .as_millis() as i64
     };
-    ctx.receiver_stream("synthetic", SyntheticReceiver::new().rate(5_000.0).chunk(10))
-        .unwrap()
-        .aggregate(
-            Vec::<i64>::new,
-            // One entry per block: when its task ran.
-            move |ran: &mut Vec<i64>, _l: ByteString| {
-                if ran.is_empty() {
-                    ran.push(now_ms());
-                }
-            },
-            |mut a, b| {
-                a.extend(b);
-                a
-            },
-        )
-        .for_each_batch(move |b| {
-            let t = b.time.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
-            let ran = b.records.into_iter().flatten().collect();
-            s.lock().unwrap().push((t, ran));
-        })
-        .unwrap();
+    ctx.receiver_stream(
+        "synthetic",
+        SyntheticReceiver::new().rate(5_000.0).chunk(10),
+    )
+    .unwrap()
+    .aggregate(
+        Vec::<i64>::new,
+        // One entry per block: when its task ran.
+        move |ran: &mut Vec<i64>, _l: ByteString| {
+            if ran.is_empty() {
+                ran.push(now_ms());
+            }
+        },
+        |mut a, b| {
+            a.extend(b);
+            a
+        },
+    )
+    .for_each_batch(move |b| {
+        let t = b.time.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let ran = b.records.into_iter().flatten().collect();
+        s.lock().unwrap().push((t, ran));
+    })
+    .unwrap();
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
     let mut batches = 0;

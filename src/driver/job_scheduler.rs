@@ -75,12 +75,13 @@ pub(crate) struct JobScheduler {
 impl JobScheduler {
     /// Starts the timer and the runner.
     pub(crate) fn start(parts: SchedulerParts) -> JobScheduler {
-        let (batch_tx, batch_rx) = mpsc::unbounded_channel();
+        // Room for the batches to re-run and the queue's bound.
+        let (batch_tx, batch_rx) = mpsc::channel(parts.rerun.len() + QUEUED_BATCHES);
         let (drain_tx, drain_rx) = oneshot::channel();
         let (ended_tx, ended_rx) = oneshot::channel();
         // Batches the previous run allocated but did not complete go first, unchanged.
         for batch in parts.rerun {
-            let _ = batch_tx.send(batch);
+            let _ = batch_tx.try_send(batch);
         }
         let timer = tokio::spawn(cut_batches(
             parts.clock,
@@ -151,20 +152,44 @@ impl JobScheduler {
     }
 }
 
+/// Batches cut and not run yet, at most: past this, a boundary is skipped (its blocks go
+/// into the next batch), so a job that falls far behind makes batches larger, not a queue
+/// longer. The adaptive rate keeps the queue near empty; this is the safety net.
+const QUEUED_BATCHES: usize = 16;
+
 /// At every batch boundary, the blocks of the batch it closes become one batch.
 async fn cut_batches(
     clock: BatchClock,
     tracker: TrackerHandle,
-    batches: mpsc::UnboundedSender<ScheduledBatch>,
+    batches: mpsc::Sender<ScheduledBatch>,
     mut drain: oneshot::Receiver<()>,
 ) {
     let mut k: u32 = 0;
+    let mut skipped = 0u64;
     loop {
         k += 1;
         let draining = tokio::select! {
             _ = tokio::time::sleep_until(clock.deadline(k)) => false,
             _ = &mut drain => true,
         };
+        // The queue is full: no batch at this boundary (the drain batch waits for room).
+        let permit = if draining {
+            batches.reserve().await
+        } else {
+            match batches.try_reserve() {
+                Ok(p) => Ok(p),
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    skipped += 1;
+                    metrics::counter!(crate::telemetry::BATCHES_SKIPPED_TOTAL).increment(1);
+                    if skipped.is_power_of_two() {
+                        tracing::warn!(queued = QUEUED_BATCHES, skipped, "batches are queued behind a slow one: a boundary is skipped, its blocks go into the next batch");
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => return,
+            }
+        };
+        let Ok(permit) = permit else { return };
         // The final (drain) batch is cut now rather than at the next boundary, and takes
         // every block acknowledged (the receivers have stopped).
         let time = if draining {
@@ -175,7 +200,8 @@ async fn cut_batches(
         let id = batch_id(time);
         match tracker.allocate(id, draining).await {
             Ok(Some(blocks)) => {
-                if batches.send((id, time, blocks)).is_err() || draining {
+                permit.send((id, time, blocks));
+                if draining {
                     return;
                 }
             }
@@ -204,7 +230,7 @@ impl Runner {
     /// Until the batch channel closes (`Ok`) or a batch fails under the Stop policy.
     async fn run(
         mut self,
-        mut batches: mpsc::UnboundedReceiver<ScheduledBatch>,
+        mut batches: mpsc::Receiver<ScheduledBatch>,
     ) -> Result<(), ContextError> {
         while let Some((id, time, batch)) = batches.recv().await {
             let started = SystemTime::now();

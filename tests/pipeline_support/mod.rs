@@ -36,11 +36,26 @@ pub fn drain(reports: &mut tokio::sync::broadcast::Receiver<BatchInfo>) -> Vec<B
 }
 
 /// Starts a job with long (5 s) batches, generates `n` records, and returns once they are all
-/// acknowledged and none processed yet.
+/// acknowledged and none processed yet (early tasks off: blocks wait for their batch).
 pub async fn generate_then_hold(
     workers: usize,
     k: usize,
     n: u64,
+) -> (
+    StreamingContext,
+    Seqs,
+    tokio::sync::broadcast::Receiver<BatchInfo>,
+) {
+    generate_then_hold_with(workers, k, n, false).await
+}
+
+/// [`generate_then_hold`], with early tasks `early` (on: blocks acknowledged after the first
+/// batch may be processed already).
+pub async fn generate_then_hold_with(
+    workers: usize,
+    k: usize,
+    n: u64,
+    early: bool,
 ) -> (
     StreamingContext,
     Seqs,
@@ -51,6 +66,7 @@ pub async fn generate_then_hold(
         .block_interval(Duration::from_millis(20))
         .workers(workers)
         .replication(k)
+        .early_tasks(early)
         .build()
         .unwrap();
     let source = SyntheticReceiver::new().limit(n).chunk(500);
