@@ -193,7 +193,7 @@ pub(crate) enum ExecMsg {
         /// one of them, from the first otherwise (a remote read).
         locations: Vec<WorkerId>,
         task: TaskId,
-        reply: oneshot::Sender<Result<Box<dyn Any + Send>, AttemptError>>,
+        reply: oneshot::Sender<Result<(Box<dyn Any + Send>, Duration), AttemptError>>,
     },
 }
 
@@ -244,7 +244,12 @@ impl Receiver for Executor {
         // slow or blocking task cannot stall receivers, timers or supervision. A panic in
         // `work` is re-raised here: `reply` is dropped (the scheduler retries elsewhere) and
         // the supervisor restarts this executor in place.
-        let result = match tokio::task::spawn_blocking(move || work(&block)).await {
+        let result = match tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            work(&block).map(|part| (part, started.elapsed()))
+        })
+        .await
+        {
             Ok(r) => r.map_err(|e| AttemptError::Failed(e.to_string())),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(AttemptError::Failed(e.to_string())),
@@ -422,6 +427,8 @@ pub(crate) struct TaskOutputs {
     pub(crate) retries: u32,
     /// Tasks that ran in worker processes.
     pub(crate) remote: u32,
+    /// Time the tasks' work took, summed (not their waits).
+    pub(crate) busy: Duration,
 }
 
 /// Partials larger than this are decoded on the blocking pool, not on the runtime.
@@ -463,6 +470,19 @@ impl TaskRunner {
             let work = tokio::spawn(async move { me.run_one(block, task).await });
             early.started(block, task, work);
         }
+    }
+
+    /// How many tasks can do work at once: the task slots of worker processes, and this
+    /// process's executors up to its cores (more executors than cores share them).
+    pub(crate) fn parallelism(&self) -> u32 {
+        let (slots, _) = self.pool.snapshot();
+        let local = slots
+            .iter()
+            .filter(|s| matches!(s.exec, ExecutorRef::Local(_)))
+            .count();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = local.min(cores) + (slots.len() - local);
+        u32::try_from(n.max(1)).unwrap_or(u32::MAX)
     }
 
     /// The batch of these blocks is done: early work no output took is dropped.
@@ -510,14 +530,16 @@ impl TaskRunner {
             lost: Vec::new(),
             retries: 0,
             remote: 0,
+            busy: Duration::ZERO,
         };
         for (block, r) in blocks.iter().zip(results) {
             let (part, retries) = r?;
             out.retries += retries;
             match part {
-                Some((p, remote)) => {
+                Some((p, remote, busy)) => {
                     out.parts.push(p);
                     out.remote += u32::from(remote);
+                    out.busy += busy;
                 }
                 None => out.lost.push(*block),
             }
@@ -563,7 +585,7 @@ impl TaskRunner {
                 }
             };
             match result {
-                Ok(part) => return Ok((Some((part, slot.node.is_some())), attempt)),
+                Ok((part, busy)) => return Ok((Some((part, slot.node.is_some(), busy)), attempt)),
                 Err(e) => last_error = e.to_string(),
             }
             tracing::warn!(%block, attempt = attempt + 1, error = %last_error, "task attempt failed; retrying");
@@ -584,7 +606,7 @@ impl TaskRunner {
         mut gone: watch::Receiver<bool>,
         block: BlockId,
         task: TaskId,
-    ) -> Result<Box<dyn Any + Send>, AttemptError> {
+    ) -> Result<(Box<dyn Any + Send>, Duration), AttemptError> {
         let def = self
             .tasks
             .get(task)
@@ -608,11 +630,12 @@ impl TaskRunner {
             () = lost => return Err(AttemptError::ExecutorDied),
         };
         match reply {
-            TaskReply::Done(bytes) if bytes.len() <= DECODE_INLINE_BYTES => decode(&bytes)
+            TaskReply::Done(bytes, busy_us) if bytes.len() <= DECODE_INLINE_BYTES => decode(&bytes)
+                .map(|p| (p, Duration::from_micros(busy_us)))
                 .map_err(|e| AttemptError::Failed(format!("a partial result did not decode: {e}"))),
-            TaskReply::Done(bytes) => {
+            TaskReply::Done(bytes, busy_us) => {
                 match tokio::task::spawn_blocking(move || decode(&bytes)).await {
-                    Ok(r) => r.map_err(|e| {
+                    Ok(r) => r.map(|p| (p, Duration::from_micros(busy_us))).map_err(|e| {
                         AttemptError::Failed(format!("a partial result did not decode: {e}"))
                     }),
                     Err(e) => Err(AttemptError::Failed(e.to_string())),
@@ -718,6 +741,8 @@ pub(crate) struct RunStats {
     pub(crate) lost: Vec<BlockId>,
     pub(crate) retries: u32,
     pub(crate) remote: u32,
+    /// Time the tasks' work took, summed.
+    pub(crate) busy: Duration,
 }
 
 impl BatchRun {
@@ -737,6 +762,7 @@ impl BatchRun {
             }
             s.retries += out.retries;
             s.remote += out.remote;
+            s.busy += out.busy;
         }
         Ok(out.parts)
     }

@@ -24,9 +24,12 @@ use tokio::task::JoinHandle;
 use crate::batch::{BatchError, TaskId};
 use crate::block::BlockId;
 
-/// A task's outcome: its partial (and whether it ran in a worker process), and the retries;
-/// `None`: the block has no replica left.
-pub(crate) type Attempted = Result<(Option<(Box<dyn Any + Send>, bool)>, u32), BatchError>;
+/// A task's outcome: its partial (whether it ran in a worker process, and how long its work
+/// took), and the retries; `None`: the block has no replica left.
+pub(crate) type Attempted = Result<(Option<Done>, u32), BatchError>;
+
+/// A task's partial result, whether it ran in a worker process, and how long its work took.
+pub(crate) type Done = (Box<dyn Any + Send>, bool, std::time::Duration);
 
 /// The early work in flight or done, per block and task. Cheap to clone.
 #[derive(Clone, Default)]

@@ -95,12 +95,15 @@ async fn run(
         Ok(_) => return TaskReply::NotLocal,
         Err(e) => return TaskReply::Failed(format!("the block store did not answer: {e}")),
     };
-    let work =
-        tokio::task::spawn_blocking(move || (def.run)(&block).and_then(|part| (def.encode)(part)));
+    let work = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let part = (def.run)(&block).and_then(|part| (def.encode)(part));
+        part.map(|p| (p, started.elapsed()))
+    });
     match work.await {
-        Ok(Ok(bytes)) => {
+        Ok(Ok((bytes, busy))) => {
             metrics::counter!(crate::telemetry::TASKS_RUN_REMOTELY_TOTAL).increment(1);
-            TaskReply::Done(bytes)
+            TaskReply::Done(bytes, u64::try_from(busy.as_micros()).unwrap_or(u64::MAX))
         }
         Ok(Err(e)) => TaskReply::Failed(e.to_string()),
         Err(e) if e.is_panic() => TaskReply::Failed(format!(

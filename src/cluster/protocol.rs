@@ -43,8 +43,8 @@ pub(crate) struct TaskRequest {
 /// How a task ran in a worker process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TaskReply {
-    /// Its partial result, encoded.
-    Done(Vec<u8>),
+    /// Its partial result, encoded, and how long the task's work took (µs).
+    Done(Vec<u8>, u64),
     /// This process does not hold the block (any more).
     NotLocal,
     /// The task failed (an error or a panic in the job's code), or is not in this job.
@@ -56,8 +56,9 @@ pub(crate) enum TaskReply {
 impl BytesConvertable for TaskReply {
     fn into_bytes(self) -> Vec<u8> {
         match self {
-            TaskReply::Done(mut bytes) => {
-                // The tag goes last: no copy of a large partial.
+            TaskReply::Done(mut bytes, busy_us) => {
+                // The time and the tag go last: no copy of a large partial.
+                bytes.extend_from_slice(&busy_us.to_le_bytes());
                 bytes.push(0);
                 bytes
             }
@@ -72,7 +73,13 @@ impl BytesConvertable for TaskReply {
     }
     fn from_bytes(mut bytes: Vec<u8>) -> Self {
         match bytes.pop() {
-            Some(0) => TaskReply::Done(bytes),
+            Some(0) if bytes.len() >= 8 => {
+                let at = bytes.len() - 8;
+                let mut busy = [0u8; 8];
+                busy.copy_from_slice(&bytes[at..]);
+                bytes.truncate(at);
+                TaskReply::Done(bytes, u64::from_le_bytes(busy))
+            }
             Some(1) if bytes.is_empty() => TaskReply::NotLocal,
             Some(2) => String::from_utf8(bytes).map_or(TaskReply::Damaged, TaskReply::Failed),
             _ => TaskReply::Damaged,
@@ -207,8 +214,8 @@ mod tests {
     #[test]
     fn replies_and_requests_survive_the_wire_and_damage_is_detected() {
         for r in [
-            TaskReply::Done(vec![1, 2, 3, 0]),
-            TaskReply::Done(Vec::new()),
+            TaskReply::Done(vec![1, 2, 3, 0], 17),
+            TaskReply::Done(Vec::new(), u64::MAX),
             TaskReply::NotLocal,
             TaskReply::Failed("boom".into()),
         ] {

@@ -316,10 +316,14 @@ impl Runner {
                     .by_stream
                     .iter()
                     .map(|(s, blocks)| (*s, blocks.iter().map(|(_, r)| u64::from(*r)).sum()));
+                // What the batch cost: its time at the boundary, or, when its tasks ran mostly
+                // before it (early tasks), their work spread over the executors, if longer.
+                // The time at the boundary alone would read a saturated job as idle.
+                let work = stats.busy / self.runner.parallelism();
                 rates.batch_done(
                     ended,
                     per_stream,
-                    info.processing_time,
+                    info.processing_time.max(work),
                     info.scheduling_delay,
                 );
             }
