@@ -186,6 +186,9 @@ pub(crate) enum AttemptError {
     Failed(String),
 }
 
+/// A task attempt's partial result and how long its work took.
+pub(crate) type Worked = (Box<dyn Any + Send>, Duration);
+
 pub(crate) enum ExecMsg {
     Run {
         block: BlockId,
@@ -193,7 +196,7 @@ pub(crate) enum ExecMsg {
         /// one of them, from the first otherwise (a remote read).
         locations: Vec<WorkerId>,
         task: TaskId,
-        reply: oneshot::Sender<Result<(Box<dyn Any + Send>, Duration), AttemptError>>,
+        reply: oneshot::Sender<Result<Worked, AttemptError>>,
     },
 }
 
@@ -606,7 +609,7 @@ impl TaskRunner {
         mut gone: watch::Receiver<bool>,
         block: BlockId,
         task: TaskId,
-    ) -> Result<(Box<dyn Any + Send>, Duration), AttemptError> {
+    ) -> Result<Worked, AttemptError> {
         let def = self
             .tasks
             .get(task)
