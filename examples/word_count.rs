@@ -47,6 +47,14 @@ struct Args {
     /// can, and the block budget makes them wait when the job falls behind.
     #[arg(long)]
     no_backpressure: bool,
+    /// The share of the job's measured speed the adaptive rate aims at (0 < share <= 1;
+    /// default 0.9, 1.0 is Spark's).
+    #[arg(long, value_name = "SHARE")]
+    utilization: Option<f64>,
+    /// Process each block only when its batch runs (by default a block's per-block work,
+    /// here splitting and counting its words, starts as soon as it is acknowledged).
+    #[arg(long)]
+    no_early_tasks: bool,
     /// In-process workers holding blocks.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -203,11 +211,19 @@ async fn main() -> anyhow::Result<()> {
         .block_interval(Duration::from_millis(args.batch_ms.min(200)))
         .workers(args.workers)
         .replication(args.replication)
-        .backpressure(match (args.no_backpressure, args.max_rate) {
-            (true, _) => Backpressure::off(),
-            (false, Some(max)) => Backpressure::default().max_rate(max),
-            (false, None) => Backpressure::default(),
+        .backpressure(if args.no_backpressure {
+            Backpressure::off()
+        } else {
+            let mut b = Backpressure::default();
+            if let Some(max) = args.max_rate {
+                b = b.max_rate(max);
+            }
+            if let Some(share) = args.utilization {
+                b = b.utilization(share);
+            }
+            b
         })
+        .early_tasks(!args.no_early_tasks)
         // Bad lines are skipped (Resume); a lost connection reconnects (Restart, with backoff).
         .receiver_strategy(recommended_strategy);
     let cookie = match std::env::var("TRIBUTARY_COOKIE") {

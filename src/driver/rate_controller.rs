@@ -45,6 +45,7 @@ pub struct Backpressure {
     pub(crate) initial: f64,
     pub(crate) min: f64,
     pub(crate) max: Option<f64>,
+    pub(crate) utilization: f64,
 }
 
 impl Default for Backpressure {
@@ -54,6 +55,7 @@ impl Default for Backpressure {
             initial: 1_000.0,
             min: 100.0,
             max: None,
+            utilization: 0.9,
         }
     }
 }
@@ -89,7 +91,22 @@ impl Backpressure {
         self
     }
 
+    /// The share of the job's measured speed the rate aims at (default 0.9; 1.0 is Spark's,
+    /// which settles with every batch taking its whole interval). Below 1, the executors
+    /// keep up with the blocks as they arrive and a batch's output follows its boundary
+    /// closely; a job slowed for a moment drains its backlog instead of carrying it on.
+    pub fn utilization(mut self, share: f64) -> Self {
+        self.utilization = share;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.utilization > 0.0 && self.utilization <= 1.0) {
+            return Err(ConfigError::new(
+                "backpressure.utilization",
+                "must be above 0 and at most 1 (the share of the job's speed to aim at)",
+            ));
+        }
         let positive = |r: f64| r.is_finite() && r > 0.0;
         if !positive(self.min) {
             return Err(ConfigError::new(
@@ -164,6 +181,8 @@ impl RateCell {
 struct Pid {
     batch_interval: f64,
     min: f64,
+    /// The share of the processing rate aimed at.
+    utilization: f64,
     first: bool,
     latest_time: f64,
     latest_rate: f64,
@@ -175,10 +194,11 @@ const INTEGRAL: f64 = 0.2;
 const DERIVATIVE: f64 = 0.0;
 
 impl Pid {
-    fn new(batch_interval: Duration, min: f64) -> Pid {
+    fn new(batch_interval: Duration, min: f64, utilization: f64) -> Pid {
         Pid {
             batch_interval: batch_interval.as_secs_f64(),
             min,
+            utilization,
             first: true,
             latest_time: f64::NEG_INFINITY,
             latest_rate: -1.0,
@@ -199,7 +219,7 @@ impl Pid {
         if time <= self.latest_time || records == 0 || processing <= 0.0 {
             return None;
         }
-        let processing_rate = records as f64 / processing;
+        let processing_rate = self.utilization * records as f64 / processing;
         if self.first {
             // As if the last rate had been the processing rate: no error yet, only the backlog.
             self.latest_rate = processing_rate;
@@ -281,10 +301,10 @@ impl RateController {
             .as_secs_f64();
         let mut pids = lock(&self.pids);
         for (stream, n) in records {
-            let (interval, min) = (self.batch_interval, self.cfg.min);
+            let (interval, min, share) = (self.batch_interval, self.cfg.min, self.cfg.utilization);
             let pid = pids
                 .entry(stream)
-                .or_insert_with(|| Pid::new(interval, min));
+                .or_insert_with(|| Pid::new(interval, min, share));
             let Some(rate) =
                 pid.compute(time, n, processing.as_secs_f64(), scheduling.as_secs_f64())
             else {
@@ -380,7 +400,7 @@ mod tests {
 
     #[test]
     fn empty_batches_change_nothing_and_the_minimum_holds() {
-        let mut pid = Pid::new(Duration::from_secs(1), 100.0);
+        let mut pid = Pid::new(Duration::from_secs(1), 100.0, 1.0);
         assert_eq!(
             pid.compute(1.0, 1000, 0.1, 0.0),
             Some(10_000.0),
@@ -411,5 +431,26 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("initial_rate"), "{e}");
+        for share in [0.0, 1.5, f64::NAN] {
+            let e = Backpressure::default()
+                .utilization(share)
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains("utilization"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_rate_aims_at_the_configured_share_of_the_job_speed() {
+        for (share, lo, hi) in [
+            (0.9, 4_400_000.0, 4_600_000.0),
+            (1.0, 4_900_000.0, 5_050_000.0),
+        ] {
+            let cfg = Backpressure::default().utilization(share);
+            let (rates, delays) = simulate(|_| 5_000_000.0, 40, cfg);
+            let mean = rates[30..].iter().sum::<f64>() / 10.0;
+            assert!((lo..=hi).contains(&mean), "share {share}: {rates:?}");
+            assert!(delays[30..].iter().all(|d| *d < 0.1), "{delays:?}");
+        }
     }
 }
