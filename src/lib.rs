@@ -12,14 +12,16 @@
 //!         Supervisor tree  ◄── failures ── ReceiverTracker ◄── block metadata
 //!         (one-for-one, per-error                              │
 //!          directives, 10 restarts/min)                        ▼
-//!                                  JobScheduler: every batch interval ──► BatchExecutors
+//!                      (acknowledged ──► early tasks) JobScheduler: every batch interval
+//!                                             ──► merge + output, in batch order
 //! ```
 //!
 //! Available today: receivers as actors ([`Receiver`]) and the [`Store`] they write to;
 //! supervision trees ([`Supervisor`], [`Strategy`], [`Directive`]) with restart limits, backoff
 //! and an event stream; and the in-process block pipeline: a [`StreamingContext`] cuts stored
-//! records into [`Block`]s, replicates them on `k` workers, and runs the user's [`DStream`]
-//! operations on supervised executors every batch interval; with a checkpoint directory and the
+//! records into [`Block`]s (cut at every batch boundary too), replicates them on `k` workers,
+//! runs the user's [`DStream`] per-block operations on supervised executors as blocks are
+//! acknowledged, and merges and outputs each batch at its boundary; with a checkpoint directory and the
 //! [`wal`] (write-ahead log), acknowledged records survive a killed process
 //! ([`StreamingContext::get_or_create`], [`Store::store_reliably`]).
 //!
