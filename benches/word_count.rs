@@ -26,7 +26,7 @@
 //! * `latency_50k_500ms` (and `…_early_tasks_off`): README's job fed at 50 k records/s,
 //!   500 ms batches, 200 ms blocks (the setting of the Spark and Flink latency figures);
 //!   `latency_1m`: at 1 M records/s with `BENCH_LATENCY_INTERVAL_MS` (default 20) batches and
-//!   blocks.
+//!   blocks. `BENCH_BACKPRESSURE=off` turns the adaptive rate off in these cases.
 //!
 //! `BENCH_SECONDS` (default 60) is the measured window, `BENCH_WARMUP` (default 20) the
 //! warm-up before it; `BENCH_ONLY=<case>` runs one case (each case runs in a process of its own).
@@ -353,6 +353,7 @@ async fn case(name: &str, job: Job, shape: Shape) {
             "batch_records_median": pick(&sizes, 0.5),
             "batch_records_max": sizes.last().copied().unwrap_or(0),
             "max_scheduling_delay_ms": o.infos.iter().map(|i| i.scheduling_delay.as_millis()).max().unwrap_or(0),
+            "max_processing_ms": o.infos.iter().map(|i| i.processing_time.as_millis()).max().unwrap_or(0),
             "latency_p50_ms": pick(&lat, 0.5),
             "latency_p99_ms": pick(&lat, 0.99),
             "cpu_s_per_m_records": if records > 0 { (o.cpu / (records as f64 / 1e6) * 100.0).round() / 100.0 } else { 0.0 },
@@ -395,11 +396,15 @@ fn latency_shape(fast: bool, early_tasks: bool) -> Shape {
             50_000.0,
         )
     };
+    let backpressure = match std::env::var("BENCH_BACKPRESSURE").as_deref() {
+        Ok("off") => Backpressure::off(),
+        _ => Backpressure::default(),
+    };
     Shape {
         batch,
         block,
         rate: Some(rate),
-        backpressure: Backpressure::default(),
+        backpressure,
         early_tasks,
     }
 }
