@@ -470,7 +470,7 @@ impl TaskRunner {
         };
         for task in early.wanted(block.stream) {
             let me = self.clone();
-            let work = tokio::spawn(async move { me.run_one(block, task).await });
+            let work = tokio::spawn(async move { me.run_one(block, TaskId(task)).await });
             early.started(block, task, work);
         }
     }
@@ -510,7 +510,7 @@ impl TaskRunner {
         task: TaskId,
     ) -> Result<TaskOutputs, BatchError> {
         let started = match &self.early {
-            Some(early) => early.take(blocks, task),
+            Some(early) => early.take(blocks, task.0),
             None => Vec::new(),
         };
         let mut started = started.into_iter();

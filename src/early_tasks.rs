@@ -21,8 +21,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
-use crate::batch::{BatchError, TaskId};
 use crate::block::BlockId;
+use crate::error::BatchError;
+
+/// A task of the job's registry, by its index (`batch::TaskId`'s number).
+pub(crate) type Task = u32;
 
 /// A task's outcome: its partial (whether it ran in a worker process, and how long its work
 /// took), and the retries; `None`: the block has no replica left.
@@ -38,7 +41,7 @@ pub(crate) struct EarlyTasks(Arc<Mutex<State>>);
 #[derive(Default)]
 struct State {
     /// The tasks the outputs ran over each stream's blocks.
-    wanted: HashMap<u32, Vec<TaskId>>,
+    wanted: HashMap<u32, Vec<Task>>,
     started: HashMap<(BlockId, u32), JoinHandle<Attempted>>,
 }
 
@@ -48,7 +51,7 @@ impl EarlyTasks {
     }
 
     /// The tasks to start now for an acknowledged block of `stream`.
-    pub(crate) fn wanted(&self, stream: u32) -> Vec<TaskId> {
+    pub(crate) fn wanted(&self, stream: u32) -> Vec<Task> {
         self.state()
             .wanted
             .get(&stream)
@@ -57,8 +60,8 @@ impl EarlyTasks {
     }
 
     /// Keeps the early work of `task` over `block`.
-    pub(crate) fn started(&self, block: BlockId, task: TaskId, work: JoinHandle<Attempted>) {
-        if let Some(old) = self.state().started.insert((block, task.0), work) {
+    pub(crate) fn started(&self, block: BlockId, task: Task, work: JoinHandle<Attempted>) {
+        if let Some(old) = self.state().started.insert((block, task), work) {
             old.abort();
         }
     }
@@ -68,7 +71,7 @@ impl EarlyTasks {
     pub(crate) fn take(
         &self,
         blocks: &[BlockId],
-        task: TaskId,
+        task: Task,
     ) -> Vec<Option<JoinHandle<Attempted>>> {
         let mut s = self.state();
         if let Some(first) = blocks.first() {
@@ -79,7 +82,7 @@ impl EarlyTasks {
         }
         blocks
             .iter()
-            .map(|b| s.started.remove(&(*b, task.0)))
+            .map(|b| s.started.remove(&(*b, task)))
             .collect()
     }
 
@@ -89,7 +92,7 @@ impl EarlyTasks {
         if s.started.is_empty() {
             return;
         }
-        let tasks: Vec<u32> = s.wanted.values().flatten().map(|t| t.0).collect();
+        let tasks: Vec<Task> = s.wanted.values().flatten().copied().collect();
         for b in blocks {
             for t in &tasks {
                 if let Some(work) = s.started.remove(&(*b, *t)) {
@@ -130,24 +133,18 @@ mod tests {
         let early = EarlyTasks::default();
         // Nothing is started for a stream before a batch ran its tasks.
         assert!(early.wanted(0).is_empty());
-        assert!(early
-            .take(&[block(0)], TaskId(3))
-            .iter()
-            .all(Option::is_none));
-        assert_eq!(early.wanted(0), [TaskId(3)]);
+        assert!(early.take(&[block(0)], 3).iter().all(Option::is_none));
+        assert_eq!(early.wanted(0), [3]);
         assert!(early.wanted(1).is_empty());
-        early.started(block(1), TaskId(3), done());
-        early.started(block(2), TaskId(3), done());
+        early.started(block(1), 3, done());
+        early.started(block(2), 3, done());
         assert_eq!(early.pending(), 2);
-        let taken = early.take(&[block(1)], TaskId(3));
+        let taken = early.take(&[block(1)], 3);
         assert!(taken[0].is_some());
-        assert!(
-            early.take(&[block(1)], TaskId(3))[0].is_none(),
-            "taken once"
-        );
+        assert!(early.take(&[block(1)], 3)[0].is_none(), "taken once");
         early.forget(&[block(2)]);
         assert_eq!(early.pending(), 0);
-        early.started(block(3), TaskId(3), done());
+        early.started(block(3), 3, done());
         early.clear();
         assert_eq!(early.pending(), 0);
     }

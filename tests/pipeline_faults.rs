@@ -53,10 +53,13 @@ async fn worker_loss_with_k2_loses_nothing_and_restores_k_replicas() {
     assert_eq!(infos.iter().map(|i| i.records).sum::<u64>(), n);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
+/// With k = 1, worker 0 killed after `n` records were acknowledged, then a graceful stop:
+/// what was lost is reported exactly (processed + lost = n, no duplicates, the ledger
+/// balances, every loss to the worker). Returns (blocks on worker 0 at the kill, blocks
+/// reported lost, records reported lost).
+async fn kill_worker_0_with_k1(early: bool) -> (usize, usize, u64) {
     let n = 30_000;
-    let (ctx, seqs, mut reports) = generate_then_hold(2, 1, n).await;
+    let (ctx, seqs, mut reports) = generate_then_hold_with(2, 1, n, early).await;
     let on_worker_0 = ctx
         .block_locations()
         .await
@@ -64,7 +67,6 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
         .filter(|(_, at)| at == &vec![0])
         .count();
     assert!(on_worker_0 > 0);
-
     assert!(ctx.kill_worker(0).await);
     ctx.stop(true).await.unwrap();
 
@@ -72,11 +74,6 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
     let lost_blocks: usize = infos.iter().map(|i| i.lost_blocks).sum();
     let lost_records: u64 = infos.iter().map(|i| i.lost_records).sum();
     let processed = seqs.lock().unwrap().len() as u64;
-    assert_eq!(
-        lost_blocks, on_worker_0,
-        "every block of the dead worker reported lost"
-    );
-    assert!(lost_records > 0);
     assert_eq!(
         processed + lost_records,
         n,
@@ -94,48 +91,32 @@ async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
     let ledger = &infos.last().expect("a batch").ledger;
     let l = &ledger.streams["synthetic"];
     assert!(ledger.balances(), "{ledger:?}");
-    assert_eq!(l.stored, n);
-    assert_eq!(l.completed, processed);
-    assert_eq!(l.pending, 0);
-    assert_eq!(
-        l.lost,
+    assert_eq!((l.stored, l.completed, l.pending), (n, processed, 0));
+    let expected_lost = if lost_records > 0 {
         std::collections::BTreeMap::from([(tributary::LossCause::WorkerLost, lost_records)])
+    } else {
+        std::collections::BTreeMap::new()
+    };
+    assert_eq!(l.lost, expected_lost);
+    (on_worker_0, lost_blocks, lost_records)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_loss_with_k1_reports_exactly_what_was_lost() {
+    let (on_worker_0, lost_blocks, lost_records) = kill_worker_0_with_k1(false).await;
+    assert_eq!(
+        lost_blocks, on_worker_0,
+        "every block of the dead worker reported lost"
     );
+    assert!(lost_records > 0);
 }
 
 /// With early tasks, blocks processed before their worker died are not lost: their partial
 /// results are computed already. The accounting stays exact: lost = what was not processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_loss_with_k1_and_early_tasks_loses_only_what_was_not_processed() {
-    let n = 30_000;
-    let (ctx, seqs, mut reports) = generate_then_hold_with(2, 1, n, true).await;
-    let on_worker_0 = ctx
-        .block_locations()
-        .await
-        .iter()
-        .filter(|(_, at)| at == &vec![0])
-        .count();
-    assert!(ctx.kill_worker(0).await);
-    ctx.stop(true).await.unwrap();
-
-    let infos = drain(&mut reports);
-    let lost_blocks: usize = infos.iter().map(|i| i.lost_blocks).sum();
-    let lost_records: u64 = infos.iter().map(|i| i.lost_records).sum();
-    let processed = seqs.lock().unwrap().len() as u64;
+    let (on_worker_0, lost_blocks, _) = kill_worker_0_with_k1(true).await;
     assert!(lost_blocks <= on_worker_0, "{lost_blocks} > {on_worker_0}");
-    assert_eq!(
-        processed + lost_records,
-        n,
-        "lost = exactly what was not processed"
-    );
-    let mut got = seqs.lock().unwrap().clone();
-    got.sort_unstable();
-    got.dedup();
-    assert_eq!(got.len() as u64, processed, "no duplicates");
-    let ledger = &infos.last().expect("a batch").ledger;
-    let l = &ledger.streams["synthetic"];
-    assert!(ledger.balances(), "{ledger:?}");
-    assert_eq!((l.stored, l.completed, l.pending), (n, processed, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,21 @@ type Ran = Arc<Mutex<Vec<(i64, Vec<i64>)>>>;
 /// Timer slack: a boundary cut runs a little after its boundary.
 const SLACK_MS: i64 = 60;
 
+/// Waits for `n` batch reports (bounded).
+async fn wait_batches(
+    reports: &mut tokio::sync::broadcast::Receiver<tributary::BatchInfo>,
+    n: usize,
+) {
+    let mut batches = 0;
+    while batches < n {
+        match tokio::time::timeout(Duration::from_secs(20), reports.recv()).await {
+            Ok(Ok(_)) => batches += 1,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            other => panic!("no batch report: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_of_a_batch_was_stored_in_the_interval_it_closes() {
     let ctx = StreamingContext::builder()
@@ -52,14 +67,7 @@ async fn every_record_of_a_batch_was_stored_in_the_interval_it_closes() {
     .unwrap();
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
-    let mut batches = 0;
-    while batches < 8 {
-        match tokio::time::timeout(Duration::from_secs(20), reports.recv()).await {
-            Ok(Ok(_)) => batches += 1,
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            other => panic!("no batch report: {other:?}"),
-        }
-    }
+    wait_batches(&mut reports, 8).await;
     ctx.stop(true).await.unwrap();
     let seen = seen.lock().unwrap().clone();
     // The first batch can hold records from before the context's first boundary interval
@@ -125,14 +133,7 @@ async fn task_times(early: bool) -> Vec<(i64, Vec<i64>)> {
     .unwrap();
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
-    let mut batches = 0;
-    while batches < 6 {
-        match tokio::time::timeout(Duration::from_secs(20), reports.recv()).await {
-            Ok(Ok(_)) => batches += 1,
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            other => panic!("no batch report: {other:?}"),
-        }
-    }
+    wait_batches(&mut reports, 6).await;
     ctx.stop(true).await.unwrap();
     let seen = seen.lock().unwrap().clone();
     seen
