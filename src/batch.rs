@@ -24,6 +24,7 @@ pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerId;
 use crate::cluster::protocol::{TaskHostMsg, TaskReply, TaskRequest};
+use crate::direct::{DirectRange, DirectStreams, OffsetRange, RangeSink, DIRECT_STREAM_BASE};
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::early_tasks::{Attempted, EarlyTasks};
 pub use crate::error::BatchError;
@@ -40,6 +41,10 @@ pub struct Batch<T> {
     pub time: SystemTime,
     /// The records, in block order (blocks in stream and sequence order).
     pub records: Vec<T>,
+    /// For a stream read from a [`DirectSource`](crate::DirectSource): the offset ranges
+    /// this batch covers, per partition (write them with the output, in one transaction, for
+    /// exactly-once without idempotent keys). Empty for receiver streams.
+    pub offsets: Vec<OffsetRange>,
 }
 
 /// What happened to one batch, reported to [`StreamingContext::subscribe_batches`](crate::StreamingContext::subscribe_batches).
@@ -47,7 +52,7 @@ pub struct Batch<T> {
 pub struct BatchInfo {
     /// The batch id.
     pub id: BatchId,
-    /// Records in the batch's blocks.
+    /// Records in the batch's blocks and offset ranges.
     pub records: u64,
     /// Blocks in the batch.
     pub blocks: usize,
@@ -71,6 +76,8 @@ pub struct BatchInfo {
     /// Where every acknowledged record stands after this batch, per receiver: stored =
     /// completed + pending + lost (each loss with its cause).
     pub ledger: crate::checkpoint::Ledger,
+    /// The offset ranges the batch read, per direct stream (by name).
+    pub offsets: BTreeMap<String, Vec<OffsetRange>>,
 }
 
 /// The work of one task: runs over a block and returns a partial result.
@@ -198,6 +205,12 @@ pub(crate) enum ExecMsg {
         task: TaskId,
         reply: oneshot::Sender<Result<Worked, AttemptError>>,
     },
+    /// Read a direct stream's offset range, then run `task` over its records.
+    RunRange {
+        range: DirectRange,
+        task: TaskId,
+        reply: oneshot::Sender<Result<Worked, AttemptError>>,
+    },
 }
 
 impl ractor::Message for ExecMsg {}
@@ -207,6 +220,49 @@ pub(crate) struct Executor {
     pub(crate) worker: WorkerId,
     pub(crate) blocks: BlockManagerMaster,
     pub(crate) tasks: TaskRegistry,
+    /// The job's direct streams (their ranges are read here).
+    pub(crate) direct: DirectStreams,
+    /// The block size: a range is read as one block.
+    pub(crate) max_block_bytes: usize,
+}
+
+impl Executor {
+    /// Reads `range` from its source as one block.
+    async fn read_range(&self, range: &DirectRange) -> Result<Block, AttemptError> {
+        let Some(s) = self.direct.get(range.stream) else {
+            return Err(AttemptError::Failed(format!(
+                "no direct stream {}",
+                range.stream
+            )));
+        };
+        let mut sink = RangeSink::new(self.max_block_bytes);
+        s.source
+            .read(range.range, range.identity.as_deref(), &mut sink)
+            .await
+            .map_err(|e| AttemptError::Failed(format!("direct stream `{}`: {e}", s.name)))?;
+        let (data, records) = sink.into_data();
+        // The recorded count is what the batch promised: a source that reads something else
+        // now has changed under its offsets.
+        if records != range.range.records {
+            return Err(AttemptError::Failed(format!(
+                "direct stream `{}`: {} offsets {}..{} held {} records when planned, {records} when read",
+                s.name,
+                s.source.describe(range.range.partition),
+                range.range.from,
+                range.range.until,
+                range.range.records
+            )));
+        }
+        Ok(Block {
+            id: BlockId {
+                stream: range.stream,
+                seq: range.range.from,
+            },
+            created: SystemTime::now(),
+            records: u32::try_from(records).unwrap_or(u32::MAX),
+            data,
+        })
+    }
 }
 
 impl Receiver for Executor {
@@ -224,23 +280,34 @@ impl Receiver for Executor {
         msg: ExecMsg,
         done: &mut u64,
     ) -> Result<(), BoxError> {
-        let ExecMsg::Run {
-            block,
-            locations,
-            task,
-            reply,
-        } = msg;
+        let (block, task, reply) = match msg {
+            ExecMsg::Run {
+                block,
+                locations,
+                task,
+                reply,
+            } => {
+                let from = if locations.contains(&self.worker) || locations.is_empty() {
+                    self.worker
+                } else {
+                    locations[0]
+                };
+                let Some(block) = self.blocks.get_from(from, block).await else {
+                    let _ = reply.send(Err(AttemptError::NotLocal));
+                    return Ok(());
+                };
+                (block, task, reply)
+            }
+            ExecMsg::RunRange { range, task, reply } => match self.read_range(&range).await {
+                Ok(block) => (block, task, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+            },
+        };
         let Some(work) = self.tasks.get(task).map(|t| t.run.clone()) else {
             let _ = reply.send(Err(AttemptError::Failed(format!("unknown task {task:?}"))));
-            return Ok(());
-        };
-        let from = if locations.contains(&self.worker) || locations.is_empty() {
-            self.worker
-        } else {
-            locations[0]
-        };
-        let Some(block) = self.blocks.get_from(from, block).await else {
-            let _ = reply.send(Err(AttemptError::NotLocal));
             return Ok(());
         };
         // User code runs on the blocking pool, never on the runtime's worker threads, so a
@@ -550,6 +617,98 @@ impl TaskRunner {
         Ok(out)
     }
 
+    /// Runs `task` over the records of each direct-stream range (read on the executors of
+    /// this process; a failed attempt reads the same range again, on another executor).
+    pub(crate) async fn run_ranges(
+        &self,
+        ranges: &[DirectRange],
+        task: TaskId,
+    ) -> Result<TaskOutputs, BatchError> {
+        let futures = ranges.iter().map(|r| self.run_range(r, task));
+        let results = futures::future::join_all(futures).await;
+        let mut out = TaskOutputs {
+            parts: Vec::with_capacity(ranges.len()),
+            lost: Vec::new(),
+            retries: 0,
+            remote: 0,
+            busy: Duration::ZERO,
+        };
+        for r in results {
+            let ((part, busy), retries) = r?;
+            out.parts.push(part);
+            out.retries += retries;
+            out.busy += busy;
+        }
+        Ok(out)
+    }
+
+    /// One range's task with retries, on the least busy executor of this process.
+    async fn run_range(
+        &self,
+        range: &DirectRange,
+        task: TaskId,
+    ) -> Result<(Worked, u32), BatchError> {
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last_error = String::from("not attempted");
+        let id = BlockId {
+            stream: range.stream,
+            seq: range.range.from,
+        };
+        for attempt in 0..self.attempts {
+            let (slots, _) = self.pool.snapshot();
+            let local = |s: &&Arc<Slot>| matches!(s.exec, ExecutorRef::Local(_)) && s.running();
+            let slot = slots
+                .iter()
+                .filter(local)
+                .filter(|s| !tried.contains(&s.id))
+                .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+                .or_else(|| {
+                    slots
+                        .iter()
+                        .filter(local)
+                        .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+                })
+                .cloned();
+            let Some(slot) = slot else {
+                return Err(BatchError::NoExecutor);
+            };
+            tried.push(slot.id);
+            slot.in_flight.fetch_add(1, Ordering::Relaxed);
+            let result = {
+                let _in_flight = InFlight(&slot.in_flight);
+                match &slot.exec {
+                    ExecutorRef::Local(exec) => {
+                        let (tx, rx) = oneshot::channel();
+                        let msg = ExecMsg::RunRange {
+                            range: range.clone(),
+                            task,
+                            reply: tx,
+                        };
+                        if exec.send(msg).is_err() {
+                            Err(AttemptError::ExecutorDied)
+                        } else {
+                            rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
+                        }
+                    }
+                    ExecutorRef::Remote { .. } => Err(AttemptError::NotLocal),
+                }
+            };
+            match result {
+                Ok(worked) => return Ok((worked, attempt)),
+                Err(e) => last_error = e.to_string(),
+            }
+            tracing::warn!(block = %id, partition = range.range.partition, from = range.range.from, until = range.range.until, attempt = attempt + 1, error = %last_error, "direct range task failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
+        }
+        Err(BatchError::RangeTaskFailed {
+            partition: range.range.partition,
+            from: range.range.from,
+            until: range.range.until,
+            attempts: self.attempts,
+            last_error,
+        })
+    }
+
     /// One task with retries: its partial and whether it ran in a worker process, and the
     /// retries. `None`: the block has no replica left (lost, reported).
     async fn run_one(&self, block: BlockId, task: TaskId) -> Attempted {
@@ -697,6 +856,8 @@ pub(crate) struct BatchBlocks {
     pub(crate) by_stream: BTreeMap<u32, Vec<(BlockId, u32)>>,
     /// A batch allocated before a driver restart, run again by recovery.
     pub(crate) recovered: bool,
+    /// The offset ranges of direct streams, in stream and partition order.
+    pub(crate) ranges: Vec<DirectRange>,
 }
 
 impl BatchBlocks {
@@ -716,11 +877,31 @@ impl BatchBlocks {
     }
 
     pub(crate) fn records(&self) -> u64 {
+        let ranges: u64 = self.ranges.iter().map(|r| r.range.records).sum();
         self.by_stream
             .values()
             .flatten()
             .map(|(_, r)| u64::from(*r))
-            .sum()
+            .sum::<u64>()
+            + ranges
+    }
+
+    /// The ranges of direct stream `stream`.
+    pub(crate) fn ranges_of(&self, stream: u32) -> Vec<DirectRange> {
+        self.ranges
+            .iter()
+            .filter(|r| r.stream == stream)
+            .cloned()
+            .collect()
+    }
+
+    /// The offset ranges of direct stream `stream`, as handed to its outputs.
+    pub(crate) fn offsets(&self, stream: u32) -> Vec<OffsetRange> {
+        self.ranges
+            .iter()
+            .filter(|r| r.stream == stream)
+            .map(|r| r.range)
+            .collect()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -755,8 +936,13 @@ impl BatchRun {
         stream: u32,
         task: TaskId,
     ) -> Result<Vec<Box<dyn Any + Send>>, BatchError> {
-        let ids = self.blocks.ids(stream);
-        let out = self.runner.run(&ids, task).await?;
+        let out = if stream >= DIRECT_STREAM_BASE {
+            self.runner
+                .run_ranges(&self.blocks.ranges_of(stream), task)
+                .await?
+        } else {
+            self.runner.run(&self.blocks.ids(stream), task).await?
+        };
         if let Ok(mut s) = self.stats.lock() {
             for id in out.lost {
                 if !s.lost.contains(&id) {

@@ -76,6 +76,12 @@ pub struct Payloads<'a> {
     rest: &'a [u8],
 }
 
+impl<'a> Payloads<'a> {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
+        Payloads { rest: data }
+    }
+}
+
 impl<'a> Iterator for Payloads<'a> {
     type Item = Result<&'a [u8], DecodeError>;
 

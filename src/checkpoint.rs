@@ -98,6 +98,9 @@ pub(crate) struct Allocation {
     pub(crate) time_ms: u64,
     /// `(stream, seq, records)`.
     pub(crate) blocks: Vec<(u32, u64, u32)>,
+    /// The offset ranges of direct streams the batch reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) ranges: Vec<crate::direct::DirectRange>,
 }
 
 /// Why records were lost (see [`Ledger`]).
@@ -209,6 +212,13 @@ pub(crate) struct DriverState {
     /// Acknowledged, unprocessed blocks known to be gone, and why (until their batch ends).
     #[serde(default, with = "as_missing")]
     pub(crate) missing: BTreeMap<(u32, u64), LossCause>,
+    /// Per direct stream and partition: where the next range starts (the end of the last
+    /// logged one) and the partition's identity.
+    #[serde(default, with = "as_next_offsets")]
+    pub(crate) direct_next: crate::driver::direct_planner::NextOffsets,
+    /// The last batch id completed (batches complete in id order).
+    #[serde(default)]
+    pub(crate) last_completed: u64,
 }
 
 impl DriverState {
@@ -238,10 +248,24 @@ impl DriverState {
                 // A batch already completed (its blocks are within the processed prefix) is
                 // an entry the checkpoint holds already: replaying it must not make it
                 // pending again (its completion would be counted twice).
-                let completed = !a.blocks.is_empty()
-                    && a.blocks
+                let completed = if a.blocks.is_empty() {
+                    a.id <= self.last_completed
+                } else {
+                    a.blocks
                         .iter()
-                        .all(|b| self.processed_through.get(&b.0).is_some_and(|p| b.1 <= *p));
+                        .all(|b| self.processed_through.get(&b.0).is_some_and(|p| b.1 <= *p))
+                };
+                for r in &a.ranges {
+                    let key = (r.stream, r.range.partition);
+                    if self
+                        .direct_next
+                        .get(&key)
+                        .is_none_or(|(n, _)| *n <= r.range.until)
+                    {
+                        self.direct_next
+                            .insert(key, (r.range.until, r.identity.clone()));
+                    }
+                }
                 if completed {
                     self.last_batch = self.last_batch.max(a.id);
                     return;
@@ -281,6 +305,7 @@ impl DriverState {
                     }
                 }
                 self.last_batch = self.last_batch.max(done.id);
+                self.last_completed = self.last_completed.max(done.id);
             }
         }
     }
@@ -315,6 +340,28 @@ impl DriverState {
         self.processed_through
             .get(&id.stream)
             .is_some_and(|p| id.seq <= *p)
+    }
+}
+
+/// `(stream, partition) -> (offset, identity)` as a list.
+mod as_next_offsets {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::driver::direct_planner::NextOffsets;
+
+    type Row = (u32, u32, u64, Option<String>);
+
+    pub(super) fn serialize<S: Serializer>(m: &NextOffsets, s: S) -> Result<S::Ok, S::Error> {
+        let rows: Vec<Row> = m
+            .iter()
+            .map(|(k, v)| (k.0, k.1, v.0, v.1.clone()))
+            .collect();
+        rows.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<NextOffsets, D::Error> {
+        let rows = Vec::<Row>::deserialize(d)?;
+        Ok(rows.into_iter().map(|r| ((r.0, r.1), (r.2, r.3))).collect())
     }
 }
 
@@ -649,6 +696,7 @@ mod tests {
             id: 1000,
             time_ms: 1000,
             blocks: vec![(0, 0, 10)],
+            ranges: vec![],
         })
         .unwrap();
         log.added(BlockId { stream: 1, seq: 0 }, 7).unwrap();
@@ -656,6 +704,7 @@ mod tests {
             id: 2000,
             time_ms: 2000,
             blocks: vec![(0, 1, 5)],
+            ranges: vec![],
         })
         .unwrap();
         log.completed(Completion {

@@ -32,6 +32,8 @@ pub enum ReceiverPlacement {
 pub struct StreamingContextBuilder {
     pub(crate) batch_interval: Duration,
     pub(crate) block_interval: Duration,
+    /// Whether `block_interval` was set (else it follows a shorter batch interval).
+    block_interval_set: bool,
     pub(crate) workers: usize,
     pub(crate) replication: usize,
     pub(crate) executors: usize,
@@ -81,7 +83,8 @@ impl Default for StreamingContextBuilder {
     fn default() -> Self {
         StreamingContextBuilder {
             batch_interval: Duration::from_secs(1),
-            block_interval: Duration::from_millis(200),
+            block_interval: DEFAULT_BLOCK_INTERVAL,
+            block_interval_set: false,
             workers: 2,
             replication: 2,
             executors: 2,
@@ -108,15 +111,23 @@ impl Default for StreamingContextBuilder {
     }
 }
 
+/// The block interval unless set (or the batch interval is shorter).
+const DEFAULT_BLOCK_INTERVAL: Duration = Duration::from_millis(200);
+
 impl StreamingContextBuilder {
     /// Every `interval`, the blocks received in it form one batch (default 1 s).
     pub fn batch_interval(mut self, interval: Duration) -> Self {
         self.batch_interval = interval;
+        if !self.block_interval_set {
+            self.block_interval = DEFAULT_BLOCK_INTERVAL.min(interval);
+        }
         self
     }
-    /// Receivers' records are cut into a block every `interval` (default 200 ms).
+    /// Receivers' records are cut into a block every `interval` (default 200 ms, or the
+    /// batch interval if that is shorter). Must not be longer than the batch interval.
     pub fn block_interval(mut self, interval: Duration) -> Self {
         self.block_interval = interval;
+        self.block_interval_set = true;
         self
     }
     /// In-process workers holding blocks (default 2).

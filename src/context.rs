@@ -34,7 +34,9 @@ use crate::checkpoint::Ledger;
 use crate::cluster::node::DriverNode;
 use crate::cluster::{WorkerConfig, WorkerExit};
 use crate::config::StreamingContextBuilder;
+use crate::direct::{DirectOptions, DirectSource, DirectStream, DirectStreams, DIRECT_STREAM_BASE};
 use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::direct_planner::DirectPlanner;
 use crate::driver::job_scheduler::{JobScheduler, SchedulerParts};
 use crate::driver::rate_controller::RateController;
 use crate::driver::receiver_tracker::{
@@ -74,8 +76,24 @@ impl StreamingContextBuilder {
 #[derive(Default)]
 struct Defined {
     receivers: Vec<PendingReceiver>,
+    direct: Vec<DirectStream>,
     outputs: Vec<OutputFn>,
     tasks: Vec<TaskDef>,
+}
+
+impl Defined {
+    /// The job's stream names as the checkpoint marker and the job's fingerprint hold them:
+    /// receivers, then direct streams.
+    fn marker_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.receivers.iter().map(|r| r.name.clone()).collect();
+        let direct: Vec<String> = self.direct.iter().map(|d| d.name.clone()).collect();
+        names.extend(DirectStreams::marker_names(&direct));
+        names
+    }
+
+    fn name_taken(&self, name: &str) -> bool {
+        self.receivers.iter().any(|r| r.name == name) || self.direct.iter().any(|d| d.name == name)
+    }
 }
 
 /// Where the context is in its life.
@@ -332,7 +350,7 @@ impl StreamingContext {
             return Err(ContextError::AlreadyStarted);
         }
         let mut d = lock(&self.inner.defined);
-        if d.receivers.iter().any(|r| r.name == name) {
+        if d.name_taken(&name) {
             return Err(ConfigError::new(
                 "receiver name",
                 format!("`{name}` is already used by another stream"),
@@ -357,6 +375,86 @@ impl StreamingContext {
             stream,
             name,
             start,
+        });
+        drop(d);
+        Ok(DStream::source(stream, self.inner.clone()))
+    }
+
+    /// A stream read from a replayable source by offset, exactly once: at every batch
+    /// boundary the driver decides each partition's offset range (from where the last batch
+    /// ended, up to what the source holds now), logs the ranges with the batch, and the
+    /// batch's tasks read exactly those ranges (a retry or a restart reads the same ranges
+    /// again). No receiver, no write-ahead log. Each batch handed to
+    /// [`DStream::for_each_batch`] carries its [`offsets`](crate::Batch::offsets); with output
+    /// keyed by batch id (or written with the offsets in one transaction), every record is in
+    /// the output once, whatever crashes. Recovery needs a checkpoint directory
+    /// ([`get_or_create`](Self::get_or_create)); without one, a new run starts from the
+    /// source's start offsets.
+    ///
+    /// The adaptive rate (backpressure) applies; see [`direct_stream_with`](Self::direct_stream_with)
+    /// for a fixed rate per partition. A range is read as one block: a record larger than
+    /// [`max_block_bytes`](crate::StreamingContextBuilder::max_block_bytes) stops the stream
+    /// with an error naming it, never dropped. Ranges are read by the executors in the
+    /// driver's process.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// # fn source() -> impl tributary::DirectSource { todo!() }
+    /// use tributary::{ByteString, StreamingContext};
+    /// let ctx = StreamingContext::get_or_create("/var/lib/my-job", |b| b.build().map_err(Into::into))?;
+    /// ctx.direct_stream("events", source())?
+    ///     .map(|line: ByteString| line.len() as u64)
+    ///     .for_each_batch(|batch| println!("{} {:?}: {:?}", batch.id, batch.offsets, batch.records))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn direct_stream<S, T>(
+        &self,
+        name: impl Into<String>,
+        source: S,
+    ) -> Result<DStream<T>, ContextError>
+    where
+        S: DirectSource,
+        T: Record,
+    {
+        self.direct_stream_with(name, source, DirectOptions::default())
+    }
+
+    /// [`direct_stream`](Self::direct_stream) with settings (a maximum rate per partition).
+    pub fn direct_stream_with<S, T>(
+        &self,
+        name: impl Into<String>,
+        source: S,
+        options: DirectOptions,
+    ) -> Result<DStream<T>, ContextError>
+    where
+        S: DirectSource,
+        T: Record,
+    {
+        let name = name.into();
+        if !matches!(*lock(&self.inner.phase), Phase::Defining) {
+            return Err(ContextError::AlreadyStarted);
+        }
+        if options.max_rate_per_partition == Some(0) {
+            return Err(ConfigError::new(
+                "max_rate_per_partition",
+                "must be at least 1 record per second (leave it unset for no limit)",
+            )
+            .into());
+        }
+        let mut d = lock(&self.inner.defined);
+        if d.name_taken(&name) {
+            return Err(ConfigError::new(
+                "direct stream name",
+                format!("`{name}` is already used by another stream"),
+            )
+            .into());
+        }
+        let stream = DIRECT_STREAM_BASE + u32::try_from(d.direct.len()).unwrap_or(u32::MAX >> 1);
+        d.direct.push(DirectStream {
+            stream,
+            name,
+            source: Arc::new(source),
+            options,
         });
         drop(d);
         Ok(DStream::source(stream, self.inner.clone()))
@@ -387,11 +485,7 @@ impl StreamingContext {
             )
             .into());
         }
-        let names: Vec<String> = lock(&ctx.inner.defined)
-            .receivers
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
+        let names = lock(&ctx.inner.defined).marker_names();
         crate::checkpoint::load(dir, &names)?;
         Ok(ctx)
     }
@@ -429,16 +523,17 @@ impl StreamingContext {
     /// at once. A `stop` called meanwhile makes `start` undo its work and return
     /// [`ContextError::StoppedDuringStart`].
     pub async fn start(&self) -> Result<(), ContextError> {
-        let (receivers, outputs, tasks) = {
+        let (receivers, direct, outputs, tasks) = {
             let mut phase = lock(&self.inner.phase);
             if !matches!(*phase, Phase::Defining) {
                 return Err(ContextError::AlreadyStarted);
             }
             *phase = Phase::Starting { stop: None };
             let mut d = lock(&self.inner.defined);
-            let names: Vec<String> = d.receivers.iter().map(|r| r.name.clone()).collect();
+            let names = d.marker_names();
             (
                 std::mem::take(&mut d.receivers),
+                DirectStreams(Arc::new(std::mem::take(&mut d.direct))),
                 std::mem::take(&mut d.outputs),
                 TaskRegistry::new(std::mem::take(&mut d.tasks), &names),
             )
@@ -450,7 +545,10 @@ impl StreamingContext {
             inner: self.inner.clone(),
         };
         let built = match guard.stages.as_mut() {
-            Some(stages) => self.build_stages(stages, receivers, outputs, tasks).await,
+            Some(stages) => {
+                self.build_stages(stages, receivers, direct, outputs, tasks)
+                    .await
+            }
             None => Err(ContextError::NotRunning),
         };
         let mut stages = guard.stages.take().unwrap_or_default();
@@ -507,6 +605,7 @@ impl StreamingContext {
         &self,
         stages: &mut Stages,
         receivers: Vec<PendingReceiver>,
+        direct: DirectStreams,
         outputs: Vec<OutputFn>,
         tasks: TaskRegistry,
     ) -> Result<(SupervisorHandle, BlockManagerMaster, TrackerHandle), ContextError> {
@@ -517,7 +616,9 @@ impl StreamingContext {
         };
 
         // Recovery: file I/O only, on the blocking pool.
-        let names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
+        let mut names: Vec<String> = receivers.iter().map(|r| r.name.clone()).collect();
+        let direct_names: Vec<String> = direct.0.iter().map(|d| d.name.clone()).collect();
+        names.extend(DirectStreams::marker_names(&direct_names));
         let streams: Vec<u32> = receivers.iter().map(|r| r.stream).collect();
         let (dir, wal, wrap) = (
             cfg.checkpoint_dir.clone(),
@@ -530,6 +631,7 @@ impl StreamingContext {
         })
         .await
         .map_err(|e| start_err("recovery", &e))??;
+        let direct_next = recovered.decisions.direct_next.clone();
         if let Some(r) = &recovered.report {
             report_recovery(r);
         }
@@ -607,6 +709,8 @@ impl StreamingContext {
                 worker,
                 blocks: blocks.clone(),
                 tasks: tasks.clone(),
+                direct: direct.clone(),
+                max_block_bytes: cfg.max_block_bytes,
             };
             let r = executors
                 .spawn_receiver(ReceiverSpec::new(format!("executor-{i}"), exec, store))
@@ -663,7 +767,20 @@ impl StreamingContext {
         tracker.start_receivers().await?;
         self.inner.check_stop()?;
 
-        // The JobScheduler.
+        // The JobScheduler, and the planner of the direct streams' ranges (from where the
+        // logged batches ended).
+        let planner = DirectPlanner::new(
+            direct.clone(),
+            direct_next,
+            cfg.batch_interval,
+            rates.clone(),
+            cfg.max_block_bytes,
+        );
+        let direct_names = direct
+            .0
+            .iter()
+            .map(|d| (d.stream, d.name.clone()))
+            .collect();
         stages.scheduler = Some(JobScheduler::start(SchedulerParts {
             clock,
             policy: cfg.on_batch_failure,
@@ -678,6 +795,8 @@ impl StreamingContext {
             reports: lock(&self.inner.batches)
                 .clone()
                 .unwrap_or_else(|| broadcast::channel(1).0),
+            direct: planner,
+            direct_names,
         }));
         Ok((receivers, blocks, handle))
     }
@@ -717,8 +836,9 @@ impl StreamingContext {
                 return Err(ContextError::AlreadyStarted);
             }
             let mut d = lock(&self.inner.defined);
-            let names: Vec<String> = d.receivers.iter().map(|r| r.name.clone()).collect();
+            let names = d.marker_names();
             d.outputs.clear();
+            d.direct.clear();
             let cfg = &self.inner.config;
             let factory = cfg.clone();
             let receivers = crate::cluster::receiver_host::ReceiverJob {

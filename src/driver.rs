@@ -8,6 +8,8 @@
 //!  WorkerMonitor ────► worker processes joining and leaving; heartbeats and fencing
 //!  ReceiverTracker ──► receivers and their placement, acknowledged blocks, durability,
 //!                      metadata log and write-ahead logs
+//!  DirectPlanner ────► each batch's offset ranges of direct (replayable) streams, decided
+//!                      at the boundary and logged with the batch's blocks
 //!  JobScheduler ─────► batch cuts, allocation (asked of the tracker), ordered batch runs;
 //!                      reports its own end on a channel
 //! ```
@@ -17,6 +19,7 @@
 //! workers (block stores, executors) is plain data: ids, names and blocks of bytes.
 
 pub(crate) mod block_manager_master;
+pub(crate) mod direct_planner;
 pub(crate) mod job_scheduler;
 pub(crate) mod rate_controller;
 pub(crate) mod receiver_tracker;

@@ -185,6 +185,21 @@ pub enum BatchError {
         /// The last attempt's error.
         last_error: String,
     },
+    /// A direct stream's range task failed on every attempt (the range is read again on a
+    /// restart: nothing is skipped).
+    #[error("task for offsets {from}..{until} of partition {partition} failed after {attempts} attempts: {last_error}")]
+    RangeTaskFailed {
+        /// The partition.
+        partition: u32,
+        /// The range's first offset.
+        from: u64,
+        /// The offset after the range.
+        until: u64,
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last_error: String,
+    },
     /// The output function failed or panicked.
     #[error("output operation failed: {0}")]
     Output(String),

@@ -127,6 +127,7 @@ pub mod cluster;
 pub mod checkpoint;
 mod config;
 mod context;
+pub mod direct;
 mod driver;
 mod early_tasks;
 mod error;
@@ -145,6 +146,9 @@ pub use block_manager::BlockError;
 pub use checkpoint::{Ledger, LossCause, StreamLedger};
 pub use config::{ReceiverPlacement, StreamingContextBuilder};
 pub use context::{ContextError, StreamingContext};
+pub use direct::{
+    DirectOptions, DirectSource, OffsetRange, PlannedRange, RangeLimits, RangeSink, SourceError,
+};
 pub use driver::rate_controller::Backpressure;
 pub use driver::{OnBatchFailure, RecoveryReport};
 pub use error::{

@@ -373,6 +373,7 @@ impl<T: Send + 'static> DStream<T> {
                     id: run.id,
                     time: run.time,
                     records,
+                    offsets: run.blocks.offsets(stream),
                 };
                 off_runtime(move || {
                     let mut f = f.lock().unwrap_or_else(|p| p.into_inner());

@@ -249,3 +249,8 @@ pub const WAL_RECOVERED_TOTAL: &str = "tributary_wal_recovered_total";
 /// Gauge: the ledger, per receiver stream (`stream` label) and `kind` (stored, completed,
 /// pending, lost), after each batch.
 pub const LEDGER_RECORDS: &str = "tributary_ledger_records";
+/// Counter: batch boundaries at which a direct stream's source was unavailable (its records
+/// wait in the source; retried with backoff), labelled `stream` (its name).
+pub const DIRECT_SOURCE_UNAVAILABLE_TOTAL: &str = "tributary_direct_source_unavailable_total";
+/// Counter: records read from direct streams' offset ranges, labelled `stream` (its name).
+pub const DIRECT_RECORDS_TOTAL: &str = "tributary_direct_records_total";

@@ -7,6 +7,7 @@
 //! | --- | --- | --- |
 //! | [`publisher::SubscriberReceiver`] | `publisher` | an actor that pushes messages to its subscribers (Spark's `ActorReceiver` / Akka feeder pattern) |
 //! | [`socket::SocketTextReceiver`] | `socket` | newline-delimited text from a TCP server |
+//! | [`file_log::FileLog`] (a replayable source, for `direct_stream`) | `file-log` | a directory of append-only newline-delimited logs, one per partition; offsets are byte positions |
 //! | [`synthetic::SyntheticReceiver`] | `synthetic` | generated 100-byte text records with sequence numbers and timestamps |
 #![warn(
     missing_docs,
@@ -23,3 +24,6 @@ pub mod synthetic;
 
 #[cfg(feature = "socket")]
 pub mod socket;
+
+#[cfg(feature = "file-log")]
+pub mod file_log;

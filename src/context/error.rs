@@ -38,6 +38,16 @@ pub enum ContextError {
     /// The cluster layer failed (e.g. a worker could not join its driver).
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// A direct stream's source failed in a way retrying cannot fix (a partition gone, a
+    /// file truncated or replaced under a recorded offset, a record larger than a block).
+    /// Its offsets stay recorded: fix the source and start again, nothing is skipped.
+    #[error("direct stream `{stream}`: {error}")]
+    DirectSource {
+        /// The stream.
+        stream: String,
+        /// What failed, naming the partition and offsets.
+        error: String,
+    },
     /// A batch failed and the context is configured to stop on batch failure.
     #[error("{id} failed: {error}")]
     BatchFailed {

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::batch::{BatchInfo, BatchRun, RunStats, TaskRunner};
+use crate::batch::{BatchBlocks, BatchInfo, BatchRun, RunStats, TaskRunner};
 use crate::batch_clock::{batch_id, BatchClock};
 use std::collections::HashMap;
 
@@ -28,6 +28,7 @@ use crate::block::BlockId;
 use crate::checkpoint::{CheckpointError, LossCause};
 use crate::context::error::ContextError;
 use crate::driver::block_manager_master::BlockManagerMaster;
+use crate::driver::direct_planner::DirectPlanner;
 use crate::driver::rate_controller::RateController;
 use crate::driver::receiver_tracker::TrackerHandle;
 use crate::driver::recovery::ScheduledBatch;
@@ -61,6 +62,10 @@ pub(crate) struct SchedulerParts {
     /// The adaptive rates, fed each batch's figures (backpressure on).
     pub(crate) rates: Option<RateController>,
     pub(crate) reports: broadcast::Sender<BatchInfo>,
+    /// Decides the offset ranges of direct streams at each boundary.
+    pub(crate) direct: DirectPlanner,
+    /// Direct streams' names, by stream id.
+    pub(crate) direct_names: HashMap<u32, String>,
 }
 
 /// The running scheduler: its timer and runner tasks and its end channel.
@@ -81,11 +86,12 @@ impl JobScheduler {
         let (ended_tx, ended_rx) = oneshot::channel();
         // Batches the previous run allocated but did not complete go first, unchanged.
         for batch in parts.rerun {
-            let _ = batch_tx.try_send(batch);
+            let _ = batch_tx.try_send(Ok(batch));
         }
         let timer = tokio::spawn(cut_batches(
             parts.clock,
             parts.tracker.clone(),
+            parts.direct,
             batch_tx,
             drain_rx,
         ));
@@ -99,6 +105,7 @@ impl JobScheduler {
             reports: parts.reports,
             policy: parts.policy,
             rates: parts.rates,
+            direct_names: parts.direct_names,
         };
         let runner = tokio::spawn(async move {
             let tasks = runner.runner.clone();
@@ -161,7 +168,8 @@ const QUEUED_BATCHES: usize = 16;
 async fn cut_batches(
     clock: BatchClock,
     tracker: TrackerHandle,
-    batches: mpsc::Sender<ScheduledBatch>,
+    mut direct: DirectPlanner,
+    batches: mpsc::Sender<Result<ScheduledBatch, ContextError>>,
     mut drain: oneshot::Receiver<()>,
 ) {
     let mut k: u32 = 0;
@@ -198,9 +206,26 @@ async fn cut_batches(
             clock.time(k)
         };
         let id = batch_id(time);
-        match tracker.allocate(id, draining).await {
+        // The direct streams' ranges, decided now and logged with the batch.
+        let ranges = if direct.is_empty() {
+            Vec::new()
+        } else {
+            match direct.plan().await {
+                Ok(r) => r,
+                Err(e) => {
+                    permit.send(Err(ContextError::DirectSource {
+                        stream: e.stream,
+                        error: e.error,
+                    }));
+                    return;
+                }
+            }
+        };
+        match tracker.allocate(id, draining, ranges.clone()).await {
             Ok(Some(blocks)) => {
-                permit.send((id, time, blocks));
+                // Logged: the next ranges start where these end.
+                direct.commit(&ranges);
+                permit.send(Ok((id, time, blocks)));
                 if draining {
                     return;
                 }
@@ -211,6 +236,22 @@ async fn cut_batches(
             Err(_) => return,
         }
     }
+}
+
+/// A batch's offset ranges per direct stream name.
+fn offsets_by_name(
+    batch: &BatchBlocks,
+    names: &HashMap<u32, String>,
+) -> std::collections::BTreeMap<String, Vec<crate::direct::OffsetRange>> {
+    let mut out: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+    for r in &batch.ranges {
+        let name = names
+            .get(&r.stream)
+            .cloned()
+            .unwrap_or_else(|| r.stream.to_string());
+        out.entry(name).or_default().push(r.range);
+    }
+    out
 }
 
 /// Runs batches in order.
@@ -224,15 +265,17 @@ struct Runner {
     reports: broadcast::Sender<BatchInfo>,
     policy: OnBatchFailure,
     rates: Option<RateController>,
+    direct_names: HashMap<u32, String>,
 }
 
 impl Runner {
     /// Until the batch channel closes (`Ok`) or a batch fails under the Stop policy.
     async fn run(
         mut self,
-        mut batches: mpsc::Receiver<ScheduledBatch>,
+        mut batches: mpsc::Receiver<Result<ScheduledBatch, ContextError>>,
     ) -> Result<(), ContextError> {
-        while let Some((id, time, batch)) = batches.recv().await {
+        while let Some(next) = batches.recv().await {
+            let (id, time, batch) = next?;
             let started = SystemTime::now();
             let batch = Arc::new(batch);
             let run = BatchRun {
@@ -255,7 +298,7 @@ impl Runner {
             // died) is not run again: it has nothing to compute, and its outputs may already
             // have been applied before the crash, complete; running them again with no records
             // would replace that result. It is reported with its losses like any other batch.
-            let mut all_lost = batch.recovered && !all.is_empty();
+            let mut all_lost = batch.recovered && !all.is_empty() && batch.ranges.is_empty();
             for b in &all {
                 if !all_lost {
                     break;
@@ -310,12 +353,20 @@ impl Runner {
                 remote_tasks: stats.remote,
                 failed: failed.as_ref().map(|e| e.to_string()),
                 ledger: logged.clone().ok().flatten().unwrap_or_default(),
+                offsets: offsets_by_name(&batch, &self.direct_names),
             };
             if let Some(rates) = &self.rates {
-                let per_stream = batch
+                let mut per_stream: Vec<(u32, u64)> = batch
                     .by_stream
                     .iter()
-                    .map(|(s, blocks)| (*s, blocks.iter().map(|(_, r)| u64::from(*r)).sum()));
+                    .map(|(s, blocks)| (*s, blocks.iter().map(|(_, r)| u64::from(*r)).sum()))
+                    .collect();
+                for r in &batch.ranges {
+                    match per_stream.iter_mut().find(|(s, _)| *s == r.stream) {
+                        Some((_, n)) => *n += r.range.records,
+                        None => per_stream.push((r.stream, r.range.records)),
+                    }
+                }
                 // What the batch cost: its time at the boundary, or, when its tasks ran mostly
                 // before it (early tasks), their work spread over the executors, if longer.
                 // The time at the boundary alone would read a saturated job as idle.

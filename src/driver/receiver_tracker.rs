@@ -36,6 +36,7 @@ use crate::checkpoint::{
     Allocation, Completion, DriverState, Entry, Ledger, LossCause, MetadataLog,
 };
 use crate::context::error::ContextError;
+use crate::direct::DirectRange;
 use crate::driver::block_manager_master::{BlockManagerMaster, ClusterEvent};
 use crate::driver::rate_controller::RateController;
 use crate::driver::remote_receivers::{Host, Push, RemoteReceivers};
@@ -119,6 +120,8 @@ enum Command {
         id: BatchId,
         /// Take every acknowledged block, whatever its stamp, without waiting (the last batch).
         all: bool,
+        /// The offset ranges of direct streams, logged with the blocks.
+        ranges: Vec<DirectRange>,
         reply: oneshot::Sender<Result<BatchBlocks, String>>,
     },
     Completed {
@@ -168,9 +171,16 @@ impl TrackerHandle {
         &self,
         id: BatchId,
         all: bool,
+        ranges: Vec<DirectRange>,
     ) -> Result<Option<BatchBlocks>, String> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Allocate { id, all, reply }).is_err() {
+        let cmd = Command::Allocate {
+            id,
+            all,
+            ranges,
+            reply,
+        };
+        if self.tx.send(cmd).is_err() {
             return Ok(None);
         }
         match rx.await {
@@ -652,6 +662,7 @@ async fn forward_losses(mut lost: mpsc::UnboundedReceiver<WorkerId>, remote: Arc
 /// An allocation request waiting for the streams' marks.
 struct ParkedAlloc {
     id: BatchId,
+    ranges: Vec<DirectRange>,
     reply: oneshot::Sender<Result<BatchBlocks, String>>,
 }
 
@@ -710,7 +721,7 @@ impl TrackerState {
                             .map(|(s, _)| *s)
                             .collect();
                         tracing::debug!(id = %p.id, ?behind, "streams did not mark the boundary in time; their late blocks go into the next batch");
-                        self.allocate(p.id, false, p.reply).await;
+                        self.allocate(p.id, false, p.ranges, p.reply).await;
                     }
                 },
                 event = cluster.recv(), if cluster_open => match event {
@@ -760,6 +771,7 @@ impl TrackerState {
         &mut self,
         id: BatchId,
         all: bool,
+        ranges: Vec<DirectRange>,
         reply: oneshot::Sender<Result<BatchBlocks, String>>,
     ) {
         let mut b = BatchBlocks::default();
@@ -788,7 +800,8 @@ impl TrackerState {
         for v in b.by_stream.values_mut() {
             v.sort_by_key(|(bid, _)| bid.seq);
         }
-        if b.len() > 0 {
+        b.ranges = ranges;
+        if b.len() > 0 || !b.ranges.is_empty() {
             let alloc = Allocation {
                 id: id.0,
                 time_ms: id.0,
@@ -798,6 +811,7 @@ impl TrackerState {
                     .flatten()
                     .map(|(bid, r)| (bid.stream, bid.seq, *r))
                     .collect(),
+                ranges: b.ranges.clone(),
             };
             let logged = alloc.clone();
             if let Err(e) = self.log(move |m| m.allocated(logged)).await {
@@ -840,12 +854,17 @@ impl TrackerState {
                 }
                 let _ = reply.send(r);
             }
-            Command::Allocate { id, all, reply } => {
+            Command::Allocate {
+                id,
+                all,
+                ranges,
+                reply,
+            } => {
                 if all || self.grace.is_zero() || self.marked(id) {
-                    self.allocate(id, all, reply).await;
+                    self.allocate(id, all, ranges, reply).await;
                 } else {
                     let until = tokio::time::Instant::now() + self.grace;
-                    self.parked = Some((ParkedAlloc { id, reply }, until));
+                    self.parked = Some((ParkedAlloc { id, ranges, reply }, until));
                 }
             }
             Command::Mark { stream, upto } => {
@@ -853,7 +872,7 @@ impl TrackerState {
                 *m = (*m).max(upto);
                 if self.parked.as_ref().is_some_and(|(p, _)| self.marked(p.id)) {
                     if let Some((p, _)) = self.parked.take() {
-                        self.allocate(p.id, false, p.reply).await;
+                        self.allocate(p.id, false, p.ranges, p.reply).await;
                     }
                 }
             }
@@ -870,7 +889,8 @@ impl TrackerState {
                         .map(|(b, cause)| (b.stream, b.seq, *cause))
                         .collect(),
                 };
-                if !blocks.is_empty() {
+                // Logged when the batch was (it has blocks or offset ranges).
+                if self.decisions.pending.contains_key(&id.0) {
                     // Logged before the blocks are released, so that a crash in between
                     // re-runs the batch rather than losing it. A failed write is retried a few
                     // times (a full disk may free up); after that the blocks are kept and the

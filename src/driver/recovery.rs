@@ -295,6 +295,7 @@ fn plan(
             restore_one(&mut in_wal, (bid, records), &mut report);
             bb.by_stream.entry(stream).or_default().push((bid, records));
         }
+        bb.ranges = alloc.ranges.clone();
         report.rerun_batches.push(BatchId(*id));
         out.rerun.push((
             BatchId(*id),

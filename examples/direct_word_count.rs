@@ -1,0 +1,253 @@
+//! Run: cargo run --example direct_word_count
+//!
+//! Word count over a replayable source, exactly once: no receiver, no write-ahead log. The
+//! source is a file log (a directory of append-only files, one per partition, one record per
+//! line; offsets are byte positions). At every batch boundary the driver decides each
+//! partition's offset range and logs it with the batch; the batch's tasks read exactly those
+//! ranges. Each batch's word counts go to `OUT/batches/<batch id>` (replaced atomically,
+//! with the batch's offset ranges on its first line): output keyed by batch id, so a batch
+//! re-run after a crash rewrites the same file with the same contents.
+//!
+//! With no arguments it writes `--generate` lines of text into `DIR/input` (4 partitions),
+//! counts them, and stops once it has caught up. Try a crash: `kill -9` it while it runs,
+//! start it again with the same `--dir`: the batches it had logged run again on the same
+//! ranges, then it goes on where they ended. Across any number of crashes, the batch files
+//! hold every input line's words exactly once.
+//!
+//! `--input DIR` reads another file log (e.g. one your program appends to with
+//! `tributary_receivers::file_log::FileLogWriter`); `--follow` keeps reading it until Ctrl-C
+//! or `--seconds`. A file truncated or replaced under a recorded offset, or a partition file
+//! that disappears, stops the job with an error naming the file and the offsets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use tributary::{Backpressure, ByteString, DirectOptions, StreamingContext};
+use tributary_receivers::file_log::{FileLog, FileLogWriter};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Checkpoint directory (the metadata log with every batch's offset ranges).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The file log to read (default: DIR/input, generated first).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Where batch files go (default: DIR/out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Lines to write into the default input before starting (when it is empty).
+    #[arg(long, default_value_t = 200_000)]
+    generate: u64,
+    /// Partitions of the generated input.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Batch interval in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    batch_ms: u64,
+    /// At most this many records per second per partition (Spark's maxRatePerPartition).
+    #[arg(long)]
+    max_rate_per_partition: Option<u64>,
+    /// Turn the adaptive rate off (with no --max-rate-per-partition a batch reads all there is).
+    #[arg(long)]
+    no_backpressure: bool,
+    /// Keep reading after catching up (until Ctrl-C or --seconds).
+    #[arg(long)]
+    follow: bool,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    seconds: Option<u64>,
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: readers see the old
+/// contents or the new, never a part.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Lines of a few words each, spread over the partitions (round robin).
+fn generate(input: &Path, lines: u64, partitions: u32) -> anyhow::Result<()> {
+    const WORDS: [&str; 8] = [
+        "stream", "block", "batch", "offset", "replay", "driver", "worker", "record",
+    ];
+    let mut writers = (0..partitions.max(1))
+        .map(|p| FileLogWriter::open(input, p))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for i in 0..lines {
+        let n = writers.len() as u64;
+        let w = &mut writers[(i % n) as usize];
+        let line = format!(
+            "{} {} {}",
+            WORDS[(i % 8) as usize],
+            WORDS[(i / 8 % 8) as usize],
+            WORDS[(i / 64 % 8) as usize]
+        );
+        w.append(line.as_bytes())?;
+    }
+    for w in &mut writers {
+        w.sync()?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("tributary-direct-word-count"));
+    let input = match &args.input {
+        Some(i) => i.clone(),
+        None => {
+            let input = dir.join("input");
+            let empty = std::fs::read_dir(&input).map_or(true, |mut d| d.next().is_none());
+            if empty {
+                generate(&input, args.generate, args.partitions)?;
+                println!(
+                    "wrote {} lines into {} ({} partitions)",
+                    args.generate,
+                    input.display(),
+                    args.partitions
+                );
+            }
+            input
+        }
+    };
+    let out = args.out.clone().unwrap_or_else(|| dir.join("out"));
+    std::fs::create_dir_all(out.join("batches"))?;
+    std::fs::create_dir_all(out.join("conflicts"))?;
+    let source = FileLog::open(&input)?;
+    let checkpoint = dir.join("checkpoint");
+    let batch_interval = Duration::from_millis(args.batch_ms.max(1));
+    let mut options = DirectOptions::default();
+    if let Some(r) = args.max_rate_per_partition {
+        options = options.max_rate_per_partition(r);
+    }
+    let no_backpressure = args.no_backpressure;
+    let batches = out.join("batches");
+    let conflicts = out.join("conflicts");
+    let ctx = StreamingContext::get_or_create(&checkpoint, move |builder| {
+        let mut builder = builder.batch_interval(batch_interval);
+        if no_backpressure {
+            builder = builder.backpressure(Backpressure::off());
+        }
+        let ctx = builder.build()?;
+        ctx.direct_stream_with("lines", source, options)?
+            // Each line's words as (word, 1), summed per word.
+            .reduce_by_key_with(
+                |line: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                    for word in line.split_whitespace() {
+                        out(word, 1);
+                    }
+                },
+                |a, b| a + b,
+            )
+            .for_each_batch(move |batch| {
+                if batch.offsets.is_empty() {
+                    return;
+                }
+                let counts: BTreeMap<&str, u64> = batch
+                    .records
+                    .iter()
+                    .map(|(w, n)| (w.as_str(), *n))
+                    .collect();
+                let mut body = String::from("# offsets");
+                for r in &batch.offsets {
+                    body.push_str(&format!(" {}:{}..{}", r.partition, r.from, r.until));
+                }
+                body.push('\n');
+                for (w, n) in &counts {
+                    body.push_str(&format!("{w}\t{n}\n"));
+                }
+                let file = batches.join(batch.id.0.to_string());
+                if let Ok(existing) = std::fs::read_to_string(&file) {
+                    if existing != body {
+                        // Must never happen: a batch id re-run with other contents.
+                        let _ = std::fs::write(conflicts.join(batch.id.0.to_string()), &body);
+                    }
+                }
+                if let Err(e) = write_atomically(&file, body.as_bytes()) {
+                    eprintln!("cannot write {}: {e}", file.display());
+                }
+            })?;
+        Ok(ctx)
+    })?;
+
+    let mut reports = ctx.subscribe_batches();
+    ctx.start().await?;
+    if let Some(r) = ctx.recovery_report() {
+        if !r.rerun_batches.is_empty() {
+            println!(
+                "recovered: {} batch(es) re-run on their recorded offset ranges {:?}",
+                r.rerun_batches.len(),
+                r.rerun_batches.iter().map(|b| b.0).collect::<Vec<_>>()
+            );
+        }
+    }
+    let deadline = args
+        .seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut idle = 0u32;
+    let mut total = 0u64;
+    let outcome = loop {
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = reports.recv() => match r {
+                Ok(info) => {
+                    total += info.records;
+                    if info.records > 0 {
+                        idle = 0;
+                        let ranges: Vec<String> = info
+                            .offsets
+                            .values()
+                            .flatten()
+                            .map(|r| format!("{}:{}..{}", r.partition, r.from, r.until))
+                            .collect();
+                        println!(
+                            "batch {}: {} records, offsets {}, processed in {:?}",
+                            info.id.0,
+                            info.records,
+                            ranges.join(" "),
+                            info.processing_time
+                        );
+                    } else {
+                        idle += 1;
+                    }
+                    if let Some(e) = &info.failed {
+                        eprintln!("batch {} failed: {e}", info.id.0);
+                    }
+                    // Caught up: three batch intervals with nothing new.
+                    if !args.follow && idle >= 3 {
+                        println!("caught up: {total} records in this run");
+                        break ctx.stop(true).await;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break ctx.await_termination().await,
+            },
+            _ = tokio::signal::ctrl_c() => {
+                println!("Ctrl-C: stopping");
+                break ctx.stop(true).await;
+            }
+            _ = until_deadline => break ctx.stop(true).await,
+        }
+    };
+    outcome?;
+    println!("batch files in {}", out.join("batches").display());
+    Ok(())
+}
