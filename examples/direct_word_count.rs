@@ -59,6 +59,10 @@ struct Args {
     /// Stop after this many seconds.
     #[arg(long)]
     seconds: Option<u64>,
+    /// Make each batch's output take this long before it writes (a slow database write, say):
+    /// a crash then often falls inside a batch's output.
+    #[arg(long, default_value_t = 0)]
+    hold_output_ms: u64,
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename: readers see the old
@@ -134,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         options = options.max_rate_per_partition(r);
     }
     let no_backpressure = args.no_backpressure;
+    let hold_output = Duration::from_millis(args.hold_output_ms);
     let batches = out.join("batches");
     let conflicts = out.join("conflicts");
     let ctx = StreamingContext::get_or_create(&checkpoint, move |builder| {
@@ -176,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
                         let _ = std::fs::write(conflicts.join(batch.id.0.to_string()), &body);
                     }
                 }
+                // A slow write: a crash during it leaves no file, and the batch's re-run
+                // after the restart must write it.
+                std::thread::sleep(hold_output);
                 if let Err(e) = write_atomically(&file, body.as_bytes()) {
                     eprintln!("cannot write {}: {e}", file.display());
                 }

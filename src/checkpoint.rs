@@ -682,6 +682,50 @@ mod tests {
     }
 
     #[test]
+    fn direct_ranges_survive_a_reopen_and_compaction_and_completed_ones_stay_done() {
+        use crate::direct::{DirectRange, OffsetRange};
+        let range = |id: u64, from: u64, until: u64| Allocation {
+            id,
+            time_ms: id,
+            blocks: vec![],
+            ranges: vec![DirectRange {
+                stream: crate::direct::DIRECT_STREAM_BASE,
+                range: OffsetRange {
+                    partition: 3,
+                    from,
+                    until,
+                    records: until - from,
+                },
+                identity: Some("1:2:0:00".into()),
+            }],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetadataLog::open_dir(dir.path(), &names(), DriverState::default()).unwrap();
+        log.allocated(range(1000, 0, 10)).unwrap();
+        log.completed(Completion {
+            id: 1000,
+            lost: vec![],
+        })
+        .unwrap();
+        log.allocated(range(2000, 10, 25)).unwrap();
+        drop(log);
+        let s = load(dir.path(), &names()).unwrap().unwrap();
+        assert_eq!(s.pending.keys().copied().collect::<Vec<_>>(), vec![2000]);
+        assert_eq!(s.pending[&2000].ranges[0].range.from, 10);
+        let key = (crate::direct::DIRECT_STREAM_BASE, 3);
+        assert_eq!(s.direct_next[&key], (25, Some("1:2:0:00".into())));
+        // Compacted, then the completed batch's entry replayed again: still done.
+        let mut log = MetadataLog::open_dir(dir.path(), &names(), s.clone()).unwrap();
+        log.checkpoint().unwrap();
+        drop(log);
+        let mut c = load(dir.path(), &names()).unwrap().unwrap();
+        assert_eq!(c, s, "same state from the checkpoint");
+        c.apply(Entry::Alloc(range(1000, 0, 10)));
+        assert_eq!(c.pending.keys().copied().collect::<Vec<_>>(), vec![2000]);
+        assert_eq!(c.direct_next[&key].0, 25, "a replayed entry does not move offsets back");
+    }
+
+    #[test]
     fn decisions_survive_a_reopen_and_compaction() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(

@@ -1,0 +1,162 @@
+//! Exactly once across crashes: `examples/direct_word_count` on a file log is SIGKILLed at
+//! random points (seed printed; `TRIBUTARY_SEED` replays one) and started again on the same
+//! checkpoint directory, while the test appends to the log between runs. At the end, the
+//! batch files (keyed by batch id) hold every input line's words exactly once: each line has
+//! a unique word, so every unique word must be counted once, and the shared word as many times
+//! as there are lines.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tributary_receivers::file_log::FileLogWriter;
+
+const PARTITIONS: u32 = 3;
+
+/// `target/<profile>/examples/direct_word_count`, built if missing.
+fn child_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let bin = profile_dir.join("examples").join("direct_word_count");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--example", "direct_word_count"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the crash child failed");
+    }
+    bin
+}
+
+/// Kills the child when dropped (a failing test leaves nothing running).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, input: &Path, follow: bool) -> Guard {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("runs.log"))
+        .unwrap();
+    let mut cmd = Command::new(child_binary());
+    cmd.arg("--dir")
+        .arg(dir)
+        .arg("--input")
+        .arg(input)
+        .args(["--batch-ms", "40", "--no-backpressure"])
+        .args(["--max-rate-per-partition", "2000", "--hold-output-ms", "30"])
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::null());
+    if follow {
+        cmd.arg("--follow");
+    }
+    Guard(cmd.spawn().expect("spawn direct_word_count"))
+}
+
+/// Appends `n` lines to each partition: `u<p>-<i> shared`.
+fn append(input: &Path, next: &mut [u64], n: u64) {
+    for (p, at) in next.iter_mut().enumerate() {
+        let mut w = FileLogWriter::open(input, p as u32).unwrap();
+        for i in *at..*at + n {
+            w.append(format!("u{p}-{i} shared").as_bytes()).unwrap();
+        }
+        w.flush().unwrap();
+        *at += n;
+    }
+}
+
+/// Word counts summed over every batch file.
+fn counted(out: &Path) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for entry in std::fs::read_dir(out.join("batches")).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some() {
+            continue; // a temporary file of an interrupted write
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (w, n) = line.split_once('\t').expect("word<TAB>count");
+            *counts.entry(w.to_string()).or_default() += n.parse::<u64>().unwrap();
+        }
+    }
+    counts
+}
+
+#[test]
+fn sigkilled_fifty_times_the_output_holds_every_record_exactly_once() {
+    let seed = std::env::var("TRIBUTARY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("seed {seed} (TRIBUTARY_SEED={seed} replays it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, input) = (tmp.path().join("job"), tmp.path().join("input"));
+    let mut next = vec![0u64; PARTITIONS as usize];
+    append(&input, &mut next, 2_000);
+    let kills = 50;
+    for k in 0..kills {
+        let child = spawn(&dir, &input, true);
+        // Anywhere from before the context started to several batches in.
+        std::thread::sleep(Duration::from_millis(rng.u64(20..900)));
+        drop(child); // SIGKILL
+        let _ = k;
+        append(&input, &mut next, rng.u64(50..400));
+    }
+    // The last run catches up and stops by itself.
+    let mut last = spawn(&dir, &input, false);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = last.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the last run did not catch up (seed {seed})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the last run failed: {status} (seed {seed})");
+    // The kills fell mid-stream: runs re-ran batches they found logged and not completed.
+    let runs = std::fs::read_to_string(dir.with_extension("runs.log")).unwrap();
+    let recovered = runs.lines().filter(|l| l.starts_with("recovered:")).count();
+    let batches = runs.lines().filter(|l| l.starts_with("batch ")).count();
+    println!("{recovered} runs re-ran logged batches; {batches} batches reported");
+    assert!(recovered >= 3, "only {recovered} runs found batches to re-run (seed {seed})");
+    let out = dir.join("out");
+    let conflicts = std::fs::read_dir(out.join("conflicts")).unwrap().count();
+    assert_eq!(conflicts, 0, "a batch id re-run with other contents (seed {seed})");
+    let counts = counted(&out);
+    let lines: u64 = next.iter().sum();
+    let mut wrong = Vec::new();
+    for (p, n) in next.iter().enumerate() {
+        for i in 0..*n {
+            let w = format!("u{p}-{i}");
+            let c = counts.get(&w).copied().unwrap_or(0);
+            if c != 1 {
+                wrong.push((w, c));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {lines} records not counted exactly once (seed {seed}), e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert_eq!(counts.get("shared").copied(), Some(lines), "seed {seed}");
+    assert_eq!(counts.len() as u64, lines + 1, "no other words (seed {seed})");
+}
