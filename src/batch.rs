@@ -189,6 +189,10 @@ pub(crate) enum AttemptError {
     NotLocal,
     #[error("executor died while running the task")]
     ExecutorDied,
+    /// A direct stream's source is unavailable (retried with backoff, not counted as an
+    /// attempt, within [`SOURCE_PATIENCE`]).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -239,7 +243,14 @@ impl Executor {
         s.source
             .read(range.range, range.identity.as_deref(), &mut sink)
             .await
-            .map_err(|e| AttemptError::Failed(format!("direct stream `{}`: {e}", s.name)))?;
+            .map_err(|e| {
+                let text = format!("direct stream `{}`: {e}", s.name);
+                if e.is_retryable() {
+                    AttemptError::Unavailable(text)
+                } else {
+                    AttemptError::Failed(text)
+                }
+            })?;
         let (data, records) = sink.into_data();
         // The recorded count is what the batch promised: a source that reads something else
         // now has changed under its offsets.
@@ -501,6 +512,10 @@ pub(crate) struct TaskOutputs {
     pub(crate) busy: Duration,
 }
 
+/// How long a range's read waits for an unavailable source (a broker restarting) before its
+/// batch fails (and, being a direct stream's, stops the context with the batch pending).
+pub(crate) const SOURCE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Partials larger than this are decoded on the blocking pool, not on the runtime.
 const DECODE_INLINE_BYTES: usize = 64 << 10;
 
@@ -654,7 +669,10 @@ impl TaskRunner {
             stream: range.stream,
             seq: range.range.from,
         };
-        for attempt in 0..self.attempts {
+        let started = tokio::time::Instant::now();
+        let mut waits = 0u32;
+        let mut attempt = 0;
+        while attempt < self.attempts {
             let (slots, _) = self.pool.snapshot();
             let local = |s: &&Arc<Slot>| matches!(s.exec, ExecutorRef::Local(_)) && s.running();
             let slot = slots
@@ -695,9 +713,22 @@ impl TaskRunner {
             };
             match result {
                 Ok(worked) => return Ok((worked, attempt)),
+                // The source is away: the same range, again, after a backoff, not counted
+                // as an attempt (within the patience).
+                Err(AttemptError::Unavailable(e)) if started.elapsed() < SOURCE_PATIENCE => {
+                    tried.pop();
+                    waits += 1;
+                    let wait = Duration::from_millis(50 << waits.min(5));
+                    if waits.is_power_of_two() {
+                        tracing::warn!(partition = range.range.partition, from = range.range.from, error = %e, ?wait, "direct source unavailable while reading a range; retrying");
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
                 Err(e) => last_error = e.to_string(),
             }
-            tracing::warn!(block = %id, partition = range.range.partition, from = range.range.from, until = range.range.until, attempt = attempt + 1, error = %last_error, "direct range task failed; retrying");
+            attempt += 1;
+            tracing::warn!(block = %id, partition = range.range.partition, from = range.range.from, until = range.range.until, attempt, error = %last_error, "direct range task failed; retrying");
             tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
         }
         Err(BatchError::RangeTaskFailed {

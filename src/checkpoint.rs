@@ -722,7 +722,10 @@ mod tests {
         assert_eq!(c, s, "same state from the checkpoint");
         c.apply(Entry::Alloc(range(1000, 0, 10)));
         assert_eq!(c.pending.keys().copied().collect::<Vec<_>>(), vec![2000]);
-        assert_eq!(c.direct_next[&key].0, 25, "a replayed entry does not move offsets back");
+        assert_eq!(
+            c.direct_next[&key].0, 25,
+            "a replayed entry does not move offsets back"
+        );
     }
 
     #[test]

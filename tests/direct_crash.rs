@@ -129,16 +129,25 @@ fn sigkilled_fifty_times_the_output_holds_every_record_exactly_once() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "the last run failed: {status} (seed {seed})");
+    assert!(
+        status.success(),
+        "the last run failed: {status} (seed {seed})"
+    );
     // The kills fell mid-stream: runs re-ran batches they found logged and not completed.
     let runs = std::fs::read_to_string(dir.with_extension("runs.log")).unwrap();
     let recovered = runs.lines().filter(|l| l.starts_with("recovered:")).count();
     let batches = runs.lines().filter(|l| l.starts_with("batch ")).count();
     println!("{recovered} runs re-ran logged batches; {batches} batches reported");
-    assert!(recovered >= 3, "only {recovered} runs found batches to re-run (seed {seed})");
+    assert!(
+        recovered >= 3,
+        "only {recovered} runs found batches to re-run (seed {seed})"
+    );
     let out = dir.join("out");
     let conflicts = std::fs::read_dir(out.join("conflicts")).unwrap().count();
-    assert_eq!(conflicts, 0, "a batch id re-run with other contents (seed {seed})");
+    assert_eq!(
+        conflicts, 0,
+        "a batch id re-run with other contents (seed {seed})"
+    );
     let counts = counted(&out);
     let lines: u64 = next.iter().sum();
     let mut wrong = Vec::new();
@@ -158,5 +167,9 @@ fn sigkilled_fifty_times_the_output_holds_every_record_exactly_once() {
         &wrong[..wrong.len().min(10)]
     );
     assert_eq!(counts.get("shared").copied(), Some(lines), "seed {seed}");
-    assert_eq!(counts.len() as u64, lines + 1, "no other words (seed {seed})");
+    assert_eq!(
+        counts.len() as u64,
+        lines + 1,
+        "no other words (seed {seed})"
+    );
 }

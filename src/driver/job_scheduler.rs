@@ -331,6 +331,19 @@ impl Runner {
                 .collect();
             // Early work of these blocks that no output took (one failed) is not needed.
             self.runner.forget(&all);
+            // A failed batch that read offset ranges is not skipped (its records would be
+            // missing from the output for good): it stays pending, and the context stops;
+            // the next start runs it again on the same ranges.
+            if let Some(error) = &failed {
+                if !batch.ranges.is_empty() {
+                    tracing::error!(%id, %error, "a batch of a direct stream failed; stopping with it pending (a restart re-reads its ranges)");
+                    metrics::counter!(crate::telemetry::BATCHES_FAILED_TOTAL).increment(1);
+                    return Err(ContextError::BatchFailed {
+                        id,
+                        error: error.clone(),
+                    });
+                }
+            }
             let logged = self.tracker.completed(id, all, lost).await;
             let ended = SystemTime::now();
             let lost_records: u64 = batch

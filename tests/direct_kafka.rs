@@ -1,0 +1,249 @@
+//! Direct streams on a Kafka-protocol topic, against a real broker (tansu) that each test
+//! starts on a free loopback port. Without the `tansu` binary (on PATH, or at
+//! `TRIBUTARY_TANSU`) a test prints why and passes; under CI (`TRIBUTARY_CI` set) it fails.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tributary::{Backpressure, ByteString, ContextError, OffsetRange, StreamingContext};
+use tributary_receivers::kafka::KafkaTopic;
+
+/// The broker binary, or why there is none.
+fn tansu() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("TRIBUTARY_TANSU") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+}
+
+/// The broker, or `None` (skipped, with the reason printed) when it is not installed.
+fn broker_binary(test: &str) -> Option<PathBuf> {
+    match tansu() {
+        Some(b) => Some(b),
+        None if std::env::var_os("TRIBUTARY_CI").is_some() => {
+            panic!("{test}: the tansu broker is not installed (CI installs it: see .ci/run)")
+        }
+        None => {
+            println!("{test}: skipped: no `tansu` on PATH nor TRIBUTARY_TANSU (see README, Kafka)");
+            None
+        }
+    }
+}
+
+/// A running broker; killed when dropped.
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the broker on `port` (in-memory storage) and waits until it accepts connections.
+fn start_broker(bin: &PathBuf, port: u16) -> Broker {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(bin)
+        .arg("broker")
+        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let broker = Broker {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(&broker.addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tansu did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker
+}
+
+/// Appends `n` records `p<partition>-<i>` to each partition, in producer batches of 50.
+async fn produce(topic: &KafkaTopic, partitions: u32, from: u64, n: u64) {
+    for p in 0..partitions {
+        let mut i = from;
+        while i < from + n {
+            let end = (i + 50).min(from + n);
+            let values = (i..end).map(|j| format!("p{p}-{j}").into_bytes()).collect();
+            topic.produce(p, values).await.unwrap();
+            i = end;
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(Vec<OffsetRange>, Vec<String>)>>>;
+
+fn job(topic: KafkaTopic, interval_ms: u64) -> (StreamingContext, Seen) {
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(interval_ms))
+        .backpressure(Backpressure::off())
+        .build()
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    ctx.direct_stream("kafka", topic)
+        .unwrap()
+        .map(|l: ByteString| l.to_string())
+        .for_each_batch(move |b| s.lock().unwrap().push((b.offsets.clone(), b.records)))
+        .unwrap();
+    (ctx, seen)
+}
+
+fn records(seen: &Seen) -> usize {
+    seen.lock().unwrap().iter().map(|(_, r)| r.len()).sum()
+}
+
+async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_exactly_once(seen: &Seen, partitions: u32, n: u64) {
+    let seen = seen.lock().unwrap();
+    let mut count: HashMap<&str, u32> = HashMap::new();
+    for (_, recs) in seen.iter() {
+        for r in recs {
+            *count.entry(r.as_str()).or_default() += 1;
+        }
+    }
+    for p in 0..partitions {
+        for i in 0..n {
+            let k = format!("p{p}-{i}");
+            assert_eq!(count.get(k.as_str()), Some(&1), "{k}");
+        }
+    }
+    assert_eq!(count.len() as u64, u64::from(partitions) * n);
+    let mut next: HashMap<u32, u64> = HashMap::new();
+    for (offsets, _) in seen.iter() {
+        for r in offsets {
+            let at = next.entry(r.partition).or_insert(0);
+            assert_eq!(r.from, *at, "contiguous ranges");
+            *at = r.until;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_is_read_once_by_offset_while_it_grows() {
+    let Some(bin) = broker_binary("a_topic_is_read_once_by_offset_while_it_grows") else {
+        return;
+    };
+    let broker = start_broker(&bin, free_port());
+    let topic = KafkaTopic::new(&broker.addr, "events");
+    topic.create(2).await.unwrap();
+    produce(&topic, 2, 0, 300).await;
+    let (ctx, seen) = job(topic.clone(), 50);
+    ctx.start().await.unwrap();
+    // More while it runs.
+    for k in 1..5u64 {
+        produce(&topic, 2, k * 300, 300).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_until("every record", 30, || records(&seen) >= 3_000).await;
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seen, 2, 1_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_at_start_or_frozen_mid_stream_is_waited_for() {
+    let Some(bin) = broker_binary("a_broker_down_at_start_or_frozen_mid_stream_is_waited_for")
+    else {
+        return;
+    };
+    let port = free_port();
+    let topic =
+        KafkaTopic::new(format!("127.0.0.1:{port}"), "late").patience(Duration::from_millis(300));
+    let (ctx, seen) = job(topic.clone(), 50);
+    // Nothing listens yet: the context starts, and its batches wait for the source.
+    ctx.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let broker = start_broker(&bin, port);
+    topic.create(1).await.unwrap();
+    produce(&topic, 1, 0, 400).await;
+    wait_until("the records produced after the broker came up", 30, || {
+        records(&seen) >= 400
+    })
+    .await;
+    // Frozen (SIGSTOP: the connection stays open, nothing answers), then resumed.
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    produce(&topic, 1, 400, 400).await;
+    wait_until("the records produced after the freeze", 30, || {
+        records(&seen) >= 800
+    })
+    .await;
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seen, 1, 800);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_recorded_offsets_stops_the_stream_naming_them() {
+    let Some(bin) =
+        broker_binary("a_broker_that_lost_recorded_offsets_stops_the_stream_naming_them")
+    else {
+        return;
+    };
+    let port = free_port();
+    let broker = start_broker(&bin, port);
+    let topic = KafkaTopic::new(&broker.addr, "gone").patience(Duration::from_millis(300));
+    topic.create(1).await.unwrap();
+    produce(&topic, 1, 0, 200).await;
+    let (ctx, seen) = job(topic.clone(), 50);
+    ctx.start().await.unwrap();
+    wait_until("the first records", 30, || records(&seen) >= 200).await;
+    // The broker restarts empty (in-memory storage): the recorded offsets point at nothing.
+    drop(broker);
+    let _broker = start_broker(&bin, port);
+    let fresh = KafkaTopic::new(format!("127.0.0.1:{port}"), "gone");
+    fresh.create(1).await.unwrap();
+    produce(&fresh, 1, 0, 10).await;
+    let end = tokio::time::timeout(Duration::from_secs(30), ctx.await_termination())
+        .await
+        .expect("the context ends");
+    let e = end.expect_err("offsets the broker no longer holds end the stream");
+    assert!(matches!(e, ContextError::DirectSource { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("topic gone partition 0") && text.contains("200"),
+        "{text}"
+    );
+}
