@@ -14,6 +14,10 @@
 //! ranges, then it goes on where they ended. Across any number of crashes, the batch files
 //! hold every input line's words exactly once.
 //!
+//! `--kafka HOST:PORT` reads a Kafka-protocol topic instead (`--topic`, default `words`);
+//! with `--generate N` and a topic that does not exist yet, it creates the topic and
+//! produces N lines into it first.
+//!
 //! `--input DIR` reads another file log (e.g. one your program appends to with
 //! `tributary_receivers::file_log::FileLogWriter`); `--follow` keeps reading it until Ctrl-C
 //! or `--seconds`. A file truncated or replaced under a recorded offset, or a partition file
@@ -24,8 +28,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{Backpressure, ByteString, DirectOptions, StreamingContext};
+use tributary::cluster;
+use tributary::{Backpressure, ByteString, DirectOptions, DirectSource, StreamingContext};
 use tributary_receivers::file_log::{FileLog, FileLogWriter};
+use tributary_receivers::kafka::KafkaTopic;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -35,6 +41,12 @@ struct Args {
     /// The file log to read (default: DIR/input, generated first).
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Read this Kafka-protocol broker (`host:port`) instead of a file log.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The topic to read with `--kafka`.
+    #[arg(long, default_value = "words")]
+    topic: String,
     /// Where batch files go (default: DIR/out).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -56,6 +68,10 @@ struct Args {
     /// Keep reading after catching up (until Ctrl-C or --seconds).
     #[arg(long)]
     follow: bool,
+    /// Run this many worker processes of this program on loopback (relaunched when they die):
+    /// they read ranges and run tasks beside the driver's executors.
+    #[arg(long, default_value_t = 0)]
+    worker_processes: usize,
     /// Stop after this many seconds.
     #[arg(long)]
     seconds: Option<u64>,
@@ -73,28 +89,131 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Lines of a few words each, spread over the partitions (round robin).
-fn generate(input: &Path, lines: u64, partitions: u32) -> anyhow::Result<()> {
+/// Line `i` of the generated input: a few words.
+fn line(i: u64) -> String {
     const WORDS: [&str; 8] = [
         "stream", "block", "batch", "offset", "replay", "driver", "worker", "record",
     ];
+    format!(
+        "{} {} {}",
+        WORDS[(i % 8) as usize],
+        WORDS[(i / 8 % 8) as usize],
+        WORDS[(i / 64 % 8) as usize]
+    )
+}
+
+/// Lines of a few words each, spread over the partitions (round robin).
+fn generate(input: &Path, lines: u64, partitions: u32) -> anyhow::Result<()> {
     let mut writers = (0..partitions.max(1))
         .map(|p| FileLogWriter::open(input, p))
         .collect::<std::io::Result<Vec<_>>>()?;
     for i in 0..lines {
         let n = writers.len() as u64;
-        let w = &mut writers[(i % n) as usize];
-        let line = format!(
-            "{} {} {}",
-            WORDS[(i % 8) as usize],
-            WORDS[(i / 8 % 8) as usize],
-            WORDS[(i / 64 % 8) as usize]
-        );
-        w.append(line.as_bytes())?;
+        writers[(i % n) as usize].append(line(i).as_bytes())?;
     }
     for w in &mut writers {
         w.sync()?;
     }
+    Ok(())
+}
+
+/// The same lines, produced into a new topic (an existing one is left alone).
+async fn generate_kafka(topic: &KafkaTopic, lines: u64, partitions: u32) -> anyhow::Result<()> {
+    if !topic.partitions().await?.is_empty() {
+        return Ok(());
+    }
+    let partitions = partitions.max(1);
+    topic.create(partitions).await?;
+    for p in 0..partitions {
+        let mine: Vec<Vec<u8>> = (0..lines)
+            .filter(|i| i % u64::from(partitions) == u64::from(p))
+            .map(|i| line(i).into_bytes())
+            .collect();
+        for chunk in mine.chunks(1_000) {
+            topic.produce(p, chunk.to_vec()).await?;
+        }
+    }
+    println!(
+        "produced {lines} lines into topic {} ({partitions} partitions)",
+        topic.topic()
+    );
+    Ok(())
+}
+
+/// The job's source: a file log or a Kafka topic.
+enum Source {
+    File(FileLog),
+    Kafka(KafkaTopic),
+}
+
+/// Where and how batch files are written.
+#[derive(Clone)]
+struct Output {
+    batches: PathBuf,
+    conflicts: PathBuf,
+    /// Time each batch's write takes (`--hold-output-ms`).
+    hold: Duration,
+}
+
+/// The job, the same in the driver and in worker processes: the source's lines, their words
+/// counted per batch, written to a file per batch id.
+fn define_job(
+    ctx: &StreamingContext,
+    source: Source,
+    options: DirectOptions,
+    output: &Output,
+) -> Result<(), tributary::ContextError> {
+    let output = output.clone();
+    // The stream's name says what it reads: a checkpoint directory of one source is
+    // refused for another (its offsets would mean nothing there).
+    let lines = match source {
+        Source::File(f) => ctx.direct_stream_with("file-log", f, options)?,
+        Source::Kafka(k) => {
+            let name = format!("kafka:{}", k.topic());
+            ctx.direct_stream_with(name, k, options)?
+        }
+    };
+    lines
+        // Each line's words as (word, 1), summed per word.
+        .reduce_by_key_with(
+            |line: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                for word in line.split_whitespace() {
+                    out(word, 1);
+                }
+            },
+            |a, b| a + b,
+        )
+        .for_each_batch(move |batch| {
+            if batch.offsets.is_empty() {
+                return;
+            }
+            let counts: BTreeMap<&str, u64> = batch
+                .records
+                .iter()
+                .map(|(w, n)| (w.as_str(), *n))
+                .collect();
+            let mut body = String::from("# offsets");
+            for r in &batch.offsets {
+                body.push_str(&format!(" {}:{}..{}", r.partition, r.from, r.until));
+            }
+            body.push('\n');
+            for (w, n) in &counts {
+                body.push_str(&format!("{w}\t{n}\n"));
+            }
+            let file = output.batches.join(batch.id.0.to_string());
+            if let Ok(existing) = std::fs::read_to_string(&file) {
+                if existing != body {
+                    // Must never happen: a batch id re-run with other contents.
+                    let _ = std::fs::write(output.conflicts.join(batch.id.0.to_string()), &body);
+                }
+            }
+            // A slow write: a crash during it leaves no file, and the batch's re-run
+            // after the restart must write it.
+            std::thread::sleep(output.hold);
+            if let Err(e) = write_atomically(&file, body.as_bytes()) {
+                eprintln!("cannot write {}: {e}", file.display());
+            }
+        })?;
     Ok(())
 }
 
@@ -110,89 +229,98 @@ async fn main() -> anyhow::Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("tributary-direct-word-count"));
-    let input = match &args.input {
-        Some(i) => i.clone(),
-        None => {
-            let input = dir.join("input");
-            let empty = std::fs::read_dir(&input).map_or(true, |mut d| d.next().is_none());
-            if empty {
-                generate(&input, args.generate, args.partitions)?;
-                println!(
-                    "wrote {} lines into {} ({} partitions)",
-                    args.generate,
-                    input.display(),
-                    args.partitions
-                );
-            }
-            input
-        }
-    };
+    let input = args.input.clone().unwrap_or_else(|| dir.join("input"));
     let out = args.out.clone().unwrap_or_else(|| dir.join("out"));
-    std::fs::create_dir_all(out.join("batches"))?;
-    std::fs::create_dir_all(out.join("conflicts"))?;
-    let source = FileLog::open(&input)?;
-    let checkpoint = dir.join("checkpoint");
     let batch_interval = Duration::from_millis(args.batch_ms.max(1));
     let mut options = DirectOptions::default();
     if let Some(r) = args.max_rate_per_partition {
         options = options.max_rate_per_partition(r);
     }
+    let output = Output {
+        batches: out.join("batches"),
+        conflicts: out.join("conflicts"),
+        hold: Duration::from_millis(args.hold_output_ms),
+    };
+    let open_source = || -> anyhow::Result<Source> {
+        Ok(match &args.kafka {
+            Some(addr) => Source::Kafka(KafkaTopic::new(addr.clone(), args.topic.clone())),
+            None => Source::File(FileLog::open(&input)?),
+        })
+    };
+
+    // One binary, two roles: started by the driver's launcher (`--worker-processes`), this
+    // process is a worker: it defines the same job and reads the ranges placed on it.
+    if let Some(worker) = cluster::worker_role()? {
+        let ctx = StreamingContext::builder()
+            .batch_interval(batch_interval)
+            .build()?;
+        define_job(&ctx, open_source()?, options, &output)?;
+        let exit = ctx.run_as_worker(worker).await?;
+        println!("worker: {exit:?}");
+        return Ok(());
+    }
+
+    // Input to read, when there is none yet.
+    if args.generate > 0 && args.input.is_none() {
+        match &args.kafka {
+            Some(addr) => {
+                let topic = KafkaTopic::new(addr.clone(), args.topic.clone());
+                generate_kafka(&topic, args.generate, args.partitions).await?;
+            }
+            None => {
+                let empty = std::fs::read_dir(&input).map_or(true, |mut d| d.next().is_none());
+                if empty {
+                    generate(&input, args.generate, args.partitions)?;
+                    println!(
+                        "wrote {} lines into {} ({} partitions)",
+                        args.generate,
+                        input.display(),
+                        args.partitions
+                    );
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(&output.batches)?;
+    std::fs::create_dir_all(&output.conflicts)?;
+    let source = open_source()?;
+    let checkpoint = dir.join("checkpoint");
     let no_backpressure = args.no_backpressure;
-    let hold_output = Duration::from_millis(args.hold_output_ms);
-    let batches = out.join("batches");
-    let conflicts = out.join("conflicts");
+    let cookie = cluster::random_cookie()?;
+    let workers = args.worker_processes;
+    let job_cookie = cookie.clone();
     let ctx = StreamingContext::get_or_create(&checkpoint, move |builder| {
         let mut builder = builder.batch_interval(batch_interval);
         if no_backpressure {
             builder = builder.backpressure(Backpressure::off());
         }
+        if workers > 0 {
+            // Worker processes on loopback run tasks (and read ranges) beside the driver's.
+            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            builder = builder.cluster(cluster::ClusterConfig::new(listen, job_cookie));
+        }
         let ctx = builder.build()?;
-        ctx.direct_stream_with("lines", source, options)?
-            // Each line's words as (word, 1), summed per word.
-            .reduce_by_key_with(
-                |line: &ByteString, out: &mut dyn FnMut(&str, u64)| {
-                    for word in line.split_whitespace() {
-                        out(word, 1);
-                    }
-                },
-                |a, b| a + b,
-            )
-            .for_each_batch(move |batch| {
-                if batch.offsets.is_empty() {
-                    return;
-                }
-                let counts: BTreeMap<&str, u64> = batch
-                    .records
-                    .iter()
-                    .map(|(w, n)| (w.as_str(), *n))
-                    .collect();
-                let mut body = String::from("# offsets");
-                for r in &batch.offsets {
-                    body.push_str(&format!(" {}:{}..{}", r.partition, r.from, r.until));
-                }
-                body.push('\n');
-                for (w, n) in &counts {
-                    body.push_str(&format!("{w}\t{n}\n"));
-                }
-                let file = batches.join(batch.id.0.to_string());
-                if let Ok(existing) = std::fs::read_to_string(&file) {
-                    if existing != body {
-                        // Must never happen: a batch id re-run with other contents.
-                        let _ = std::fs::write(conflicts.join(batch.id.0.to_string()), &body);
-                    }
-                }
-                // A slow write: a crash during it leaves no file, and the batch's re-run
-                // after the restart must write it.
-                std::thread::sleep(hold_output);
-                if let Err(e) = write_atomically(&file, body.as_bytes()) {
-                    eprintln!("cannot write {}: {e}", file.display());
-                }
-            })?;
+        define_job(&ctx, source, options, &output)?;
         Ok(ctx)
     })?;
 
     let mut reports = ctx.subscribe_batches();
     ctx.start().await?;
+    // The worker processes: this program again, relaunched when they die.
+    let _launcher = match ctx.cluster_addr() {
+        Some(addr) if workers > 0 => {
+            let launch = cluster::LaunchConfig::this_program(addr, cookie, workers)?;
+            let launcher = cluster::WorkerLauncher::start(launch);
+            let mut events = launcher.events();
+            tokio::spawn(async move {
+                while let Ok(e) = events.recv().await {
+                    println!("{e}");
+                }
+            });
+            Some(launcher)
+        }
+        _ => None,
+    };
     if let Some(r) = ctx.recovery_report() {
         if !r.rerun_batches.is_empty() {
             println!(
@@ -227,10 +355,11 @@ async fn main() -> anyhow::Result<()> {
                             .map(|r| format!("{}:{}..{}", r.partition, r.from, r.until))
                             .collect();
                         println!(
-                            "batch {}: {} records, offsets {}, processed in {:?}",
+                            "batch {}: {} records, offsets {}, {} task(s) in worker processes, processed in {:?}",
                             info.id.0,
                             info.records,
                             ranges.join(" "),
+                            info.remote_tasks,
                             info.processing_time
                         );
                     } else {

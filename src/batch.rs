@@ -24,7 +24,7 @@ pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
 use crate::block_manager::WorkerId;
 use crate::cluster::protocol::{TaskHostMsg, TaskReply, TaskRequest};
-use crate::direct::{DirectRange, DirectStreams, OffsetRange, RangeSink, DIRECT_STREAM_BASE};
+use crate::direct::{read_block, DirectRange, DirectStreams, OffsetRange, DIRECT_STREAM_BASE};
 use crate::driver::block_manager_master::BlockManagerMaster;
 use crate::early_tasks::{Attempted, EarlyTasks};
 pub use crate::error::BatchError;
@@ -233,46 +233,15 @@ pub(crate) struct Executor {
 impl Executor {
     /// Reads `range` from its source as one block.
     async fn read_range(&self, range: &DirectRange) -> Result<Block, AttemptError> {
-        let Some(s) = self.direct.get(range.stream) else {
-            return Err(AttemptError::Failed(format!(
-                "no direct stream {}",
-                range.stream
-            )));
-        };
-        let mut sink = RangeSink::new(self.max_block_bytes);
-        s.source
-            .read(range.range, range.identity.as_deref(), &mut sink)
+        read_block(&self.direct, self.max_block_bytes, range)
             .await
             .map_err(|e| {
-                let text = format!("direct stream `{}`: {e}", s.name);
-                if e.is_retryable() {
-                    AttemptError::Unavailable(text)
+                if e.retryable {
+                    AttemptError::Unavailable(e.text)
                 } else {
-                    AttemptError::Failed(text)
+                    AttemptError::Failed(e.text)
                 }
-            })?;
-        let (data, records) = sink.into_data();
-        // The recorded count is what the batch promised: a source that reads something else
-        // now has changed under its offsets.
-        if records != range.range.records {
-            return Err(AttemptError::Failed(format!(
-                "direct stream `{}`: {} offsets {}..{} held {} records when planned, {records} when read",
-                s.name,
-                s.source.describe(range.range.partition),
-                range.range.from,
-                range.range.until,
-                range.range.records
-            )));
-        }
-        Ok(Block {
-            id: BlockId {
-                stream: range.stream,
-                seq: range.range.from,
-            },
-            created: SystemTime::now(),
-            records: u32::try_from(records).unwrap_or(u32::MAX),
-            data,
-        })
+            })
     }
 }
 
@@ -632,8 +601,9 @@ impl TaskRunner {
         Ok(out)
     }
 
-    /// Runs `task` over the records of each direct-stream range (read on the executors of
-    /// this process; a failed attempt reads the same range again, on another executor).
+    /// Runs `task` over the records of each direct-stream range (read where the task runs:
+    /// an executor of this process or of a worker process; a failed attempt reads the same
+    /// range again, on another executor).
     pub(crate) async fn run_ranges(
         &self,
         ranges: &[DirectRange],
@@ -649,20 +619,22 @@ impl TaskRunner {
             busy: Duration::ZERO,
         };
         for r in results {
-            let ((part, busy), retries) = r?;
+            let ((part, busy), retries, remote) = r?;
             out.parts.push(part);
             out.retries += retries;
+            out.remote += u32::from(remote);
             out.busy += busy;
         }
         Ok(out)
     }
 
-    /// One range's task with retries, on the least busy executor of this process.
+    /// One range's task with retries, on the least busy executor (of this process or a
+    /// worker process): its partial, its retries, and whether it ran in a worker process.
     async fn run_range(
         &self,
         range: &DirectRange,
         task: TaskId,
-    ) -> Result<(Worked, u32), BatchError> {
+    ) -> Result<(Worked, u32, bool), BatchError> {
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = String::from("not attempted");
         let id = BlockId {
@@ -673,23 +645,26 @@ impl TaskRunner {
         let mut waits = 0u32;
         let mut attempt = 0;
         while attempt < self.attempts {
+            // Any executor can read a range (the source is defined in every process of the
+            // job): the least busy, one not tried yet if possible.
             let (slots, _) = self.pool.snapshot();
-            let local = |s: &&Arc<Slot>| matches!(s.exec, ExecutorRef::Local(_)) && s.running();
+            let usable = |s: &&Arc<Slot>| s.running();
             let slot = slots
                 .iter()
-                .filter(local)
+                .filter(usable)
                 .filter(|s| !tried.contains(&s.id))
                 .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
                 .or_else(|| {
                     slots
                         .iter()
-                        .filter(local)
+                        .filter(usable)
                         .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
                 })
                 .cloned();
             let Some(slot) = slot else {
                 return Err(BatchError::NoExecutor);
             };
+            tracing::trace!(slot = slot.id, node = ?slot.node, "range task placed");
             tried.push(slot.id);
             slot.in_flight.fetch_add(1, Ordering::Relaxed);
             let result = {
@@ -708,11 +683,18 @@ impl TaskRunner {
                             rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
                         }
                     }
-                    ExecutorRef::Remote { .. } => Err(AttemptError::NotLocal),
+                    ExecutorRef::Remote { actor, gone } => {
+                        let request = TaskRequest {
+                            block: id,
+                            task: task.0,
+                            range: Some(range.clone()),
+                        };
+                        self.run_remote(actor, gone.clone(), request).await
+                    }
                 }
             };
             match result {
-                Ok(worked) => return Ok((worked, attempt)),
+                Ok(worked) => return Ok((worked, attempt, slot.node.is_some())),
                 // The source is away: the same range, again, after a backoff, not counted
                 // as an attempt (within the patience).
                 Err(AttemptError::Unavailable(e)) if started.elapsed() < SOURCE_PATIENCE => {
@@ -773,7 +755,12 @@ impl TaskRunner {
                         }
                     }
                     ExecutorRef::Remote { actor, gone } => {
-                        self.run_remote(actor, gone.clone(), block, task).await
+                        let request = TaskRequest {
+                            block,
+                            task: task.0,
+                            range: None,
+                        };
+                        self.run_remote(actor, gone.clone(), request).await
                     }
                 }
             };
@@ -797,19 +784,16 @@ impl TaskRunner {
         &self,
         actor: &ActorRef<TaskHostMsg>,
         mut gone: watch::Receiver<bool>,
-        block: BlockId,
-        task: TaskId,
+        request: TaskRequest,
     ) -> Result<Worked, AttemptError> {
+        let task = TaskId(request.task);
         let def = self
             .tasks
             .get(task)
             .ok_or_else(|| AttemptError::Failed(format!("unknown task {task:?}")))?;
         let decode = def.decode;
         let (tx, rx) = oneshot::channel();
-        let request = Ser::of(TaskRequest {
-            block,
-            task: task.0,
-        });
+        let request = Ser::of(request);
         actor
             .send_message(TaskHostMsg::Run(request, tx.into()))
             .map_err(|_| AttemptError::ExecutorDied)?;
@@ -836,6 +820,7 @@ impl TaskRunner {
             }
             TaskReply::NotLocal => Err(AttemptError::NotLocal),
             TaskReply::Failed(e) => Err(AttemptError::Failed(e)),
+            TaskReply::Unavailable(e) => Err(AttemptError::Unavailable(e)),
             TaskReply::Damaged => Err(AttemptError::Failed(
                 "the worker's reply arrived damaged".into(),
             )),

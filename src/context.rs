@@ -838,7 +838,6 @@ impl StreamingContext {
             let mut d = lock(&self.inner.defined);
             let names = d.marker_names();
             d.outputs.clear();
-            d.direct.clear();
             let cfg = &self.inner.config;
             let factory = cfg.clone();
             let receivers = crate::cluster::receiver_host::ReceiverJob {
@@ -849,6 +848,7 @@ impl StreamingContext {
                 rate_limit: cfg.rate_limit,
                 memory_bytes: cfg.memory_bytes,
                 block_interval: cfg.block_interval,
+                direct: DirectStreams(Arc::new(std::mem::take(&mut d.direct))),
             };
             (
                 TaskRegistry::new(std::mem::take(&mut d.tasks), &names),

@@ -362,6 +362,64 @@ pub(crate) struct DirectRange {
     pub(crate) identity: Option<String>,
 }
 
+/// Why a range could not be read as a block.
+#[derive(Debug)]
+pub(crate) struct ReadError {
+    /// The source is unavailable (try the same range again later).
+    pub(crate) retryable: bool,
+    pub(crate) text: String,
+}
+
+/// Reads `range` from its stream's source as one block, checking it holds the records the
+/// batch recorded.
+pub(crate) async fn read_block(
+    direct: &DirectStreams,
+    max_bytes: usize,
+    range: &DirectRange,
+) -> Result<crate::block::Block, ReadError> {
+    let Some(s) = direct.get(range.stream) else {
+        return Err(ReadError {
+            retryable: false,
+            text: format!("no direct stream {} in this job", range.stream),
+        });
+    };
+    let mut sink = RangeSink::new(max_bytes);
+    s.source
+        .read(range.range, range.identity.as_deref(), &mut sink)
+        .await
+        .map_err(|e| ReadError {
+            retryable: e.is_retryable(),
+            text: format!("direct stream `{}`: {e}", s.name),
+        })?;
+    let (data, records) = sink.into_data();
+    // The recorded count is what the batch promised: a source that reads something else
+    // now has changed under its offsets.
+    if records != range.range.records {
+        return Err(ReadError {
+            retryable: false,
+            text: format!(
+                "direct stream `{}`: {} offsets {}..{} held {} records when planned, {records} when read",
+                s.name,
+                s.source.describe(range.range.partition),
+                range.range.from,
+                range.range.until,
+                range.range.records
+            ),
+        });
+    }
+    metrics::counter!(crate::telemetry::DIRECT_RECORDS_TOTAL, "stream" => s.name.clone())
+        .increment(records);
+    Ok(crate::block::Block {
+        id: crate::block::BlockId {
+            stream: range.stream,
+            seq: range.range.from,
+        },
+        created: std::time::SystemTime::now(),
+        records: u32::try_from(records).unwrap_or(u32::MAX),
+        data,
+    })
+}
+
 /// A direct stream of the job: its id, name, source and settings.
 #[derive(Clone)]
 pub(crate) struct DirectStream {

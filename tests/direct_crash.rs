@@ -1,9 +1,12 @@
-//! Exactly once across crashes: `examples/direct_word_count` on a file log is SIGKILLed at
-//! random points (seed printed; `TRIBUTARY_SEED` replays one) and started again on the same
-//! checkpoint directory, while the test appends to the log between runs. At the end, the
-//! batch files (keyed by batch id) hold every input line's words exactly once: each line has
-//! a unique word, so every unique word must be counted once, and the shared word as many times
-//! as there are lines.
+//! Exactly once across crashes: `examples/direct_word_count` is SIGKILLed at random points
+//! (seed printed; `TRIBUTARY_SEED` replays one) and started again on the same checkpoint
+//! directory, while the test appends to its source between runs: 50 kills on the file log,
+//! 15 on a Kafka topic of a real broker (tansu; skipped without it, failing under CI). At the
+//! end, the batch files (keyed by batch id) hold every input line's words exactly once: each
+//! line has a unique word, so every unique word must be counted once, and the shared word as
+//! many times as there are lines.
+
+mod kafka_support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tributary_receivers::file_log::FileLogWriter;
+use tributary_receivers::kafka::KafkaTopic;
 
 const PARTITIONS: u32 = 3;
 
@@ -43,18 +47,26 @@ impl Drop for Guard {
     }
 }
 
-fn spawn(dir: &Path, input: &Path, follow: bool) -> Guard {
+/// The source the child reads: its arguments.
+#[derive(Clone)]
+enum Source {
+    File(PathBuf),
+    Kafka(String),
+}
+
+fn spawn(dir: &Path, source: &Source, follow: bool) -> Guard {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("runs.log"))
         .unwrap();
     let mut cmd = Command::new(child_binary());
-    cmd.arg("--dir")
-        .arg(dir)
-        .arg("--input")
-        .arg(input)
-        .args(["--batch-ms", "40", "--no-backpressure"])
+    cmd.arg("--dir").arg(dir);
+    match source {
+        Source::File(input) => cmd.arg("--input").arg(input),
+        Source::Kafka(addr) => cmd.args(["--kafka", addr, "--topic", "crash", "--generate", "0"]),
+    };
+    cmd.args(["--batch-ms", "40", "--no-backpressure"])
         .args(["--max-rate-per-partition", "2000", "--hold-output-ms", "30"])
         .stdout(Stdio::from(log))
         .stderr(Stdio::null());
@@ -65,13 +77,31 @@ fn spawn(dir: &Path, input: &Path, follow: bool) -> Guard {
 }
 
 /// Appends `n` lines to each partition: `u<p>-<i> shared`.
-fn append(input: &Path, next: &mut [u64], n: u64) {
+fn append(source: &Source, next: &mut [u64], n: u64) {
     for (p, at) in next.iter_mut().enumerate() {
-        let mut w = FileLogWriter::open(input, p as u32).unwrap();
-        for i in *at..*at + n {
-            w.append(format!("u{p}-{i} shared").as_bytes()).unwrap();
+        let lines = (*at..*at + n).map(|i| format!("u{p}-{i} shared"));
+        match source {
+            Source::File(input) => {
+                let mut w = FileLogWriter::open(input, p as u32).unwrap();
+                for l in lines {
+                    w.append(l.as_bytes()).unwrap();
+                }
+                w.flush().unwrap();
+            }
+            Source::Kafka(addr) => {
+                let topic = KafkaTopic::new(addr.clone(), "crash");
+                let values: Vec<Vec<u8>> = lines.map(String::into_bytes).collect();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for chunk in values.chunks(100) {
+                        topic.produce(p as u32, chunk.to_vec()).await.unwrap();
+                    }
+                });
+            }
         }
-        w.flush().unwrap();
         *at += n;
     }
 }
@@ -96,28 +126,50 @@ fn counted(out: &Path) -> HashMap<String, u64> {
 }
 
 #[test]
-fn sigkilled_fifty_times_the_output_holds_every_record_exactly_once() {
+fn sigkilled_fifty_times_on_a_file_log_the_output_holds_every_record_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = Source::File(tmp.path().join("input"));
+    crash_loop(tmp.path(), &input, 50);
+}
+
+#[test]
+fn sigkilled_on_a_kafka_topic_the_output_holds_every_record_exactly_once() {
+    let test = "sigkilled_on_a_kafka_topic_the_output_holds_every_record_exactly_once";
+    let Some(bin) = kafka_support::broker_binary(test) else {
+        return;
+    };
+    let broker = kafka_support::start_broker(&bin, kafka_support::free_port());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(KafkaTopic::new(broker.addr.clone(), "crash").create(PARTITIONS))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    crash_loop(tmp.path(), &Source::Kafka(broker.addr.clone()), 15);
+}
+
+/// `kills` runs SIGKILLed at random points, appending between them, then one that catches
+/// up; then the output is checked.
+fn crash_loop(tmp: &Path, source: &Source, kills: u32) {
     let seed = std::env::var("TRIBUTARY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     println!("seed {seed} (TRIBUTARY_SEED={seed} replays it)");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, input) = (tmp.path().join("job"), tmp.path().join("input"));
+    let dir = tmp.join("job");
     let mut next = vec![0u64; PARTITIONS as usize];
-    append(&input, &mut next, 2_000);
-    let kills = 50;
-    for k in 0..kills {
-        let child = spawn(&dir, &input, true);
+    append(source, &mut next, 2_000);
+    for _ in 0..kills {
+        let child = spawn(&dir, source, true);
         // Anywhere from before the context started to several batches in.
         std::thread::sleep(Duration::from_millis(rng.u64(20..900)));
         drop(child); // SIGKILL
-        let _ = k;
-        append(&input, &mut next, rng.u64(50..400));
+        append(source, &mut next, rng.u64(50..400));
     }
     // The last run catches up and stops by itself.
-    let mut last = spawn(&dir, &input, false);
+    let mut last = spawn(&dir, source, false);
     let started = Instant::now();
     let status = loop {
         if let Some(s) = last.0.try_wait().unwrap() {

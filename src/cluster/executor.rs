@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use crate::batch::{TaskId, TaskRegistry};
 use crate::block_manager::WorkerMsg;
 use crate::cluster::protocol::{Description, TaskHostMsg, TaskReply, TaskRequest};
+use crate::direct::{read_block, DirectStreams};
 use crate::wire::Ser;
 use crate::wire::Wire;
 
@@ -21,6 +22,11 @@ pub(crate) struct TaskHost {
     pub(crate) store: ActorRef<WorkerMsg>,
     pub(crate) tasks: TaskRegistry,
     pub(crate) slots: usize,
+    /// The job's direct streams: their ranges are read here when the driver places a
+    /// range's task here.
+    pub(crate) direct: DirectStreams,
+    /// The block size (a range is read as one block).
+    pub(crate) max_block_bytes: usize,
     /// Where the driver's refusal (and its reason) goes: the worker exits with it.
     pub(crate) refused: tokio::sync::mpsc::UnboundedSender<String>,
 }
@@ -59,9 +65,10 @@ impl Actor for TaskHost {
                 // Each task runs in its own task (the actor goes on receiving), at most
                 // `slots` at once.
                 let (store, tasks, slots) = (self.store.clone(), self.tasks.clone(), slots.clone());
+                let (direct, max_bytes) = (self.direct.clone(), self.max_block_bytes);
                 tokio::spawn(async move {
                     let answer = match request {
-                        Some(r) => run(store, tasks, slots, r).await,
+                        Some(r) => run(store, tasks, slots, r, (direct, max_bytes)).await,
                         None => TaskReply::Failed("a task request arrived damaged".into()),
                     };
                     let _ = reply.send(answer);
@@ -79,6 +86,7 @@ async fn run(
     tasks: TaskRegistry,
     slots: Arc<Semaphore>,
     r: TaskRequest,
+    (direct, max_bytes): (DirectStreams, usize),
 ) -> TaskReply {
     let Some(def) = tasks.get(TaskId(r.task)).cloned() else {
         return TaskReply::Failed(format!(
@@ -90,10 +98,18 @@ async fn run(
     let Ok(_permit) = slots.acquire_owned().await else {
         return TaskReply::Failed("the executor is stopping".into());
     };
-    let block = match ractor::call!(store, WorkerMsg::Get, Wire::of(r.block)) {
-        Ok(Wire(Some(Some(block)))) => block,
-        Ok(_) => return TaskReply::NotLocal,
-        Err(e) => return TaskReply::Failed(format!("the block store did not answer: {e}")),
+    let block = match &r.range {
+        // A direct stream's range: read from its source, here.
+        Some(range) => match read_block(&direct, max_bytes, range).await {
+            Ok(block) => block,
+            Err(e) if e.retryable => return TaskReply::Unavailable(e.text),
+            Err(e) => return TaskReply::Failed(e.text),
+        },
+        None => match ractor::call!(store, WorkerMsg::Get, Wire::of(r.block)) {
+            Ok(Wire(Some(Some(block)))) => block,
+            Ok(_) => return TaskReply::NotLocal,
+            Err(e) => return TaskReply::Failed(format!("the block store did not answer: {e}")),
+        },
     };
     let work = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();

@@ -33,11 +33,13 @@ pub(crate) struct Description {
     pub(crate) slots: u32,
 }
 
-/// Run task `task` over block `block`, which this process's block store should hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Run task `task` over block `block`, which this process's block store should hold, or,
+/// with `range`, over the records of a direct stream's offset range (read here).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TaskRequest {
     pub(crate) block: BlockId,
     pub(crate) task: u32,
+    pub(crate) range: Option<crate::direct::DirectRange>,
 }
 
 /// How a task ran in a worker process.
@@ -51,6 +53,8 @@ pub(crate) enum TaskReply {
     Failed(String),
     /// The reply did not decode.
     Damaged,
+    /// A direct stream's source is unavailable here (the range is tried again).
+    Unavailable(String),
 }
 
 impl BytesConvertable for TaskReply {
@@ -69,6 +73,11 @@ impl BytesConvertable for TaskReply {
                 out
             }
             TaskReply::Damaged => vec![3],
+            TaskReply::Unavailable(e) => {
+                let mut out = e.into_bytes();
+                out.push(4);
+                out
+            }
         }
     }
     fn from_bytes(mut bytes: Vec<u8>) -> Self {
@@ -82,6 +91,7 @@ impl BytesConvertable for TaskReply {
             }
             Some(1) if bytes.is_empty() => TaskReply::NotLocal,
             Some(2) => String::from_utf8(bytes).map_or(TaskReply::Damaged, TaskReply::Failed),
+            Some(4) => String::from_utf8(bytes).map_or(TaskReply::Damaged, TaskReply::Unavailable),
             _ => TaskReply::Damaged,
         }
     }
@@ -226,8 +236,33 @@ mod tests {
         let req = TaskRequest {
             block: BlockId { stream: 3, seq: 77 },
             task: 2,
+            range: None,
         };
-        assert_eq!(Ser::from_bytes(Ser::of(req).into_bytes()).0, Some(req));
+        assert_eq!(
+            Ser::from_bytes(Ser::of(req.clone()).into_bytes()).0,
+            Some(req)
+        );
+        let ranged = TaskRequest {
+            block: BlockId {
+                stream: 1 << 31,
+                seq: 5,
+            },
+            task: 0,
+            range: Some(crate::direct::DirectRange {
+                stream: 1 << 31,
+                range: crate::direct::OffsetRange {
+                    partition: 2,
+                    from: 5,
+                    until: 9,
+                    records: 4,
+                },
+                identity: Some("1:2:3:ff".into()),
+            }),
+        };
+        assert_eq!(
+            Ser::from_bytes(Ser::of(ranged.clone()).into_bytes()).0,
+            Some(ranged)
+        );
         assert_eq!(Ser::<TaskRequest>::from_bytes(vec![0xff]).0, None);
     }
 }

@@ -46,6 +46,8 @@ pub(crate) struct ReceiverJob {
     pub(crate) rate_limit: Option<f64>,
     pub(crate) memory_bytes: usize,
     pub(crate) block_interval: Duration,
+    /// The job's direct streams (this process's executor reads their ranges).
+    pub(crate) direct: crate::direct::DirectStreams,
 }
 
 /// A worker process's receiver host (an actor, in the

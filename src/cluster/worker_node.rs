@@ -66,6 +66,7 @@ pub(crate) async fn run_worker_with(
     let mut _executor_guard = None;
     let mut _receivers_guard = None;
     if let Some((tasks, receivers)) = job {
+        let (direct, max_block_bytes) = (receivers.direct.clone(), receivers.max_block_bytes);
         let (host, _join) = Actor::spawn(None, ReceiverHost, receivers)
             .await
             .map_err(|e| ClusterError::Start {
@@ -78,6 +79,8 @@ pub(crate) async fn run_worker_with(
             store: store.clone(),
             tasks,
             slots: cfg.executors,
+            direct,
+            max_block_bytes,
             refused: refused_tx.clone(),
         };
         let (exec, _join) =
