@@ -215,7 +215,7 @@ pub(crate) struct DriverState {
     /// Per direct stream and partition: where the next range starts (the end of the last
     /// logged one) and the partition's identity.
     #[serde(default, with = "as_next_offsets")]
-    pub(crate) direct_next: crate::driver::direct_planner::NextOffsets,
+    pub(crate) direct_next: crate::direct::NextOffsets,
     /// The last batch id completed (batches complete in id order).
     #[serde(default)]
     pub(crate) last_completed: u64,
@@ -347,7 +347,7 @@ impl DriverState {
 mod as_next_offsets {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use crate::driver::direct_planner::NextOffsets;
+    use crate::direct::NextOffsets;
 
     type Row = (u32, u32, u64, Option<String>);
 

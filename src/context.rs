@@ -399,10 +399,10 @@ impl StreamingContext {
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// # fn source() -> impl tributary::DirectSource { todo!() }
     /// use tributary::{ByteString, StreamingContext};
+    /// use tributary_receivers::file_log::FileLog;
     /// let ctx = StreamingContext::get_or_create("/var/lib/my-job", |b| b.build().map_err(Into::into))?;
-    /// ctx.direct_stream("events", source())?
+    /// ctx.direct_stream("events", FileLog::open("/var/lib/events")?)?
     ///     .map(|line: ByteString| line.len() as u64)
     ///     .for_each_batch(|batch| println!("{} {:?}: {:?}", batch.id, batch.offsets, batch.records))?;
     /// # Ok(()) }

@@ -420,6 +420,9 @@ pub(crate) async fn read_block(
     })
 }
 
+/// Per direct stream and partition: where its next range starts, and its identity.
+pub(crate) type NextOffsets = std::collections::BTreeMap<(u32, u32), (u64, Option<String>)>;
+
 /// A direct stream of the job: its id, name, source and settings.
 #[derive(Clone)]
 pub(crate) struct DirectStream {

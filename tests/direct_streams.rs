@@ -437,3 +437,35 @@ fn first_end(seen: &Seen) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_a_block_is_read_in_several_ranges_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 0, 0, 2_000);
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(200))
+        .backpressure(Backpressure::off())
+        .max_block_bytes(1_024)
+        .memory_limit(1 << 20)
+        .build()
+        .unwrap();
+    let seen = collect(
+        &ctx,
+        FileLog::open(dir.path()).unwrap(),
+        DirectOptions::default(),
+    );
+    ctx.start().await.unwrap();
+    wait_until("all records read", || records(&seen) >= 2_000).await;
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seen, 1, 2_000);
+    let seen = seen.lock().unwrap();
+    let most = seen.iter().map(|(_, o, _)| o.len()).max().unwrap();
+    assert!(most > 1, "one batch read its backlog in several ranges");
+    for (_, offsets, _) in seen.iter() {
+        for r in offsets {
+            // Each range is one block: its records (4 + line bytes each) fit in 1,024.
+            let line_bytes = (r.until - r.from) - r.records;
+            assert!(line_bytes + 4 * r.records <= 1_024, "{r:?}");
+        }
+    }
+}

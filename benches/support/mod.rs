@@ -71,8 +71,15 @@ pub fn word_job(
     source: SyntheticReceiver,
     track_latency: bool,
 ) -> DStream<(Key, u64)> {
-    ctx.receiver_stream("synthetic", source)
-        .unwrap()
+    word_job_on(
+        &ctx.receiver_stream("synthetic", source).unwrap(),
+        track_latency,
+    )
+}
+
+/// The pipeline bench's job on any stream of its records (a receiver's or a direct one).
+pub fn word_job_on(records: &DStream<ByteString>, track_latency: bool) -> DStream<(Key, u64)> {
+    records
         .flat_map_with(move |r: ByteString, out| {
             let b = r.as_bytes();
             if b.len() < 31 {

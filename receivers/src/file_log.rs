@@ -382,8 +382,11 @@ impl DirectSource for FileLog {
             .blocking(move |dir| read_file(dir, range, identity.as_deref()))
             .await?;
         let mut offset = range.from;
-        for line in data.split_inclusive(|b| *b == b'\n') {
-            let payload = &line[..line.len() - 1];
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &data) {
+            let payload = &data[start..end];
+            let line_len = (end + 1 - start) as u64;
+            start = end + 1;
             out.push(payload).map_err(|e| match e {
                 SourceError::RecordTooLarge { bytes, limit, .. } => SourceError::RecordTooLarge {
                     what: self.describe(range.partition),
@@ -393,7 +396,7 @@ impl DirectSource for FileLog {
                 },
                 e => e,
             })?;
-            offset += line.len() as u64;
+            offset += line_len;
         }
         Ok(())
     }

@@ -15,7 +15,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::direct::{DirectRange, DirectStreams, OffsetRange, RangeLimits, SourceError};
+use crate::direct::{
+    DirectRange, DirectStreams, NextOffsets, OffsetRange, RangeLimits, SourceError,
+};
 use crate::driver::rate_controller::RateController;
 
 /// A direct stream's source failed in a way that retrying will not fix.
@@ -26,8 +28,6 @@ pub(crate) struct PlanError {
     pub(crate) error: String,
 }
 
-/// Where each partition's next range starts, and its identity.
-pub(crate) type NextOffsets = BTreeMap<(u32, u32), (u64, Option<String>)>;
 
 /// Plans the ranges of the job's direct streams.
 #[derive(Debug)]
@@ -41,6 +41,10 @@ pub(crate) struct DirectPlanner {
     /// skip before trying again.
     backoff: BTreeMap<u32, (u32, u32)>,
 }
+
+/// Ranges of one partition a batch holds at most (each up to a block): a batch of a
+/// partition with a long backlog and no rate limit stops there; the next batch goes on.
+const MAX_RANGES_PER_BATCH: usize = 64;
 
 /// Boundaries skipped at most between two attempts at an unavailable source.
 const MAX_SKIPPED: u32 = 32;
@@ -141,30 +145,37 @@ impl DirectPlanner {
             (a, b) => a.or(b),
         }
         .map(|m| m.max(1));
-        let limits = RangeLimits {
-            max_records,
-            max_bytes: self.max_bytes,
-        };
         let mut out = Vec::new();
         for p in partitions {
-            let (from, identity) = match self.next.get(&(stream, p)) {
+            let (mut from, identity) = match self.next.get(&(stream, p)) {
                 Some(n) => n.clone(),
                 None => {
                     let from = s.source.start_offset(p).await?;
                     (from, s.source.identity(p).await?)
                 }
             };
-            let planned = s.source.plan(p, from, limits, identity.as_deref()).await?;
-            if planned.until < from {
-                return Err(SourceError::Invalid {
-                    what: s.source.describe(p),
-                    detail: format!(
-                        "planned a range ending at {} before its start {from}",
-                        planned.until
-                    ),
-                });
-            }
-            if planned.until > from {
+            // As many ranges as it takes, each at most a block: a partition's records of one
+            // batch are read in several tasks when they are more than a block.
+            let mut left = max_records;
+            let mut ranges = 0usize;
+            while left != Some(0) {
+                let limits = RangeLimits {
+                    max_records: left,
+                    max_bytes: self.max_bytes,
+                };
+                let planned = s.source.plan(p, from, limits, identity.as_deref()).await?;
+                if planned.until < from {
+                    return Err(SourceError::Invalid {
+                        what: s.source.describe(p),
+                        detail: format!(
+                            "planned a range ending at {} before its start {from}",
+                            planned.until
+                        ),
+                    });
+                }
+                if planned.until == from {
+                    break;
+                }
                 out.push(DirectRange {
                     stream,
                     range: OffsetRange {
@@ -173,9 +184,16 @@ impl DirectPlanner {
                         until: planned.until,
                         records: planned.records,
                     },
-                    identity,
+                    identity: identity.clone(),
                 });
-            } else {
+                ranges += 1;
+                left = left.map(|l| l.saturating_sub(planned.records));
+                from = planned.until;
+                if ranges >= MAX_RANGES_PER_BATCH {
+                    break;
+                }
+            }
+            if ranges == 0 {
                 // Nothing to read yet: remember where it starts and what it is.
                 self.next.entry((stream, p)).or_insert((from, identity));
             }
