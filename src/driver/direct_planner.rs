@@ -28,7 +28,6 @@ pub(crate) struct PlanError {
     pub(crate) error: String,
 }
 
-
 /// Plans the ranges of the job's direct streams.
 #[derive(Debug)]
 pub(crate) struct DirectPlanner {
