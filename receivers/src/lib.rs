@@ -8,7 +8,7 @@
 //! | [`publisher::SubscriberReceiver`] | `publisher` | an actor that pushes messages to its subscribers (Spark's `ActorReceiver` / Akka feeder pattern) |
 //! | [`socket::SocketTextReceiver`] | `socket` | newline-delimited text from a TCP server |
 //! | [`file_log::FileLog`] (a replayable source, for `direct_stream`) | `file-log` | a directory of append-only newline-delimited logs, one per partition; offsets are byte positions |
-//! | [`kafka::KafkaTopic`] (a replayable source, for `direct_stream`) | `kafka` | a topic of a Kafka-protocol broker, read by offset with `rskafka` (no consumer group) |
+//! | `kafka::KafkaTopic` (a replayable source, for `direct_stream`) | `kafka` | a topic of a Kafka-protocol broker, read by offset with `rskafka` (no consumer group) |
 //! | [`synthetic::SyntheticReceiver`] | `synthetic` | generated 100-byte text records with sequence numbers and timestamps |
 #![warn(
     missing_docs,
