@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tributary::cluster::{self, ClusterConfig, LaunchConfig, WorkerLauncher};
+use tributary::cluster::{self, ClusterConfig, WorkerLauncher};
 use tributary::{BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
-use support::{peak_rss_mb, steady, word_job, Key};
+use support::{launch, peak_rss_mb, steady, wait_live, word_job, Key};
 
 fn secs() -> f64 {
     std::env::var("BENCH_SECONDS")
@@ -62,34 +62,6 @@ fn context(local: usize, processes: usize, memory: usize, cookie: &str) -> Strea
     b.build().unwrap()
 }
 
-/// Launches `n` worker processes of this binary (`--worker-of ADDR --job JOB`, JOB as the
-/// driver defined it: `word` or `count`) and waits until they joined.
-async fn launch(ctx: &StreamingContext, n: usize, cookie: &str, job: &str) -> WorkerLauncher {
-    let addr = ctx.cluster_addr().expect("a cluster");
-    let exe = std::env::current_exe().unwrap();
-    let args = [
-        "--worker-of".to_string(),
-        addr.to_string(),
-        "--job".into(),
-        job.into(),
-    ];
-    let local = ctx.live_workers().await.len();
-    let launcher = WorkerLauncher::start(LaunchConfig::new(exe, args, cookie, n));
-    wait_live(ctx, local + n, Duration::from_secs(30)).await;
-    launcher
-}
-
-async fn wait_live(ctx: &StreamingContext, n: usize, within: Duration) {
-    let t = Instant::now();
-    while ctx.live_workers().await.len() != n {
-        assert!(
-            t.elapsed() < within,
-            "{n} workers did not join in {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// The measured job, the same in the driver and in the worker processes.
 fn define(ctx: &StreamingContext, source: SyntheticReceiver, records: Arc<AtomicU64>) {
     word_job(ctx, source, false)
@@ -112,7 +84,7 @@ async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) ->
     // batches are not measured.
     ctx.start().await.unwrap();
     let launcher = if processes > 0 {
-        Some(launch(&ctx, processes, cookie, "word").await)
+        Some(launch(&ctx, processes, cookie, &["--job", "word"]).await)
     } else {
         None
     };
@@ -169,7 +141,7 @@ async fn detection_cluster(cookie: &str) -> (StreamingContext, WorkerLauncher) {
         .for_each_batch(|_| {})
         .unwrap();
     ctx.start().await.unwrap();
-    let launcher = launch(&ctx, 3, cookie, "count").await;
+    let launcher = launch(&ctx, 3, cookie, &["--job", "count"]).await;
     (ctx, launcher)
 }
 
@@ -243,7 +215,7 @@ async fn rereplication(cookie: &str) {
         .for_each_batch(|_| std::thread::sleep(Duration::from_secs(3600)))
         .unwrap();
     ctx.start().await.unwrap();
-    let launcher = launch(&ctx, 3, cookie, "count").await;
+    let launcher = launch(&ctx, 3, cookie, &["--job", "count"]).await;
     // Blocks are ~3.5 MB here (200 ms of the free-running source); wait for about `held`
     // bytes of them (counted as 1 MB each, so at least that much is held).
     let t = Instant::now();

@@ -20,6 +20,9 @@
 //! * `readme_word_count_k2`: the job as README shows it now, `reduce_by_key_with` over
 //!   borrowed `&str` words (a key is made a `String` only the first time a block's task
 //!   sees it);
+//! * `readme_word_count_k2_2_processes`: the same job with two worker processes of this
+//!   binary (launched in the worker role) holding every replica (k = 2: one in each) and
+//!   running the tasks where they are, beside the driver's executors;
 //! * `sliced_word_count_k2`: the same with each word a `ByteString` slice of the block
 //!   (`flat_map_with` emitting `(line.slice_ref(w), 1)`): no allocation per word.
 //!
@@ -36,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+use tributary::cluster::ClusterConfig;
 use tributary::{Backpressure, BatchInfo, ByteString, StreamingContext};
 use tributary_receivers::synthetic::{parse, word, StoreMode, SyntheticReceiver};
 
@@ -147,6 +151,23 @@ enum Job {
     Borrowed,
 }
 
+impl Job {
+    /// How the worker role is told the job (`--job NAME`).
+    fn name(self) -> &'static str {
+        match self {
+            Job::Owned => "owned",
+            Job::Sliced => "sliced",
+            Job::Borrowed => "borrowed",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Job> {
+        [Job::Owned, Job::Sliced, Job::Borrowed]
+            .into_iter()
+            .find(|j| j.name() == name)
+    }
+}
+
 fn top3<K: Ord>(records: Vec<(K, u64)>) -> Vec<(K, u64)> {
     let mut best = records;
     best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -177,24 +198,14 @@ impl Shape {
     }
 }
 
-async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64) -> Outcome {
-    let ctx = StreamingContext::builder()
-        .batch_interval(shape.batch)
-        .block_interval(shape.block)
-        .workers(2)
-        .replication(2)
-        .executors(2)
-        .backpressure(shape.backpressure)
-        .early_tasks(shape.early_tasks)
-        .build()
-        .unwrap();
-    let mut source = SyntheticReceiver::new().mode(StoreMode::Single).chunk(500);
-    if let Some(rate) = shape.rate {
-        // Chunks of 1 ms of records: the rate is steady at this grain.
-        source = source
-            .rate(rate)
-            .chunk(((rate / 1000.0) as usize).clamp(1, 500));
-    }
+/// The job and its tracker, the same in the driver and in worker processes: returns the
+/// tracker's sequence-number runs and latency samples.
+#[allow(clippy::type_complexity)]
+fn define_job(
+    ctx: &StreamingContext,
+    job: Job,
+    source: SyntheticReceiver,
+) -> (Arc<Mutex<Vec<(u64, u64)>>>, Arc<Mutex<Vec<u64>>>) {
     let lines = ctx.receiver_stream("synthetic", source).unwrap();
     // The job (the first two fields are the sequence number and time).
     match job {
@@ -267,8 +278,48 @@ async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64) -> Outcome {
             }
         })
         .unwrap();
+    (runs, latency)
+}
+
+/// The source of a shape: as fast as it goes, or at its rate.
+fn source(shape: &Shape) -> SyntheticReceiver {
+    let mut source = SyntheticReceiver::new().mode(StoreMode::Single).chunk(500);
+    if let Some(rate) = shape.rate {
+        // Chunks of 1 ms of records: the rate is steady at this grain.
+        source = source
+            .rate(rate)
+            .chunk(((rate / 1000.0) as usize).clamp(1, 500));
+    }
+    source
+}
+
+/// The cookie of the bench's worker processes.
+const COOKIE: &str = "word-count-bench";
+
+async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64, processes: usize) -> Outcome {
+    let mut builder = StreamingContext::builder()
+        .batch_interval(shape.batch)
+        .block_interval(shape.block)
+        .workers(2)
+        .replication(2)
+        .executors(2)
+        .backpressure(shape.backpressure)
+        .early_tasks(shape.early_tasks);
+    if processes > 0 {
+        // Every replica in the worker processes (k = 2: one in each), tasks where they are.
+        builder = builder
+            .workers(0)
+            .cluster(ClusterConfig::new(([127, 0, 0, 1], 0).into(), COOKIE));
+    }
+    let ctx = builder.build().unwrap();
+    let (runs, latency) = define_job(&ctx, job, source(&shape));
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
+    let _launcher = if processes > 0 {
+        Some(support::launch(&ctx, processes, COOKIE, &["--job", job.name()]).await)
+    } else {
+        None
+    };
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
     let measured_from = Instant::now();
     let cpu0 = cpu_seconds();
@@ -321,13 +372,18 @@ fn pick(sorted: &[u64], q: f64) -> u64 {
 }
 
 async fn case(name: &str, job: Job, shape: Shape) {
+    case_in(name, job, shape, 0).await
+}
+
+/// A case with `processes` worker processes (0: in one process).
+async fn case_in(name: &str, job: Job, shape: Shape, processes: usize) {
     let loop_rate = plain_loop();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
     let (warmup, seconds) = (
         env_f64("BENCH_WARMUP", 20.0),
         env_f64("BENCH_SECONDS", 60.0),
     );
-    let o = natural(job, shape, warmup, seconds).await;
+    let o = natural(job, shape, warmup, seconds, processes).await;
     let wall = o
         .measured_from
         .elapsed()
@@ -365,15 +421,17 @@ async fn case(name: &str, job: Job, shape: Shape) {
             "block_interval_ms": shape.block.as_millis(),
             "source_rate": shape.rate,
             "early_tasks": shape.early_tasks,
+            "worker_processes": processes,
             "warmup_s": warmup,
             "seconds": seconds,
         })
     );
 }
 
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "plain_loop",
     "readme_word_count_k2",
+    "readme_word_count_k2_2_processes",
     "natural_word_count_k2",
     "natural_word_count_k2_backpressure_off",
     "sliced_word_count_k2",
@@ -410,10 +468,24 @@ fn latency_shape(fast: bool, early_tasks: bool) -> Shape {
 }
 
 fn main() {
+    let rt = support::runtime();
+    // The worker role: the launcher starts this binary with the driver's address and the job.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(driver) = support::arg_after(&args, "--worker-of") {
+        let job = support::arg_after(&args, "--job")
+            .and_then(Job::from_name)
+            .expect("--job owned|sliced|borrowed");
+        let cookie = std::env::var("TRIBUTARY_COOKIE").expect("cookie");
+        let cfg = tributary::cluster::WorkerConfig::new(driver, cookie);
+        // One binary, two roles: the worker defines the same job and runs its tasks.
+        let ctx = StreamingContext::builder().build().unwrap();
+        define_job(&ctx, job, SyntheticReceiver::new());
+        let _ = rt.block_on(ctx.run_as_worker(cfg));
+        return;
+    }
     let Some(only) = only_case(&CASES) else {
         return;
     };
-    let rt = support::runtime();
     rt.block_on(async {
         match only.as_str() {
             "plain_loop" => {
@@ -431,6 +503,10 @@ fn main() {
             }
             "readme_word_count_k2" => {
                 case(&only, Job::Borrowed, Shape::free(Backpressure::default())).await
+            }
+            "readme_word_count_k2_2_processes" => {
+                let shape = Shape::free(Backpressure::default());
+                case_in(&only, Job::Borrowed, shape, 2).await
             }
             "sliced_word_count_k2" => {
                 case(&only, Job::Sliced, Shape::free(Backpressure::default())).await

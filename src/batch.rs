@@ -310,6 +310,19 @@ impl Receiver for Executor {
     }
 }
 
+/// One attempt on an executor of this process: the message `msg` makes, and its answer (a
+/// dropped reply is an executor that died: it restarts in place, the attempt is retried).
+async fn ask_local(
+    exec: &ReceiverRef<ExecMsg>,
+    msg: impl FnOnce(oneshot::Sender<Result<Worked, AttemptError>>) -> ExecMsg,
+) -> Result<Worked, AttemptError> {
+    let (tx, rx) = oneshot::channel();
+    if exec.send(msg(tx)).is_err() {
+        return Err(AttemptError::ExecutorDied);
+    }
+    rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
+}
+
 /// Where a task can run.
 pub(crate) enum ExecutorRef {
     /// An executor in this process: reads any block (from a worker process's block store
@@ -671,17 +684,12 @@ impl TaskRunner {
                 let _in_flight = InFlight(&slot.in_flight);
                 match &slot.exec {
                     ExecutorRef::Local(exec) => {
-                        let (tx, rx) = oneshot::channel();
-                        let msg = ExecMsg::RunRange {
+                        ask_local(exec, |reply| ExecMsg::RunRange {
                             range: range.clone(),
                             task,
-                            reply: tx,
-                        };
-                        if exec.send(msg).is_err() {
-                            Err(AttemptError::ExecutorDied)
-                        } else {
-                            rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
-                        }
+                            reply,
+                        })
+                        .await
                     }
                     ExecutorRef::Remote { actor, gone } => {
                         let request = TaskRequest {
@@ -741,18 +749,13 @@ impl TaskRunner {
                 let _in_flight = InFlight(&slot.in_flight);
                 match &slot.exec {
                     ExecutorRef::Local(exec) => {
-                        let (tx, rx) = oneshot::channel();
-                        let msg = ExecMsg::Run {
+                        ask_local(exec, |reply| ExecMsg::Run {
                             block,
                             locations: locations.clone(),
                             task,
-                            reply: tx,
-                        };
-                        if exec.send(msg).is_err() {
-                            Err(AttemptError::ExecutorDied)
-                        } else {
-                            rx.await.unwrap_or(Err(AttemptError::ExecutorDied))
-                        }
+                            reply,
+                        })
+                        .await
                     }
                     ExecutorRef::Remote { actor, gone } => {
                         let request = TaskRequest {

@@ -91,6 +91,24 @@ fn assert_exactly_once(seen: &Seen, partitions: u32, per_partition: u64) {
     }
 }
 
+/// Runs `ctx` with a direct stream on `source` until it read `partitions × per_partition`
+/// records, stops it, and checks each was read exactly once, in contiguous ranges.
+async fn read_everything<S: DirectSource>(
+    ctx: &StreamingContext,
+    source: S,
+    options: DirectOptions,
+    partitions: u32,
+    per_partition: u64,
+) -> Seen {
+    let seen = collect(ctx, source, options);
+    ctx.start().await.unwrap();
+    let n = (u64::from(partitions) * per_partition) as usize;
+    wait_until("all records read", || records(&seen) >= n).await;
+    ctx.stop(true).await.unwrap();
+    assert_exactly_once(&seen, partitions, per_partition);
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_is_read_once_while_the_log_grows() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,11 +151,7 @@ async fn a_batch_never_reads_more_than_the_rate_per_partition_allows() {
     let ctx = context(100);
     // 5,000 records/s per partition × 100 ms = 500 per partition per batch.
     let options = DirectOptions::default().max_rate_per_partition(5_000);
-    let seen = collect(&ctx, FileLog::open(dir.path()).unwrap(), options);
-    ctx.start().await.unwrap();
-    wait_until("all records read", || records(&seen) >= 6_000).await;
-    ctx.stop(true).await.unwrap();
-    assert_exactly_once(&seen, 2, 3_000);
+    let seen = read_everything(&ctx, FileLog::open(dir.path()).unwrap(), options, 2, 3_000).await;
     let seen = seen.lock().unwrap();
     let full = seen.iter().filter(|(_, o, _)| !o.is_empty()).count();
     assert!(
@@ -169,15 +183,8 @@ async fn the_adaptive_rate_paces_a_direct_stream_from_its_initial_rate() {
         )
         .build()
         .unwrap();
-    let seen = collect(
-        &ctx,
-        FileLog::open(dir.path()).unwrap(),
-        DirectOptions::default(),
-    );
-    ctx.start().await.unwrap();
-    wait_until("all records read", || records(&seen) >= 20_000).await;
-    ctx.stop(true).await.unwrap();
-    assert_exactly_once(&seen, 1, 20_000);
+    let log = FileLog::open(dir.path()).unwrap();
+    let seen = read_everything(&ctx, log, DirectOptions::default(), 1, 20_000).await;
     let seen = seen.lock().unwrap();
     let sizes: Vec<usize> = seen
         .iter()
@@ -283,16 +290,12 @@ async fn an_unavailable_source_is_retried_and_nothing_is_skipped() {
         inner: FileLog::open(dir.path()).unwrap(),
         failures_left: AtomicU32::new(4),
     });
-    let seen = collect(&ctx, source.clone(), DirectOptions::default());
-    ctx.start().await.unwrap();
-    wait_until("all records read", || records(&seen) >= 1_000).await;
-    ctx.stop(true).await.unwrap();
+    read_everything(&ctx, source.clone(), DirectOptions::default(), 1, 1_000).await;
     assert_eq!(
         source.failures_left.load(Ordering::SeqCst),
         0,
         "it failed 4 times"
     );
-    assert_exactly_once(&seen, 1, 1_000);
 }
 
 /// Starts a job on `dir`'s log, waits until it read `n` records, applies `damage`, and
@@ -449,15 +452,8 @@ async fn a_backlog_larger_than_a_block_is_read_in_several_ranges_per_batch() {
         .memory_limit(1 << 20)
         .build()
         .unwrap();
-    let seen = collect(
-        &ctx,
-        FileLog::open(dir.path()).unwrap(),
-        DirectOptions::default(),
-    );
-    ctx.start().await.unwrap();
-    wait_until("all records read", || records(&seen) >= 2_000).await;
-    ctx.stop(true).await.unwrap();
-    assert_exactly_once(&seen, 1, 2_000);
+    let log = FileLog::open(dir.path()).unwrap();
+    let seen = read_everything(&ctx, log, DirectOptions::default(), 1, 2_000).await;
     let seen = seen.lock().unwrap();
     let most = seen.iter().map(|(_, o, _)| o.len()).max().unwrap();
     assert!(most > 1, "one batch read its backlog in several ranges");

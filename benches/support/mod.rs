@@ -138,3 +138,42 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// Launches `n` worker processes of this bench binary (`--worker-of ADDR`, then `args`) and
+/// waits until they joined `ctx`'s cluster.
+pub async fn launch(
+    ctx: &StreamingContext,
+    n: usize,
+    cookie: &str,
+    args: &[&str],
+) -> tributary::cluster::WorkerLauncher {
+    use tributary::cluster::{LaunchConfig, WorkerLauncher};
+    let addr = ctx.cluster_addr().expect("a cluster");
+    let exe = std::env::current_exe().unwrap();
+    let mut all = vec!["--worker-of".to_string(), addr.to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let local = ctx.live_workers().await.len();
+    let launcher = WorkerLauncher::start(LaunchConfig::new(exe, all, cookie, n));
+    wait_live(ctx, local + n, std::time::Duration::from_secs(30)).await;
+    launcher
+}
+
+/// Waits until `ctx` has `n` live workers (bounded).
+pub async fn wait_live(ctx: &StreamingContext, n: usize, within: std::time::Duration) {
+    let t = std::time::Instant::now();
+    while ctx.live_workers().await.len() != n {
+        assert!(
+            t.elapsed() < within,
+            "{n} workers did not join in {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The argument after `flag` in `args`.
+pub fn arg_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
