@@ -177,3 +177,47 @@ async fn a_broker_that_lost_recorded_offsets_stops_the_stream_naming_them() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_larger_than_a_block_is_refused_naming_its_offset() {
+    let Some(bin) = broker_binary("a_record_larger_than_a_block_is_refused_naming_its_offset")
+    else {
+        return;
+    };
+    let broker = start_broker(&bin, free_port());
+    let topic = KafkaTopic::new(&broker.addr, "big");
+    topic.create(1).await.unwrap();
+    produce(&topic, 1, 0, 20).await;
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(50))
+        .backpressure(Backpressure::off())
+        .max_block_bytes(1_024)
+        .build()
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    ctx.direct_stream("kafka", topic.clone())
+        .unwrap()
+        .map(|l: ByteString| l.to_string())
+        .for_each_batch(move |b| s.lock().unwrap().push((b.offsets.clone(), b.records)))
+        .unwrap();
+    ctx.start().await.unwrap();
+    wait_until("the small records", 30, || records(&seen) >= 20).await;
+    // Offset 20: 2,000 bytes, more than a 1,024-byte block holds; then a small one after it.
+    topic
+        .produce(0, vec![vec![b'x'; 2_000], b"after".to_vec()])
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), ctx.await_termination())
+        .await
+        .expect("the context ends");
+    let e = end.expect_err("a record that fits no block ends the stream");
+    assert!(matches!(e, ContextError::DirectSource { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("topic big partition 0") && text.contains("20") && text.contains("2000"),
+        "{text}"
+    );
+    // Neither it nor what follows was handed to the job as if read.
+    assert_eq!(records(&seen), 20);
+}
