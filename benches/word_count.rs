@@ -22,7 +22,9 @@
 //!   sees it);
 //! * `readme_word_count_k2_2_processes`: the same job with two worker processes of this
 //!   binary (launched in the worker role) holding every replica (k = 2: one in each) and
-//!   running the tasks where they are, beside the driver's executors;
+//!   running the tasks where they are, beside the driver's executors; its CPU figure sums
+//!   the driver and the worker processes, `peak_rss_mb` is the driver's and
+//!   `workers_peak_rss_mb` the worker processes' (summed);
 //! * `sliced_word_count_k2`: the same with each word a `ByteString` slice of the block
 //!   (`flat_map_with` emitting `(line.slice_ref(w), 1)`): no allocation per word.
 //!
@@ -60,9 +62,9 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds this process used (user + system), from `/proc/self/stat`.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU seconds a process used (user + system), from `/proc/<pid>/stat` (`self` for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces).
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -136,7 +138,10 @@ struct Outcome {
     infos: Vec<BatchInfo>,
     runs: Vec<(u64, u64)>,
     latency_ms: Vec<u64>,
+    /// CPU seconds of this process and its worker processes while measured.
     cpu: f64,
+    /// Peak RSS of the worker processes, summed (MB; 0 without them).
+    workers_peak_rss_mb: f64,
     measured_from: Instant,
 }
 
@@ -322,7 +327,18 @@ async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64, processes: u
     };
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
     let measured_from = Instant::now();
-    let cpu0 = cpu_seconds();
+    // This process and its worker processes (a relaunched worker would start from 0: none is
+    // killed here).
+    let pids = |l: &Option<tributary::cluster::WorkerLauncher>| {
+        let mut p = vec!["self".to_string()];
+        if let Some(l) = l {
+            p.extend(l.pids().into_iter().flatten().map(|id| id.to_string()));
+        }
+        p
+    };
+    let cpu_of = |pids: &[String]| pids.iter().map(|p| cpu_seconds(p)).sum::<f64>();
+    let measured = pids(&_launcher);
+    let cpu0 = cpu_of(&measured);
     let skip_latency = latency.lock().unwrap().len();
     let mut infos = Vec::new();
     // Drop the warm-up's reports.
@@ -335,7 +351,11 @@ async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64, processes: u
             _ => break,
         }
     }
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_of(&measured) - cpu0;
+    let workers_peak_rss_mb = measured[1..]
+        .iter()
+        .map(|p| support::peak_rss_mb_of(p))
+        .sum();
     ctx.stop(true).await.unwrap();
     let latency_ms = latency.lock().unwrap().split_off(skip_latency);
     let runs = std::mem::take(&mut *runs.lock().unwrap());
@@ -344,6 +364,7 @@ async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64, processes: u
         runs,
         latency_ms,
         cpu,
+        workers_peak_rss_mb,
         measured_from,
     }
 }
@@ -414,6 +435,7 @@ async fn case_in(name: &str, job: Job, shape: Shape, processes: usize) {
             "latency_p99_ms": pick(&lat, 0.99),
             "cpu_s_per_m_records": if records > 0 { (o.cpu / (records as f64 / 1e6) * 100.0).round() / 100.0 } else { 0.0 },
             "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+            "workers_peak_rss_mb": (o.workers_peak_rss_mb * 10.0).round() / 10.0,
             "lost": lost,
             "duplicated": duplicated,
             "lost_blocks": o.infos.iter().map(|i| i.lost_blocks).sum::<usize>(),

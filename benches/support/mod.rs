@@ -55,7 +55,12 @@ pub fn digits(s: &[u8]) -> u64 {
 }
 
 pub fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    peak_rss_mb_of("self")
+}
+
+/// Peak RSS of process `pid` (`self` for this one), in MB, from `/proc/<pid>/status`.
+pub fn peak_rss_mb_of(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
