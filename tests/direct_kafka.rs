@@ -30,9 +30,15 @@ async fn produce(topic: &KafkaTopic, partitions: u32, from: u64, n: u64) {
 type Seen = Arc<Mutex<Vec<(Vec<OffsetRange>, Vec<String>)>>>;
 
 fn job(topic: KafkaTopic, interval_ms: u64) -> (StreamingContext, Seen) {
+    job_with(topic, interval_ms, 8 << 20)
+}
+
+/// [`job`] with blocks of at most `max_block` bytes.
+fn job_with(topic: KafkaTopic, interval_ms: u64, max_block: usize) -> (StreamingContext, Seen) {
     let ctx = StreamingContext::builder()
         .batch_interval(Duration::from_millis(interval_ms))
         .backpressure(Backpressure::off())
+        .max_block_bytes(max_block)
         .build()
         .unwrap();
     let seen: Seen = Arc::default();
@@ -55,6 +61,16 @@ async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (bounded) for `ctx` to end with a direct source's error, and returns its text.
+async fn source_error(ctx: &StreamingContext, why: &str) -> String {
+    let end = tokio::time::timeout(Duration::from_secs(30), ctx.await_termination())
+        .await
+        .expect("the context ends");
+    let e = end.expect_err(why);
+    assert!(matches!(e, ContextError::DirectSource { .. }), "{e:?}");
+    e.to_string()
 }
 
 fn assert_exactly_once(seen: &Seen, partitions: u32, n: u64) {
@@ -166,12 +182,7 @@ async fn a_broker_that_lost_recorded_offsets_stops_the_stream_naming_them() {
     let fresh = KafkaTopic::new(format!("127.0.0.1:{port}"), "gone");
     fresh.create(1).await.unwrap();
     produce(&fresh, 1, 0, 10).await;
-    let end = tokio::time::timeout(Duration::from_secs(30), ctx.await_termination())
-        .await
-        .expect("the context ends");
-    let e = end.expect_err("offsets the broker no longer holds end the stream");
-    assert!(matches!(e, ContextError::DirectSource { .. }), "{e:?}");
-    let text = e.to_string();
+    let text = source_error(&ctx, "offsets the broker no longer holds end the stream").await;
     assert!(
         text.contains("topic gone partition 0") && text.contains("200"),
         "{text}"
@@ -188,19 +199,7 @@ async fn a_record_larger_than_a_block_is_refused_naming_its_offset() {
     let topic = KafkaTopic::new(&broker.addr, "big");
     topic.create(1).await.unwrap();
     produce(&topic, 1, 0, 20).await;
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(50))
-        .backpressure(Backpressure::off())
-        .max_block_bytes(1_024)
-        .build()
-        .unwrap();
-    let seen: Seen = Arc::default();
-    let s = seen.clone();
-    ctx.direct_stream("kafka", topic.clone())
-        .unwrap()
-        .map(|l: ByteString| l.to_string())
-        .for_each_batch(move |b| s.lock().unwrap().push((b.offsets.clone(), b.records)))
-        .unwrap();
+    let (ctx, seen) = job_with(topic.clone(), 50, 1_024);
     ctx.start().await.unwrap();
     wait_until("the small records", 30, || records(&seen) >= 20).await;
     // Offset 20: 2,000 bytes, more than a 1,024-byte block holds; then a small one after it.
@@ -208,12 +207,7 @@ async fn a_record_larger_than_a_block_is_refused_naming_its_offset() {
         .produce(0, vec![vec![b'x'; 2_000], b"after".to_vec()])
         .await
         .unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(30), ctx.await_termination())
-        .await
-        .expect("the context ends");
-    let e = end.expect_err("a record that fits no block ends the stream");
-    assert!(matches!(e, ContextError::DirectSource { .. }), "{e:?}");
-    let text = e.to_string();
+    let text = source_error(&ctx, "a record that fits no block ends the stream").await;
     assert!(
         text.contains("topic big partition 0") && text.contains("20") && text.contains("2000"),
         "{text}"
