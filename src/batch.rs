@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ractor::ActorRef;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 
 pub use crate::block::BatchId;
 use crate::block::{Block, BlockId};
@@ -86,6 +86,8 @@ pub(crate) type TaskFn = Arc<dyn Fn(&Block) -> Result<Box<dyn Any + Send>, BoxEr
 /// A partial result as bytes, to cross from a worker process to the driver, and back.
 type EncodeFn = fn(Box<dyn Any + Send>) -> Result<Vec<u8>, BoxError>;
 type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, BoxError>;
+/// About how many bytes a partial result holds: its encoded size (counted, not encoded).
+type WeighFn = fn(&(dyn Any + Send)) -> usize;
 
 /// One task of the job: its work, and how its partial result crosses processes (Tributary's
 /// partials are `serde` types, encoded with `postcard`).
@@ -94,6 +96,7 @@ pub(crate) struct TaskDef {
     pub(crate) run: TaskFn,
     pub(crate) encode: EncodeFn,
     pub(crate) decode: DecodeFn,
+    pub(crate) weigh: WeighFn,
     /// The partial's type, for the job's fingerprint.
     output: &'static str,
 }
@@ -109,6 +112,7 @@ impl TaskDef {
             run: Arc::new(move |b| f(b).map(|p| Box::new(p) as Box<dyn Any + Send>)),
             encode: encode_partial::<P>,
             decode: decode_partial::<P>,
+            weigh: weigh_partial::<P>,
             output: std::any::type_name::<P>(),
         }
     }
@@ -121,6 +125,12 @@ fn encode_partial<P: serde::Serialize + 'static>(
         .downcast::<P>()
         .map_err(|_| "a task returned a partial of another type")?;
     Ok(postcard::to_stdvec(&*part)?)
+}
+
+fn weigh_partial<P: serde::Serialize + 'static>(part: &(dyn Any + Send)) -> usize {
+    part.downcast_ref::<P>().map_or(0, |p| {
+        postcard::serialize_with_flavor(p, postcard::ser_flavors::Size::default()).unwrap_or(0)
+    })
 }
 
 fn decode_partial<P: serde::de::DeserializeOwned + Send + 'static>(
@@ -492,6 +502,8 @@ pub(crate) struct TaskOutputs {
     pub(crate) remote: u32,
     /// Time the tasks' work took, summed (not their waits).
     pub(crate) busy: Duration,
+    /// The memory budget the partials of blocks freed after their early work hold.
+    pub(crate) held: Vec<OwnedSemaphorePermit>,
 }
 
 /// How long a range's read waits for an unavailable source (a broker restarting) before its
@@ -532,10 +544,39 @@ impl TaskRunner {
         let Some(early) = &self.early else {
             return;
         };
-        for task in early.wanted(block.stream) {
-            let me = self.clone();
-            let work = tokio::spawn(async move { me.run_one(block, TaskId(task)).await });
-            early.started(block, task, work);
+        early.start(block, |tasks, all| {
+            // When these are all its batch's tasks over the block, the last to succeed frees
+            // it (see `early_tasks`), the partials' weight staying in the memory budget until
+            // the batch completes; a failed one leaves the block to its batch.
+            let done = all.then(|| Arc::new((AtomicUsize::new(tasks.len()), AtomicUsize::new(0))));
+            tasks
+                .iter()
+                .map(|&task| {
+                    let (me, done) = (self.clone(), done.clone());
+                    let work = tokio::spawn(async move {
+                        let attempted = me.run_one(block, TaskId(task)).await;
+                        let mut held = None;
+                        if let (Some(done), Ok((Some((part, _, _)), _))) = (&done, &attempted) {
+                            let weight =
+                                me.tasks.get(TaskId(task)).map_or(0, |t| (t.weigh)(&**part));
+                            done.1.fetch_add(weight, Ordering::AcqRel);
+                            if done.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                let weight = done.1.load(Ordering::Acquire);
+                                held = me.blocks.processed(block, weight).await;
+                            }
+                        }
+                        (attempted, held)
+                    });
+                    (task, work)
+                })
+                .collect()
+        });
+    }
+
+    /// A batch ran all its outputs over blocks of these streams (see [`EarlyTasks::learned`]).
+    pub(crate) fn learned(&self, streams: impl IntoIterator<Item = u32>) {
+        if let Some(early) = &self.early {
+            early.learned(streams);
         }
     }
 
@@ -585,9 +626,9 @@ impl TaskRunner {
                     Some(work) => match work.await {
                         Ok(r) => r,
                         // Stopped (or it panicked, which the attempt loop never does): now.
-                        Err(_) => self.run_one(*b, task).await,
+                        Err(_) => (self.run_one(*b, task).await, None),
                     },
-                    None => self.run_one(*b, task).await,
+                    None => (self.run_one(*b, task).await, None),
                 }
             }
         });
@@ -598,8 +639,10 @@ impl TaskRunner {
             retries: 0,
             remote: 0,
             busy: Duration::ZERO,
+            held: Vec::new(),
         };
-        for (block, r) in blocks.iter().zip(results) {
+        for (block, (r, held)) in blocks.iter().zip(results) {
+            out.held.extend(held);
             let (part, retries) = r?;
             out.retries += retries;
             match part {
@@ -630,6 +673,7 @@ impl TaskRunner {
             retries: 0,
             remote: 0,
             busy: Duration::ZERO,
+            held: Vec::new(),
         };
         for r in results {
             let ((part, busy), retries, remote) = r?;
@@ -946,6 +990,9 @@ pub(crate) struct RunStats {
     pub(crate) remote: u32,
     /// Time the tasks' work took, summed.
     pub(crate) busy: Duration,
+    /// The memory budget the batch's partials hold (of blocks freed after their early
+    /// work): returned when the batch completes.
+    pub(crate) held: Vec<OwnedSemaphorePermit>,
 }
 
 impl BatchRun {
@@ -971,6 +1018,7 @@ impl BatchRun {
             s.retries += out.retries;
             s.remote += out.remote;
             s.busy += out.busy;
+            s.held.extend(out.held);
         }
         Ok(out.parts)
     }

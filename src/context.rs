@@ -928,7 +928,8 @@ impl StreamingContext {
         self.blocks()?.cluster_addr()
     }
 
-    /// Blocks acknowledged but not yet freed (their batch has not completed).
+    /// Blocks acknowledged but not yet freed (their batch has not completed, nor, with early
+    /// tasks, all its work over them).
     pub async fn pending_blocks(&self) -> usize {
         match self.blocks() {
             Some(b) => b.tracked_blocks().await,

@@ -58,6 +58,13 @@ pub fn peak_rss_mb() -> f64 {
     peak_rss_mb_of("self")
 }
 
+/// Resets this process's peak RSS to its current RSS (Linux: `5` into `/proc/self/clear_refs`),
+/// so that a later [`peak_rss_mb`] is the peak of what ran after this (e.g. not the
+/// yardstick loop's records held in memory before a case). False where it is unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak RSS of process `pid` (`self` for this one), in MB, from `/proc/<pid>/status`.
 pub fn peak_rss_mb_of(pid: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -17,7 +17,8 @@
 //!
 //! Invariants: a block's entry lists exactly the live workers that acknowledged holding it;
 //! a block is freed (from every worker, and its memory budget returned) once the batch that
-//! used it completed; a block is never dropped to make room: the memory budget makes the
+//! used it completed, or earlier, once all its batch's work over it is done (early tasks: what
+//! its partials weigh stays in the budget until the batch completes); a block is never dropped to make room: the memory budget makes the
 //! pusher, and so `store`, wait instead. Blocks in this process are `Bytes`: replicas share one
 //! buffer, so a replica costs a reference count, not a copy.
 
@@ -70,6 +71,14 @@ enum Cmd {
     Worker(WorkerId, Reply<Option<ActorRef<WorkerMsg>>>),
     Tracked(Reply<usize>),
     Free(Vec<BlockId>),
+    /// Its batch's work over the block is done: freed like `Free`, except that `keep_kib` of
+    /// its memory permit (what its partial results weigh) is handed back, to be held until
+    /// its batch completes.
+    Processed {
+        id: BlockId,
+        keep_kib: u32,
+        reply: Reply<Option<OwnedSemaphorePermit>>,
+    },
     Kill(WorkerId, Reply<bool>),
     /// A worker's actor ended (or its process missed the heartbeat deadline).
     WorkerDied(WorkerId),
@@ -417,6 +426,27 @@ impl BlockManagerMaster {
         let _ = self.tx.send(Cmd::Free(ids.to_vec()));
     }
 
+    /// All the work of its batch over block `id` is done (its partial results computed, which
+    /// weigh about `partial_bytes`): its replicas are dropped and its memory returned now,
+    /// but for a permit of `partial_bytes` returned here, for the caller to hold until the
+    /// batch completes. `None`: the block is not tracked (or held no permit).
+    pub(crate) async fn processed(
+        &self,
+        id: BlockId,
+        partial_bytes: usize,
+    ) -> Option<OwnedSemaphorePermit> {
+        // Rounded to the nearest KiB: partials under 512 bytes (a count, a small map) hold
+        // none, so a block of tiny partials does not weigh 1 KiB (at most 512 bytes unseen).
+        let keep_kib = u32::try_from(partial_bytes.saturating_add(512) / 1024).unwrap_or(u32::MAX);
+        self.ask(|reply| Cmd::Processed {
+            id,
+            keep_kib,
+            reply,
+        })
+        .await
+        .flatten()
+    }
+
     /// Number of blocks tracked (unprocessed).
     pub(crate) async fn tracked_blocks(&self) -> usize {
         self.ask(Cmd::Tracked).await.unwrap_or(0)
@@ -457,7 +487,7 @@ impl BlockManagerMaster {
 struct Meta {
     replicas: Vec<WorkerId>,
     records: u32,
-    _memory: Option<OwnedSemaphorePermit>,
+    memory: Option<OwnedSemaphorePermit>,
     /// Where it is in the write-ahead log, when it is there.
     logged: Option<Location>,
     /// Its replicas were all lost and it is being read back from the write-ahead log.
@@ -527,7 +557,7 @@ impl MasterState {
                         Meta {
                             replicas: holders.clone(),
                             records,
-                            _memory: memory,
+                            memory,
                             logged: None,
                             reloading: false,
                             awaiting_log: false,
@@ -573,6 +603,22 @@ impl MasterState {
                 let _ = reply.send(self.meta.len());
             }
             Cmd::Free(ids) => self.free(&ids),
+            Cmd::Processed {
+                id,
+                keep_kib,
+                reply,
+            } => {
+                let kept = self.meta.get_mut(&id).and_then(|m| {
+                    let permit = m.memory.as_mut()?;
+                    let keep = (keep_kib as usize).min(permit.num_permits());
+                    if keep == 0 {
+                        return None;
+                    }
+                    permit.split(keep)
+                });
+                self.free(&[id]);
+                let _ = reply.send(kept);
+            }
             Cmd::Kill(w, reply) => {
                 let alive = match self.workers.get(w) {
                     Some(Some(actor)) => {

@@ -331,6 +331,10 @@ impl Runner {
                 .collect();
             // Early work of these blocks that no output took (one failed) is not needed.
             self.runner.forget(&all);
+            if failed.is_none() && !all_lost {
+                // Every output ran over these streams: their tasks are all known now.
+                self.runner.learned(batch.by_stream.keys().copied());
+            }
             // A failed batch that read offset ranges is not skipped (its records would be
             // missing from the output for good): it stays pending, and the context stops;
             // the next start runs it again on the same ranges.
