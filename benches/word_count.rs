@@ -30,7 +30,7 @@
 //!
 //! * `latency_50k_500ms` (and `…_early_tasks_off`): README's job fed at 50 k records/s,
 //!   500 ms batches, 200 ms blocks (the setting of the Spark and Flink latency figures);
-//!   `latency_1m`: at 1 M records/s with `BENCH_LATENCY_INTERVAL_MS` (default 20) batches and
+//!   `latency_1m`: at 1 M records/s with `BENCH_LATENCY_INTERVAL_MS` (default 10) batches and
 //!   blocks. `BENCH_BACKPRESSURE=off` turns the adaptive rate off in these cases.
 //!
 //! `BENCH_MEM_MB` sets the block memory budget (default: the framework's).
@@ -474,10 +474,10 @@ const CASES: [&str; 9] = [
 
 /// The latency cases: README's job at a fixed rate (50 k records/s, 500 ms batches, 200 ms
 /// blocks: the Spark and Flink figures' setting), and at 1 M records/s with short batches
-/// (`BENCH_LATENCY_INTERVAL_MS`, default 20, blocks the same).
+/// (`BENCH_LATENCY_INTERVAL_MS`, default 10, blocks the same).
 fn latency_shape(fast: bool, early_tasks: bool) -> Shape {
     let (batch, block, rate) = if fast {
-        let ms = env_f64("BENCH_LATENCY_INTERVAL_MS", 20.0).max(1.0) as u64;
+        let ms = env_f64("BENCH_LATENCY_INTERVAL_MS", 10.0).max(1.0) as u64;
         (Duration::from_millis(ms), Duration::from_millis(ms), 1e6)
     } else {
         (
