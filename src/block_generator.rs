@@ -323,13 +323,12 @@ impl BlockGenerator {
     /// stores fail with [`StoreError::Closed`].
     pub(crate) async fn close(&self) {
         let mut q = self.queue.lock().await;
+        // Nothing goes into the block after its last cut.
+        self.fill().closed = true;
         if q.tx.is_some() {
-            // Nothing goes into the block after its last cut.
-            self.fill().closed = true;
             let _ = self.cut_and_send(&mut q).await;
         }
         q.tx = None;
-        self.fill().closed = true;
     }
 
     /// Cuts the block being filled (if it holds records) and queues it, numbered and stamped
