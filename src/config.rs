@@ -91,7 +91,7 @@ impl Default for StreamingContextBuilder {
             rate_limit: None,
             max_block_bytes: 8 << 20,
             block_queue: 4,
-            memory_bytes: 1 << 30,
+            memory_bytes: 128 << 20,
             task_attempts: 4,
             early_tasks: true,
             on_batch_failure: OnBatchFailure::Continue,
@@ -171,7 +171,7 @@ impl StreamingContextBuilder {
         self
     }
     /// Bytes of unprocessed blocks kept in memory before receivers are made to wait
-    /// (default 1 GiB; replicas in this process share memory, so this counts each block once).
+    /// (default 128 MiB; replicas in this process share memory, so this counts each block once).
     ///
     /// With early tasks (the default) a block leaves the budget as soon as its per-block work
     /// is done, so the budget holds the blocks not yet processed and is a safety net: the
