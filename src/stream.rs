@@ -115,8 +115,8 @@ impl<T: Send + 'static> DStream<T> {
             // Records that share the block's bytes each hold a reference to them. This task's
             // own handle on the bytes (one allocation) gives those references a counter of
             // their own: the block's counter is not bounced between cores by every record of
-            // the tasks reading it at once (measured on the README job: the reference counts
-            // were ~15 % of its CPU time).
+            // the tasks reading it at once (measured on the README job: the block's reference
+            // count was ~9 % of its CPU time, and the job ran 8-11 % faster without it).
             let local = bytes::Bytes::from_owner(block.data.clone());
             for payload in block.payloads() {
                 out(T::decode_shared(&local, payload?)?);

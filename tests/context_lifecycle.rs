@@ -97,7 +97,6 @@ impl Receiver for AlwaysFails {
     }
 }
 
-/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task).
 /// Waits (bounded) until no thread named `prefix…` is left; returns how many are.
 ///
 /// A thread that was joined can still be listed in `/proc/self/task` for a moment: the
@@ -112,6 +111,7 @@ async fn threads_left(prefix: &str) -> usize {
     threads_named(prefix)
 }
 
+/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task).
 fn threads_named(prefix: &str) -> usize {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
