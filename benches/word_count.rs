@@ -25,6 +25,10 @@
 //!   running the tasks where they are, beside the driver's executors; its CPU figure sums
 //!   the driver and the worker processes, `peak_rss_mb` is the driver's and
 //!   `workers_peak_rss_mb` the worker processes' (summed);
+//! * `tuned_word_count_k2`: the hand-tuned job of `benches/pipeline.rs` (`u128` keys built
+//!   from the words' bytes, `store_many` in chunks of 2,000) with the same tracker, measured
+//!   the same way, so that the README job's figure can be set beside it (goal: within 1.5×)
+//!   and both against the same yardstick;
 //! * `sliced_word_count_k2`: the same with each word a `ByteString` slice of the block
 //!   (`flat_map_with` emitting `(line.slice_ref(w), 1)`): no allocation per word.
 //!
@@ -155,6 +159,9 @@ enum Job {
     Sliced,
     /// `reduce_by_key_with` over borrowed `&str` words: README's way now.
     Borrowed,
+    /// The hand-tuned job of the pipeline bench: `reduce_by_key` over `u128` keys built from
+    /// the words' bytes, fed with `store_many` (chunks of 2,000 records).
+    Tuned,
 }
 
 impl Job {
@@ -164,11 +171,12 @@ impl Job {
             Job::Owned => "owned",
             Job::Sliced => "sliced",
             Job::Borrowed => "borrowed",
+            Job::Tuned => "tuned",
         }
     }
 
     fn from_name(name: &str) -> Option<Job> {
-        [Job::Owned, Job::Sliced, Job::Borrowed]
+        [Job::Owned, Job::Sliced, Job::Borrowed, Job::Tuned]
             .into_iter()
             .find(|j| j.name() == name)
     }
@@ -255,6 +263,12 @@ fn define_job(
                 .for_each_batch(move |batch| *top.lock().unwrap() = top3(batch.records))
                 .unwrap();
         }
+        Job::Tuned => {
+            let keys: Arc<Mutex<usize>> = Arc::default();
+            support::word_job_on(&lines, false)
+                .for_each_batch(move |batch| *keys.lock().unwrap() = batch.records.len())
+                .unwrap();
+        }
     }
     // The tracker: every sequence number, and a creation time now and then.
     let runs: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
@@ -287,9 +301,13 @@ fn define_job(
     (runs, latency)
 }
 
-/// The source of a shape: as fast as it goes, or at its rate.
-fn source(shape: &Shape) -> SyntheticReceiver {
-    let mut source = SyntheticReceiver::new().mode(StoreMode::Single).chunk(500);
+/// The source of a shape: as fast as it goes, or at its rate; one `store` per record, but
+/// `store_many` for the tuned job.
+fn source(shape: &Shape, job: Job) -> SyntheticReceiver {
+    let mut source = match job {
+        Job::Tuned => SyntheticReceiver::new().mode(StoreMode::Many).chunk(2000),
+        _ => SyntheticReceiver::new().mode(StoreMode::Single).chunk(500),
+    };
     if let Some(rate) = shape.rate {
         // Chunks of 1 ms of records: the rate is steady at this grain.
         source = source
@@ -324,7 +342,7 @@ async fn natural(job: Job, shape: Shape, warmup: f64, seconds: f64, processes: u
             .cluster(ClusterConfig::new(([127, 0, 0, 1], 0).into(), COOKIE));
     }
     let ctx = builder.build().unwrap();
-    let (runs, latency) = define_job(&ctx, job, source(&shape));
+    let (runs, latency) = define_job(&ctx, job, source(&shape, job));
     let mut reports = ctx.subscribe_batches();
     ctx.start().await.unwrap();
     let _launcher = if processes > 0 {
@@ -460,9 +478,10 @@ async fn case_in(name: &str, job: Job, shape: Shape, processes: usize) {
     );
 }
 
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "plain_loop",
     "readme_word_count_k2",
+    "tuned_word_count_k2",
     "readme_word_count_k2_2_processes",
     "natural_word_count_k2",
     "natural_word_count_k2_backpressure_off",
@@ -506,7 +525,7 @@ fn main() {
     if let Some(driver) = support::arg_after(&args, "--worker-of") {
         let job = support::arg_after(&args, "--job")
             .and_then(Job::from_name)
-            .expect("--job owned|sliced|borrowed");
+            .expect("--job owned|sliced|borrowed|tuned");
         let cookie = std::env::var("TRIBUTARY_COOKIE").expect("cookie");
         let cfg = tributary::cluster::WorkerConfig::new(driver, cookie);
         // One binary, two roles: the worker defines the same job and runs its tasks.
@@ -535,6 +554,9 @@ fn main() {
             }
             "readme_word_count_k2" => {
                 case(&only, Job::Borrowed, Shape::free(Backpressure::default())).await
+            }
+            "tuned_word_count_k2" => {
+                case(&only, Job::Tuned, Shape::free(Backpressure::default())).await
             }
             "readme_word_count_k2_2_processes" => {
                 let shape = Shape::free(Backpressure::default());
