@@ -280,7 +280,13 @@ fn main() {
         .and_then(|i| args.get(i + 1))
     {
         let cookie = std::env::var("TRIBUTARY_COOKIE").expect("cookie");
-        let cfg = cluster::WorkerConfig::new(driver.as_str(), cookie);
+        let mut cfg = cluster::WorkerConfig::new(driver.as_str(), cookie);
+        if let Some(n) = std::env::var("BENCH_WORKER_EXECUTORS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            cfg = cfg.executors(n);
+        }
         // One binary, two roles: the worker defines the same job and runs its tasks.
         let ctx = StreamingContext::builder().build().unwrap();
         if args.iter().any(|a| a == "count") {

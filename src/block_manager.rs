@@ -47,9 +47,9 @@ pub(crate) enum WorkerMsg {
     Count(RpcReplyPort<u64>),
     /// Liveness: echoes the number (the driver's heartbeat).
     Ping(u64, RpcReplyPort<u64>),
-    /// Open a data link to the driver with this token (a block store in a worker process;
-    /// see [`crate::cluster::data_plane`]).
-    Link(Token),
+    /// Open a data link to the driver as offered (a block store in a worker process; see
+    /// [`crate::cluster::data_plane`]).
+    Link(Offer),
 }
 
 /// By hand rather than derived: a block is the message's only argument and goes as is, which
@@ -67,7 +67,7 @@ impl ractor::Message for WorkerMsg {
             WorkerMsg::Remove(ids) => cast("Remove", ids.into_bytes()),
             WorkerMsg::Count(r) => call("Count", Vec::new(), port_out(r)),
             WorkerMsg::Ping(n, r) => call("Ping", n.into_bytes(), port_out(r)),
-            WorkerMsg::Link(token) => cast("Link", token.to_vec()),
+            WorkerMsg::Link(offer) => cast("Link", offer.to_bytes()),
         })
     }
 
@@ -89,9 +89,9 @@ impl ractor::Message for WorkerMsg {
             },
             SerializedMessage::Cast { variant, args, .. } => match variant.as_str() {
                 "Remove" => Ok(WorkerMsg::Remove(Wire::from_bytes(args))),
-                "Link" => Token::try_from(args.as_slice())
+                "Link" => Offer::from_bytes(&args)
                     .map(WorkerMsg::Link)
-                    .map_err(|_| BoxedDowncastErr),
+                    .ok_or(BoxedDowncastErr),
                 _ => Err(BoxedDowncastErr),
             },
             _ => Err(BoxedDowncastErr),
@@ -102,10 +102,37 @@ impl ractor::Message for WorkerMsg {
 /// What authenticates a data link: given to a worker process over its session, valid once.
 pub(crate) type Token = [u8; 16];
 
-/// Opens a data link to the driver with a token, serving it with the given block store (a
+/// A data link offered to a worker process: its one-time token, and the driver's Unix socket
+/// when it has one (a worker that reaches it is on the driver's host and links there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Offer {
+    pub(crate) token: Token,
+    pub(crate) local: Option<String>,
+}
+
+impl Offer {
+    /// The token, then the socket's name (UTF-8, may be empty: none).
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.token.to_vec();
+        out.extend_from_slice(self.local.as_deref().unwrap_or("").as_bytes());
+        out
+    }
+
+    /// The inverse of [`Offer::to_bytes`]; `None` if damaged.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Offer> {
+        let token = Token::try_from(bytes.get(..16)?).ok()?;
+        let name = std::str::from_utf8(&bytes[16..]).ok()?;
+        Some(Offer {
+            token,
+            local: (!name.is_empty()).then(|| name.to_string()),
+        })
+    }
+}
+
+/// Opens a data link to the driver as offered, serving it with the given block store (a
 /// worker process's; see [`crate::cluster::data_plane`]).
 pub(crate) type OpenLink =
-    Arc<dyn Fn(Token, ActorRef<WorkerMsg>) -> tokio::task::JoinHandle<()> + Send + Sync>;
+    Arc<dyn Fn(Offer, ActorRef<WorkerMsg>) -> tokio::task::JoinHandle<()> + Send + Sync>;
 
 /// A worker's block store (an actor). In a worker process it can open a data link to its
 /// driver when the driver offers one.
@@ -180,7 +207,7 @@ impl Actor for Worker {
             WorkerMsg::Ping(n, reply) => {
                 let _ = reply.send(n);
             }
-            WorkerMsg::Link(token) => {
+            WorkerMsg::Link(offer) => {
                 let Some(open) = &self.open_link else {
                     tracing::warn!(
                         "offered a data link, but this block store has no driver to link to"
@@ -190,7 +217,7 @@ impl Actor for Worker {
                 if let Some(old) = store.link.take() {
                     old.abort();
                 }
-                store.link = Some(open(token, myself));
+                store.link = Some(open(offer, myself));
             }
         }
         Ok(())

@@ -50,6 +50,8 @@ mod launcher;
 pub(crate) mod node;
 pub(crate) mod protocol;
 pub(crate) mod receiver_host;
+#[cfg(target_os = "linux")]
+mod shared_memory;
 mod tls;
 pub(crate) mod worker_node;
 
@@ -179,6 +181,9 @@ pub struct ClusterConfig {
     pub heartbeat_deadline: Duration,
     /// TLS for the workers' connections (default: none, the cookie only).
     pub tls: Option<ClusterTls>,
+    /// Blocks for worker processes on the driver's host go through shared memory (default:
+    /// on, Linux only): see [`ClusterConfig::shared_memory`].
+    pub shared_memory: bool,
 }
 
 impl ClusterConfig {
@@ -189,6 +194,7 @@ impl ClusterConfig {
             cookie: cookie.into(),
             heartbeat_deadline: Duration::from_secs(2),
             tls: None,
+            shared_memory: true,
         }
     }
 
@@ -197,6 +203,22 @@ impl ClusterConfig {
     /// certificate from another CA, is refused before the cookie challenge.
     pub fn tls(mut self, tls: ClusterTls) -> ClusterConfig {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Whether blocks for worker processes on the driver's host go through shared memory
+    /// (default: on; Linux only, elsewhere it has no effect).
+    ///
+    /// On: a worker that reaches the driver's Unix socket (abstract, so only on the same host
+    /// and network namespace) gets each block as a sealed memfd it maps read-only. A block is
+    /// then written once whatever the number of replicas on this host, and not copied through
+    /// loopback TCP; its memory is shared by the processes holding it and lives while one of
+    /// them does, so it survives the death of any one process, as separate copies did, and
+    /// not the host's, as they did not. Workers on other hosts take the TCP data link. The
+    /// Unix socket is authenticated by the same one-time token as the TCP link, not by TLS
+    /// (it never leaves the host). Off: every block takes the TCP link.
+    pub fn shared_memory(mut self, on: bool) -> ClusterConfig {
+        self.shared_memory = on;
         self
     }
 

@@ -223,6 +223,9 @@ pub const DATA_LINKS_OPENED_TOTAL: &str = "tributary_data_links_opened_total";
 /// Counter: blocks the driver sent to worker processes on data links (the rest went through
 /// the `ractor_cluster` session).
 pub const DATA_LINK_BLOCKS_TOTAL: &str = "tributary_data_link_blocks_total";
+/// Counter: of those, blocks that went through shared memory (worker processes on the
+/// driver's host, Linux): one memfd per block whatever the number of replicas on this host.
+pub const SHARED_MEMORY_BLOCKS_TOTAL: &str = "tributary_shared_memory_blocks_total";
 /// Counter: worker processes refused because their job is not the driver's (another program,
 /// or another version of it).
 pub const WORKERS_REFUSED_JOB_TOTAL: &str = "tributary_workers_refused_job_total";

@@ -259,8 +259,13 @@ impl Drop for Worker {
 }
 
 /// A driver with no in-process worker (every replica in worker processes), k = 2, running
-/// `define` over `total` records.
+/// `define` over `total` records; blocks for its workers through shared memory.
 async fn driver(total: u64) -> (StreamingContext, Seen, String) {
+    driver_with(total, true).await
+}
+
+/// [`driver`], with blocks through shared memory or (`shared_memory` false) the TCP link.
+async fn driver_with(total: u64, shared_memory: bool) -> (StreamingContext, Seen, String) {
     let seen = Seen::default();
     let ctx = StreamingContext::builder()
         .workers(0)
@@ -268,10 +273,10 @@ async fn driver(total: u64) -> (StreamingContext, Seen, String) {
         .executors(1)
         .batch_interval(Duration::from_millis(200))
         .block_interval(Duration::from_millis(50))
-        .cluster(ClusterConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            COOKIE.to_string(),
-        ))
+        .cluster(
+            ClusterConfig::new("127.0.0.1:0".parse().unwrap(), COOKIE.to_string())
+                .shared_memory(shared_memory),
+        )
         .build()
         .unwrap();
     define(&ctx, total, seen.clone()).unwrap();
@@ -355,11 +360,22 @@ fn spawn_workers(addr: &str, tmp: &Path, n: usize, source: Option<&Path>) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() {
+    tasks_run_in_the_worker_processes(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_shared_memory_blocks_reach_workers_on_this_host_over_tcp() {
+    tasks_run_in_the_worker_processes(false).await;
+}
+
+/// Two worker processes compute most records, each exactly once, their blocks on the
+/// shared-memory data link or (`shared_memory` false) the TCP one.
+async fn tasks_run_in_the_worker_processes(shared_memory: bool) {
     let _driver = DRIVER.lock().await;
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let total = 20_000;
-    let (ctx, seen, addr) = driver(total).await;
+    let (ctx, seen, addr) = driver_with(total, shared_memory).await;
     let remote = remote_tasks(&ctx);
     let workers: Vec<Worker> = spawn_workers(&addr, tmp.path(), 2, None);
     let refs: Vec<&Worker> = workers.iter().collect();
@@ -390,11 +406,12 @@ async fn tasks_run_in_the_worker_processes_and_their_results_reach_the_driver() 
     );
     assert!(remote.await.unwrap() > 0);
     for w in &workers {
+        let out = w.output();
+        let shm = out.contains("data link to the driver open (shared memory: same host)");
         assert!(
-            w.output().contains("data link to the driver open"),
-            "worker {} opened no data link for its blocks:\n{}",
+            out.contains("data link to the driver open") && shm == shared_memory,
+            "worker {} opened no data link (shared memory: {shared_memory}) for its blocks:\n{out}",
             w.pid(),
-            w.output()
         );
     }
 }

@@ -18,6 +18,11 @@
 //! small header and the block's bytes) and read straight into a buffer of its size: only the
 //! kernel copies it.
 //!
+//! A worker process on the driver's host links through a Unix socket instead, and its blocks
+//! go through shared memory: written once into a sealed memfd whatever the number of
+//! replicas, passed with a small `PUT_SHARED` frame, mapped read-only by each worker
+//! (see [`crate::cluster::shared_memory`]). Everything else on that link is as on TCP.
+//!
 //! The link is a faster path, never the only one: with no link (not yet open, or closed) a
 //! block goes through the session as before. It is authenticated by a token of 16 random
 //! bytes the driver gives the worker over its authenticated session, valid for one link; with
@@ -39,7 +44,7 @@ use tokio::task::AbortHandle;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::block::{Block, BlockId};
-use crate::block_manager::{OpenLink, Token, WorkerMsg};
+use crate::block_manager::{Offer, OpenLink, Token, WorkerMsg};
 use crate::wire::{block_from, block_header, get_id, put_id, Wire, HEADER};
 
 /// The first bytes of a link (a `ractor_cluster` session starts with a zero byte, TLS with
@@ -50,6 +55,25 @@ const PUT: u8 = 1;
 const GET: u8 = 2;
 const ACK: u8 = 3;
 const FOUND: u8 = 4;
+/// A put whose block is in the memfd passed with the frame: the body is the block's header
+/// and its length (u64 LE).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+const PUT_SHARED: u8 = 5;
+
+/// A file descriptor passed with a frame (a block's memfd, on a Unix link).
+#[cfg(target_os = "linux")]
+type Fd = Arc<std::os::fd::OwnedFd>;
+/// No descriptors pass off Linux.
+#[cfg(not(target_os = "linux"))]
+type Fd = std::convert::Infallible;
+
+#[cfg(target_os = "linux")]
+pub(crate) use crate::cluster::shared_memory::Region;
+
+/// Off Linux blocks never go through shared memory: nothing to share.
+#[cfg(not(target_os = "linux"))]
+#[derive(Default)]
+pub(crate) struct Region;
 
 /// Kind and request number, after the length.
 const ENVELOPE: usize = 1 + 8;
@@ -63,9 +87,23 @@ const MAX_FRAME: usize = 256 << 20;
 /// How long a link has to present its token.
 const TOKEN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A frame to write: its head (length, kind, request, the body's first bytes) and the rest of
-/// its body as it is.
-type Out = (Vec<u8>, Bytes);
+/// A frame to write: its head (length, kind, request, the body's first bytes), the rest of
+/// its body as it is, and a descriptor to pass with it (Unix links only).
+struct Out {
+    head: Vec<u8>,
+    rest: Bytes,
+    fd: Option<Fd>,
+}
+
+impl Out {
+    fn new(head: Vec<u8>, rest: Bytes) -> Out {
+        Out {
+            head,
+            rest,
+            fd: None,
+        }
+    }
+}
 
 fn head(kind: u8, req: u64, body: usize) -> Vec<u8> {
     let mut h = Vec::with_capacity(4 + ENVELOPE + 1 + HEADER);
@@ -112,8 +150,9 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>
 
 /// Writes the frames it is given, each as one vectored write, until the senders are gone.
 async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, mut frames: mpsc::UnboundedReceiver<Out>) {
-    while let Some((head, rest)) = frames.recv().await {
-        let mut frame = Bytes::from(head).chain(rest);
+    while let Some(out) = frames.recv().await {
+        debug_assert!(out.fd.is_none(), "a descriptor on a TCP link");
+        let mut frame = Bytes::from(out.head).chain(out.rest);
         if let Err(e) = w.write_all_buf(&mut frame).await {
             tracing::debug!(error = %e, "data link: write failed");
             return;
@@ -122,12 +161,109 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, mut frames: mpsc::Unbound
     let _ = w.shutdown().await;
 }
 
+/// [`write_frames`] on a Unix link: a frame with a descriptor passes it with its first byte.
+#[cfg(target_os = "linux")]
+async fn write_frames_local(
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Out>,
+) {
+    use crate::cluster::shared_memory::send_with_fd;
+    while let Some(out) = frames.recv().await {
+        let written = match &out.fd {
+            Some(fd) => match send_with_fd(&mut w, &out.head, fd).await {
+                Ok(()) => w.write_all(&out.rest).await,
+                Err(e) => Err(e),
+            },
+            None => {
+                let mut frame = Bytes::from(out.head).chain(out.rest);
+                w.write_all_buf(&mut frame).await
+            }
+        };
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "data link (shared memory): write failed");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// The read half of a link, and the descriptors passed on it (Unix links only).
+trait LinkRead: AsyncRead + Unpin {
+    /// The oldest descriptor passed and not yet taken.
+    fn passed(&mut self) -> Option<PassedFd> {
+        None
+    }
+}
+
+#[cfg(target_os = "linux")]
+type PassedFd = std::os::fd::OwnedFd;
+#[cfg(not(target_os = "linux"))]
+type PassedFd = std::convert::Infallible;
+
+impl<S: AsyncRead + Unpin> LinkRead for tokio::io::ReadHalf<S> {}
+
+#[cfg(target_os = "linux")]
+impl LinkRead for crate::cluster::shared_memory::FdReader {
+    fn passed(&mut self) -> Option<PassedFd> {
+        self.take_fd()
+    }
+}
+
+/// The block of a `PUT_SHARED` frame: its header from `body`, its bytes mapped from `fd`.
+/// `None` (not held) when anything is wrong, with the reason logged.
+#[cfg(target_os = "linux")]
+fn shared_block(body: &Bytes, fd: Option<PassedFd>) -> Option<Block> {
+    let len = body
+        .get(HEADER..HEADER + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|l| usize::try_from(l).ok());
+    let (Some(mut block), Some(len)) = (block_from(body.slice(..HEADER.min(body.len()))), len)
+    else {
+        tracing::error!("a shared block with a damaged header");
+        return None;
+    };
+    let Some(fd) = fd else {
+        tracing::error!(block = %block.id, "a shared block came without its memory");
+        return None;
+    };
+    match crate::cluster::shared_memory::map(fd, len) {
+        Ok(data) => {
+            block.data = data;
+            Some(block)
+        }
+        Err(e) => {
+            tracing::error!(block = %block.id, error = %e, "a shared block could not be mapped");
+            None
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn shared_block(_: &Bytes, _: Option<PassedFd>) -> Option<Block> {
+    tracing::error!("a shared block, but shared memory is Linux only");
+    None
+}
+
 fn block_frame(kind: u8, req: u64, tag: Option<u8>, block: &Block) -> Out {
     let tagged = usize::from(tag.is_some());
     let mut h = head(kind, req, tagged + HEADER + block.data.len());
     h.extend(tag);
     h.extend_from_slice(&block_header(block));
-    (h, block.data.clone())
+    Out::new(h, block.data.clone())
+}
+
+/// A `PUT_SHARED` frame: `block`'s header and length, with `fd`, its memory.
+#[cfg(target_os = "linux")]
+fn shared_frame(req: u64, block: &Block, fd: Fd) -> Out {
+    let mut h = head(PUT_SHARED, req, HEADER + 8);
+    h.extend_from_slice(&block_header(block));
+    h.extend_from_slice(&(block.data.len() as u64).to_le_bytes());
+    Out {
+        head: h,
+        rest: Bytes::new(),
+        fd: Some(fd),
+    }
 }
 
 /// Aborts a task when dropped.
@@ -152,6 +288,8 @@ enum Pending {
 /// The driver's end of one worker process's link.
 struct Link {
     generation: u64,
+    /// A Unix link (the worker process is on this host): blocks go through shared memory.
+    shared: bool,
     frames: mpsc::UnboundedSender<Out>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     next: AtomicU64,
@@ -184,6 +322,8 @@ struct Table {
     /// Open links, by the worker process's node id.
     open: HashMap<u64, Arc<Link>>,
     generation: u64,
+    /// The abstract name of the driver's Unix socket for workers on its host, if it has one.
+    local: Option<String>,
 }
 
 /// The driver's links to worker processes. Cheap to clone.
@@ -199,9 +339,15 @@ impl std::fmt::Debug for Links {
 }
 
 impl Links {
-    /// A token for the worker process `node`'s link; `None` if no randomness could be read
-    /// (its blocks then go through the session).
-    pub(crate) fn offer(&self, node: u64) -> Option<Token> {
+    /// Worker processes on this host may link through the Unix socket `name` (abstract).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn set_local(&self, name: String) {
+        lock(&self.0).local = Some(name);
+    }
+
+    /// A link for the worker process `node`; `None` if no randomness could be read for its
+    /// token (its blocks then go through the session).
+    pub(crate) fn offer(&self, node: u64) -> Option<Offer> {
         let token = match crate::cluster::random_bytes::<16>() {
             Ok(t) => t,
             Err(e) => {
@@ -209,8 +355,12 @@ impl Links {
                 return None;
             }
         };
-        lock(&self.0).offered.insert(token, node);
-        Some(token)
+        let mut t = lock(&self.0);
+        t.offered.insert(token, node);
+        Some(Offer {
+            token,
+            local: t.local.clone(),
+        })
     }
 
     /// Closes the link of `node` (and forgets its token): its requests in flight end
@@ -243,14 +393,29 @@ impl Links {
     }
 
     /// Sends `block` to the block store `actor` on its process's link: the answer is whether
-    /// it is held. `None` when that process has no open link.
+    /// it is held. `None` when that process has no open link. On a Unix link the block goes
+    /// through shared memory: `region`, made at the first such put, serves every replica.
     pub(crate) fn put(
         &self,
         actor: &ActorRef<WorkerMsg>,
         block: &Block,
+        region: &mut Region,
     ) -> Option<oneshot::Receiver<bool>> {
         let link = self.link(actor)?;
         let (tx, rx) = oneshot::channel();
+        #[cfg(target_os = "linux")]
+        if link.shared && !block.data.is_empty() {
+            if let Some(fd) = region.of(&block.data) {
+                let sent = link.request(Pending::Ack(tx), |req| shared_frame(req, block, fd));
+                if sent {
+                    metrics::counter!(crate::telemetry::DATA_LINK_BLOCKS_TOTAL).increment(1);
+                    metrics::counter!(crate::telemetry::SHARED_MEMORY_BLOCKS_TOTAL).increment(1);
+                }
+                return sent.then_some(rx);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = region;
         let sent = link.request(Pending::Ack(tx), |req| block_frame(PUT, req, None, block));
         if sent {
             metrics::counter!(crate::telemetry::DATA_LINK_BLOCKS_TOTAL).increment(1);
@@ -270,7 +435,7 @@ impl Links {
         link.request(Pending::Found(tx), |req| {
             let mut h = head(GET, req, 12);
             put_id(id, &mut h);
-            (h, Bytes::new())
+            Out::new(h, Bytes::new())
         })
         .then_some(rx)
     }
@@ -281,32 +446,69 @@ impl Links {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let Some(node) = self.authenticate(&mut stream, &peer).await else {
+            return;
+        };
+        let (r, w) = tokio::io::split(stream);
+        let (frames, out) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(w, out));
+        self.open(node, &peer, r, frames, writer, false);
+    }
+
+    /// Serves a link on the driver's Unix socket (a worker process on this host): it must
+    /// present a token offered to a worker process; its blocks then go through shared memory.
+    #[cfg(target_os = "linux")]
+    pub(crate) async fn accept_local(&self, mut stream: tokio::net::UnixStream) {
+        let peer = "this host (Unix socket)";
+        let Some(node) = self.authenticate(&mut stream, peer).await else {
+            return;
+        };
+        let (r, w) = stream.into_split();
+        let (frames, out) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames_local(w, out));
+        self.open(node, peer, r, frames, writer, true);
+    }
+
+    /// The node whose offered token `stream` presents first; `None` (refused, logged and
+    /// counted) for an unknown token or none in time.
+    async fn authenticate<S: AsyncRead + Unpin>(&self, stream: &mut S, peer: &str) -> Option<u64> {
         let mut token = Token::default();
         match tokio::time::timeout(TOKEN_DEADLINE, stream.read_exact(&mut token)).await {
             Ok(Ok(_)) => {}
             _ => {
                 tracing::warn!(%peer, "a data link did not present its token in time: refused");
                 metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
-                return;
+                return None;
             }
         }
-        let Some(node) = lock(&self.0).offered.remove(&token) else {
+        let node = lock(&self.0).offered.remove(&token);
+        if node.is_none() {
             tracing::warn!(%peer, "a data link presented an unknown token: refused");
             metrics::counter!(crate::telemetry::CLUSTER_REFUSED_TOTAL).increment(1);
-            return;
-        };
-        let (r, w) = tokio::io::split(stream);
-        let (frames, out) = mpsc::unbounded_channel();
+        }
+        node
+    }
+
+    /// Opens the link of `node`: `r` its answers, `frames` the requests `writer` writes.
+    fn open<R: AsyncRead + Send + Unpin + 'static>(
+        &self,
+        node: u64,
+        peer: &str,
+        r: R,
+        frames: mpsc::UnboundedSender<Out>,
+        writer: tokio::task::JoinHandle<()>,
+        shared: bool,
+    ) {
         let pending = Arc::new(Mutex::new(HashMap::new()));
         let generation = {
             let mut t = lock(&self.0);
             t.generation += 1;
             t.generation
         };
-        let writer = tokio::spawn(write_frames(w, out));
         let reader = tokio::spawn(answers(r, pending.clone(), self.clone(), node, generation));
         let link = Arc::new(Link {
             generation,
+            shared,
             frames,
             pending,
             next: AtomicU64::new(0),
@@ -315,7 +517,7 @@ impl Links {
                 AbortOnDrop(reader.abort_handle()),
             ],
         });
-        tracing::info!(node, %peer, "data link to a worker process open");
+        tracing::info!(node, %peer, shared_memory = shared, "data link to a worker process open");
         metrics::counter!(crate::telemetry::DATA_LINKS_OPENED_TOTAL).increment(1);
         let old = lock(&self.0).open.insert(node, link);
         drop(old);
@@ -392,11 +594,11 @@ pub(crate) struct LinkTo {
 impl LinkTo {
     /// How a worker process's block store opens its link when offered one.
     pub(crate) fn opener(self) -> OpenLink {
-        Arc::new(move |token, store| {
+        Arc::new(move |offer, store| {
             let to = self.clone();
             tokio::spawn(async move {
                 let driver = to.driver.clone();
-                match serve(to, token, store).await {
+                match serve(to, offer, store).await {
                     Ok(()) => tracing::debug!(%driver, "data link to the driver closed"),
                     Err(e) => {
                         tracing::warn!(%driver, error = %e, "data link to the driver failed; blocks go through the session")
@@ -407,9 +609,26 @@ impl LinkTo {
     }
 }
 
-/// A worker process's end: connects to the driver, presents `token`, and serves the driver's
-/// requests with the block store `store` until the link closes.
-pub(crate) async fn serve(to: LinkTo, token: Token, store: ActorRef<WorkerMsg>) -> io::Result<()> {
+/// A worker process's end: connects to the driver (on its Unix socket when it is on this
+/// host, else on TCP), presents the offer's token, and serves the driver's requests with the
+/// block store `store` until the link closes.
+pub(crate) async fn serve(to: LinkTo, offer: Offer, store: ActorRef<WorkerMsg>) -> io::Result<()> {
+    let token = offer.token;
+    #[cfg(target_os = "linux")]
+    if let Some(name) = offer.local {
+        match crate::cluster::shared_memory::connect(name).await {
+            Ok(mut unix) => {
+                unix.write_all(&token).await?;
+                tracing::info!("data link to the driver open (shared memory: same host)");
+                let (r, w) = unix.into_split();
+                let r = crate::cluster::shared_memory::FdReader::new(r);
+                return serve_on(r, w, store).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the driver's Unix socket is not reachable (another host): TCP link");
+            }
+        }
+    }
     let mut tcp = TcpStream::connect(to.driver.as_str()).await?;
     tcp.set_nodelay(true)?;
     tcp.write_all(&MAGIC).await?;
@@ -418,21 +637,24 @@ pub(crate) async fn serve(to: LinkTo, token: Token, store: ActorRef<WorkerMsg>) 
             let mut tls = connector.connect(name, tcp).await?;
             tls.write_all(&token).await?;
             tls.flush().await?;
-            serve_on(tls, store).await
+            tracing::info!("data link to the driver open");
+            let (r, w) = tokio::io::split(tls);
+            serve_on(r, w, store).await
         }
         None => {
             tcp.write_all(&token).await?;
-            serve_on(tcp, store).await
+            tracing::info!("data link to the driver open");
+            let (r, w) = tokio::io::split(tcp);
+            serve_on(r, w, store).await
         }
     }
 }
 
-async fn serve_on<S>(stream: S, store: ActorRef<WorkerMsg>) -> io::Result<()>
+async fn serve_on<R, W>(mut r: R, w: W, store: ActorRef<WorkerMsg>) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: LinkRead,
+    W: AsyncWrite + Send + Unpin + 'static,
 {
-    tracing::info!("data link to the driver open");
-    let (mut r, w) = tokio::io::split(stream);
     let (frames, out) = mpsc::unbounded_channel::<Out>();
     let _writer = AbortOnDrop(tokio::spawn(write_frames(w, out)).abort_handle());
     let gone = || io::Error::other("the block store stopped");
@@ -440,16 +662,21 @@ where
         let req = frame.req;
         let frames = frames.clone();
         match frame.kind {
-            PUT => {
+            PUT | PUT_SHARED => {
+                let block = if frame.kind == PUT {
+                    block_from(frame.body)
+                } else {
+                    shared_block(&frame.body, r.passed())
+                };
                 let (tx, rx) = oneshot::channel();
                 store
-                    .send_message(WorkerMsg::Put(Wire(block_from(frame.body)), tx.into()))
+                    .send_message(WorkerMsg::Put(Wire(block), tx.into()))
                     .map_err(|_| gone())?;
                 tokio::spawn(async move {
                     let held = rx.await.unwrap_or(false);
                     let mut h = head(ACK, req, 1);
                     h.push(u8::from(held));
-                    let _ = frames.send((h, Bytes::new()));
+                    let _ = frames.send(Out::new(h, Bytes::new()));
                 });
             }
             GET => {
@@ -464,7 +691,7 @@ where
                         _ => {
                             let mut h = head(FOUND, req, 1);
                             h.push(0);
-                            (h, Bytes::new())
+                            Out::new(h, Bytes::new())
                         }
                     };
                     let _ = frames.send(out);
@@ -499,9 +726,9 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_bad_lengths_are_errors() {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
-        let (h, rest) = block_frame(FOUND, 42, Some(1), &block(3, 1000));
-        a.write_all(&h).await.unwrap();
-        a.write_all(&rest).await.unwrap();
+        let out = block_frame(FOUND, 42, Some(1), &block(3, 1000));
+        a.write_all(&out.head).await.unwrap();
+        a.write_all(&out.rest).await.unwrap();
         let f = read_frame(&mut b).await.unwrap().unwrap();
         assert_eq!((f.kind, f.req, f.body[0]), (FOUND, 42, 1));
         let got = block_from(f.body.slice(1..)).unwrap();
@@ -532,8 +759,9 @@ mod tests {
         let token = links.offer(9).unwrap();
         let (driver_end, mut worker_end) = tokio::io::duplex(1 << 16);
         // The worker's first bytes after the magic are its token.
-        worker_end.write_all(&token).await.unwrap();
-        let serving = tokio::spawn(serve_on(worker_end, store.clone()));
+        worker_end.write_all(&token.token).await.unwrap();
+        let (r, w) = tokio::io::split(worker_end);
+        let serving = tokio::spawn(serve_on(r, w, store.clone()));
         links.accept(driver_end, "test".into()).await;
         assert_eq!(lock(&links.0).open.len(), 1, "the link opened");
         // `put`/`get` route by a remote actor's node; this store is local, so use the link.
@@ -546,7 +774,7 @@ mod tests {
         assert!(link.request(Pending::Found(tx), |req| {
             let mut h = head(GET, req, 12);
             put_id(big.id, &mut h);
-            (h, Bytes::new())
+            Out::new(h, Bytes::new())
         }));
         let found = rx.await.unwrap().expect("found");
         assert_eq!(found.data, big.data);
@@ -554,7 +782,7 @@ mod tests {
         assert!(link.request(Pending::Found(tx), |req| {
             let mut h = head(GET, req, 12);
             put_id(BlockId { stream: 1, seq: 99 }, &mut h);
-            (h, Bytes::new())
+            Out::new(h, Bytes::new())
         }));
         assert!(rx.await.unwrap().is_none(), "not held: none");
         drop(link);
@@ -573,7 +801,7 @@ mod tests {
     #[tokio::test]
     async fn closing_a_link_ends_its_requests_in_flight_as_not_held() {
         let links = Links::default();
-        let token = links.offer(3).unwrap();
+        let token = links.offer(3).unwrap().token;
         let (driver_end, mut worker_end) = tokio::io::duplex(1 << 16);
         worker_end.write_all(&token).await.unwrap();
         links.accept(driver_end, "test".into()).await;
@@ -590,6 +818,72 @@ mod tests {
         let answer = tokio::time::timeout(Duration::from_secs(5), rx).await;
         assert!(matches!(answer, Ok(Err(_))), "unanswered, not held");
         drop(worker_end);
+    }
+
+    /// A Unix link: a put goes as a sealed memfd, is held (mapped) by the store and found by
+    /// a get with the same bytes, after the driver's end let go of its memory; an unsealed
+    /// memfd is refused (not held), and the link goes on.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_unix_link_carries_blocks_in_shared_memory() {
+        use crate::cluster::shared_memory::FdReader;
+        use std::io::Write;
+        let (store, _) = Actor::spawn(None, crate::block_manager::Worker::default(), ())
+            .await
+            .unwrap();
+        let links = Links::default();
+        let token = links.offer(4).unwrap().token;
+        let (driver_end, mut worker_end) = tokio::net::UnixStream::pair().unwrap();
+        worker_end.write_all(&token).await.unwrap();
+        let (r, w) = worker_end.into_split();
+        let serving = tokio::spawn(serve_on(FdReader::new(r), w, store.clone()));
+        links.accept_local(driver_end).await;
+        let link = lock(&links.0).open.get(&4).cloned().unwrap();
+        assert!(link.shared, "a Unix link shares memory");
+        let big = block(8, 3_000_000);
+        let mut region = Region::default();
+        let fd = region.of(&big.data).unwrap();
+        let (tx, rx) = oneshot::channel();
+        assert!(link.request(Pending::Ack(tx), |req| shared_frame(req, &big, fd)));
+        assert!(rx.await.unwrap(), "held");
+        drop(region);
+        // An unsealed memfd: refused.
+        let raw = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut f = std::fs::File::from(raw);
+        f.write_all(&[1u8; 100]).unwrap();
+        let bad = block(9, 100);
+        let (tx, rx) = oneshot::channel();
+        assert!(link.request(Pending::Ack(tx), |req| shared_frame(
+            req,
+            &bad,
+            Arc::new(f.into())
+        )));
+        assert!(!rx.await.unwrap(), "an unsealed memfd is not held");
+        let (tx, rx) = oneshot::channel();
+        assert!(link.request(Pending::Found(tx), |req| {
+            let mut h = head(GET, req, 12);
+            put_id(big.id, &mut h);
+            Out::new(h, Bytes::new())
+        }));
+        let found = rx.await.unwrap().expect("found");
+        assert_eq!(found.data, big.data);
+        // The store's own block, read in this process.
+        let (tx, rx) = oneshot::channel();
+        store
+            .send_message(WorkerMsg::Get(Wire::of(big.id), tx.into()))
+            .unwrap();
+        let held = rx.await.unwrap().0.flatten().unwrap();
+        assert_eq!(held.data.len(), big.data.len());
+        drop(link);
+        links.close(4);
+        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(
+            ended.is_ok(),
+            "the worker's end ends when the driver closes"
+        );
+        // The block outlives the link and the driver's memfd.
+        assert_eq!(held.data, big.data);
+        store.stop(None);
     }
 
     #[tokio::test]

@@ -267,6 +267,9 @@ pub(crate) async fn node_server(
 pub(crate) struct DriverNode {
     server: ActorRef<NodeServerMessage>,
     accept: JoinHandle<()>,
+    /// Accepts links from worker processes on this host (shared memory), if on.
+    #[cfg(target_os = "linux")]
+    accept_local: Option<JoinHandle<()>>,
     addr: SocketAddr,
     /// Data links to worker processes.
     links: Links,
@@ -303,6 +306,12 @@ impl DriverNode {
         let (server, events) = node_server(name, cfg.cookie.clone()).await?;
         let to = server.clone();
         let links = Links::default();
+        #[cfg(target_os = "linux")]
+        let accept_local = if cfg.shared_memory {
+            local_links(&links, addr.port())
+        } else {
+            None
+        };
         let routed = links.clone();
         let accept = tokio::spawn(async move {
             loop {
@@ -324,6 +333,8 @@ impl DriverNode {
             DriverNode {
                 server,
                 accept,
+                #[cfg(target_os = "linux")]
+                accept_local,
                 addr,
                 links,
                 slot: Mutex::new(Some(slot)),
@@ -358,6 +369,10 @@ impl DriverNode {
     /// Stops accepting and closes every session.
     pub(crate) fn stop(&self) {
         self.accept.abort();
+        #[cfg(target_os = "linux")]
+        if let Some(a) = &self.accept_local {
+            a.abort();
+        }
         self.links.close_all();
         self.server.stop(None);
         lock(&self.slot).take();
@@ -368,6 +383,45 @@ impl Drop for DriverNode {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Listens on an abstract Unix socket for the data links of worker processes on this host
+/// (their blocks then go through shared memory) and offers it to workers with their tokens.
+/// `None`, logged, if it cannot listen: every block takes TCP.
+#[cfg(target_os = "linux")]
+fn local_links(links: &Links, port: u16) -> Option<JoinHandle<()>> {
+    let suffix = match crate::cluster::random_bytes::<8>() {
+        Ok(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no shared memory for worker processes on this host: no random name");
+            return None;
+        }
+    };
+    let name = format!("tributary-{}-{port}-{suffix}", std::process::id());
+    let listener = match crate::cluster::shared_memory::listen(&name) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "no shared memory for worker processes on this host: cannot listen on a Unix socket");
+            return None;
+        }
+    };
+    links.set_local(name.clone());
+    tracing::debug!(%name, "listening for worker processes on this host (shared memory)");
+    let links = links.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let links = links.clone();
+                    tokio::spawn(async move { links.accept_local(stream).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a local worker's link failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }))
 }
 
 /// The block stores of the node `node` (a worker process), as the driver sees them.

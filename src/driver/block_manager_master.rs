@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use crate::block::{Block, BlockId};
 use crate::block_manager::{BlockError, Wire, Worker, WorkerId, WorkerMsg};
-use crate::cluster::data_plane::Links;
+use crate::cluster::data_plane::{Links, Region};
 use crate::cluster::node::DriverNode;
 #[cfg(test)]
 use crate::cluster::ClusterConfig;
@@ -322,6 +322,8 @@ impl BlockManagerMaster {
         let mut holders = Vec::with_capacity(self.k);
         let mut tried = Vec::new();
         let mut waited = 0u64;
+        // One shared-memory copy of the block for every replica on this host.
+        let mut region = Region::default();
         while holders.len() < self.k {
             let n = self.k - holders.len();
             let exclude = tried.clone();
@@ -351,7 +353,7 @@ impl BlockManagerMaster {
             let mut acks = Vec::with_capacity(targets.len());
             for (w, actor) in targets {
                 tried.push(w);
-                if let Some(rx) = self.send_put(&actor, block) {
+                if let Some(rx) = self.send_put(&actor, block, &mut region) {
                     acks.push((w, rx));
                 }
             }
@@ -406,12 +408,18 @@ impl BlockManagerMaster {
 
     /// Sends `block` to the block store `actor`: on its process's data link when one is open,
     /// else as a message. The answer is whether it is held; `None` if it could not be sent.
+    /// `region` is the block's shared memory, for the replicas of one block on this host.
     fn send_put(
         &self,
         actor: &ActorRef<WorkerMsg>,
         block: &Block,
+        region: &mut Region,
     ) -> Option<oneshot::Receiver<bool>> {
-        if let Some(rx) = self.links.as_ref().and_then(|l| l.put(actor, block)) {
+        if let Some(rx) = self
+            .links
+            .as_ref()
+            .and_then(|l| l.put(actor, block, region))
+        {
             return Some(rx);
         }
         let (tx, rx) = oneshot::channel();
@@ -931,8 +939,9 @@ async fn re_replicate(
                 else {
                     return;
                 };
+                let mut region = Region::default();
                 for (target, actor) in targets {
-                    let Some(rx) = master.send_put(&actor, &block) else {
+                    let Some(rx) = master.send_put(&actor, &block, &mut region) else {
                         continue;
                     };
                     if held(rx).await

@@ -101,8 +101,8 @@ pub(crate) async fn membership(
                         return;
                     };
                     // Its blocks go on a data link of their own once the worker opens it.
-                    if let Some(token) = node.links().offer(id) {
-                        let _ = actor.send_message(WorkerMsg::Link(token));
+                    if let Some(offer) = node.links().offer(id) {
+                        let _ = actor.send_message(WorkerMsg::Link(offer));
                     }
                     if let Some((exec, slots)) = executor.take() {
                         tracing::info!(
