@@ -18,7 +18,8 @@
 //!   blocks held with k = 2 over 3 worker processes, one SIGKILLed → every block back to 2
 //!   replicas.
 //!
-//! `BENCH_SECONDS` (default 8) sets each throughput run's length; `BENCH_ONLY=<case>` runs one.
+//! `BENCH_SECONDS` (default 8) sets each throughput run's length; `BENCH_ONLY=<case>` runs one;
+//! `BENCH_BACKPRESSURE=off` turns the adaptive rate off (the block budget regulates).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tributary::cluster::{self, ClusterConfig, WorkerLauncher};
-use tributary::{BatchInfo, StreamingContext};
+use tributary::{Backpressure, BatchInfo, StreamingContext};
 use tributary_receivers::synthetic::{StoreMode, SyntheticReceiver};
 
 mod support;
@@ -55,7 +56,14 @@ fn context(local: usize, processes: usize, memory: usize, cookie: &str) -> Strea
         .workers(local)
         .replication(2)
         .executors(2)
-        .memory_limit(memory);
+        .memory_limit(memory)
+        .backpressure(
+            if std::env::var("BENCH_BACKPRESSURE").is_ok_and(|v| v == "off") {
+                Backpressure::off()
+            } else {
+                Backpressure::default()
+            },
+        );
     if processes > 0 {
         b = b.cluster(ClusterConfig::new(([127, 0, 0, 1], 0).into(), cookie));
     }
@@ -97,6 +105,11 @@ async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) ->
     }
     let infos: Vec<BatchInfo> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
     let (steady, rate, max_sched) = steady(&infos, Duration::from_secs(1));
+    let mut processing: Vec<f64> = steady
+        .iter()
+        .map(|i| i.processing_time.as_secs_f64() * 1e3)
+        .collect();
+    let median_processing_ms = quantile(&mut processing, 0.5).round();
     println!(
         "{}",
         json!({
@@ -107,6 +120,7 @@ async fn throughput(name: &str, local: usize, processes: usize, cookie: &str) ->
             "records_per_s": rate.round(),
             "batches_measured": steady.len(),
             "max_scheduling_delay_ms": max_sched,
+            "median_processing_ms": median_processing_ms,
             "lost_blocks": infos.iter().map(|i| i.lost_blocks).sum::<usize>(),
             "tasks_in_worker_processes": infos.iter().map(|i| i.remote_tasks as usize).sum::<usize>(),
             "tasks": infos.iter().map(|i| i.blocks).sum::<usize>(),
