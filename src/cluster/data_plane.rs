@@ -297,6 +297,17 @@ struct Link {
 }
 
 impl Link {
+    /// Asks for block `id` on this link; `None` when the link is closed.
+    fn get(&self, id: BlockId) -> Option<oneshot::Receiver<Option<Block>>> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Pending::Found(tx), |req| {
+            let mut h = head(GET, req, 12);
+            put_id(id, &mut h);
+            Out::new(h, Bytes::new())
+        })
+        .then_some(rx)
+    }
+
     fn request(&self, pending: Pending, frame: impl FnOnce(u64) -> Out) -> bool {
         let req = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.pending).insert(req, pending);
@@ -430,14 +441,7 @@ impl Links {
         actor: &ActorRef<WorkerMsg>,
         id: BlockId,
     ) -> Option<oneshot::Receiver<Option<Block>>> {
-        let link = self.link(actor)?;
-        let (tx, rx) = oneshot::channel();
-        link.request(Pending::Found(tx), |req| {
-            let mut h = head(GET, req, 12);
-            put_id(id, &mut h);
-            Out::new(h, Bytes::new())
-        })
-        .then_some(rx)
+        self.link(actor)?.get(id)
     }
 
     /// Serves a link whose magic was read (and TLS handshake done): it must present a token
@@ -770,20 +774,10 @@ mod tests {
         let big = block(5, 200_000);
         assert!(link.request(Pending::Ack(tx), |req| block_frame(PUT, req, None, &big)));
         assert!(rx.await.unwrap(), "held");
-        let (tx, rx) = oneshot::channel();
-        assert!(link.request(Pending::Found(tx), |req| {
-            let mut h = head(GET, req, 12);
-            put_id(big.id, &mut h);
-            Out::new(h, Bytes::new())
-        }));
+        let rx = link.get(big.id).expect("link open");
         let found = rx.await.unwrap().expect("found");
         assert_eq!(found.data, big.data);
-        let (tx, rx) = oneshot::channel();
-        assert!(link.request(Pending::Found(tx), |req| {
-            let mut h = head(GET, req, 12);
-            put_id(BlockId { stream: 1, seq: 99 }, &mut h);
-            Out::new(h, Bytes::new())
-        }));
+        let rx = link.get(BlockId { stream: 1, seq: 99 }).expect("link open");
         assert!(rx.await.unwrap().is_none(), "not held: none");
         drop(link);
         links.close(9);
@@ -859,12 +853,7 @@ mod tests {
             Arc::new(f.into())
         )));
         assert!(!rx.await.unwrap(), "an unsealed memfd is not held");
-        let (tx, rx) = oneshot::channel();
-        assert!(link.request(Pending::Found(tx), |req| {
-            let mut h = head(GET, req, 12);
-            put_id(big.id, &mut h);
-            Out::new(h, Bytes::new())
-        }));
+        let rx = link.get(big.id).expect("link open");
         let found = rx.await.unwrap().expect("found");
         assert_eq!(found.data, big.data);
         // The store's own block, read in this process.
