@@ -17,9 +17,11 @@
 //!   creation to its batch's output (p50 / p99, every 1,024th record), CPU-seconds per million
 //!   records, peak RSS (from after the loop: `peak_rss_after_loop`), and records lost and duplicated (each sequence number is tracked by a
 //!   second output on the same stream: both must be 0);
-//! * `readme_word_count_k2`: the job as README shows it now, `reduce_by_key_with` over
-//!   borrowed `&str` words (a key is made a `String` only the first time a block's task
-//!   sees it);
+//! * `readme_word_count_k2`: the job as README shows it now, `reduce_by_key_with` reading
+//!   each line as a `&str` in place in its block, over borrowed `&str` words (a key is made a
+//!   `String` only the first time a block's task sees it);
+//! * `line_records_word_count_k2`: the same reading each line as a `&ByteString` record (one
+//!   record and its reference count per line: README's way before lines were read in place);
 //! * `readme_word_count_k2_2_processes`: the same job with two worker processes of this
 //!   binary (launched in the worker role) holding every replica (k = 2: one in each) and
 //!   running the tasks where they are, beside the driver's executors; its CPU figure sums
@@ -157,8 +159,12 @@ enum Job {
     Owned,
     /// `flat_map_with` emitting `(ByteString, 1)`: each word a slice of the block.
     Sliced,
-    /// `reduce_by_key_with` over borrowed `&str` words: README's way now.
+    /// `reduce_by_key_with` reading each line as `&str` in place in its block, over borrowed
+    /// `&str` words: README's way now.
     Borrowed,
+    /// The same reading each line as a `&ByteString` record (README's way until lines could
+    /// be read in place): one record, with its reference count, per line.
+    LineRecords,
     /// The hand-tuned job of the pipeline bench: `reduce_by_key` over `u128` keys built from
     /// the words' bytes, fed with `store_many` (chunks of 2,000 records).
     Tuned,
@@ -171,14 +177,21 @@ impl Job {
             Job::Owned => "owned",
             Job::Sliced => "sliced",
             Job::Borrowed => "borrowed",
+            Job::LineRecords => "line-records",
             Job::Tuned => "tuned",
         }
     }
 
     fn from_name(name: &str) -> Option<Job> {
-        [Job::Owned, Job::Sliced, Job::Borrowed, Job::Tuned]
-            .into_iter()
-            .find(|j| j.name() == name)
+        [
+            Job::Owned,
+            Job::Sliced,
+            Job::Borrowed,
+            Job::LineRecords,
+            Job::Tuned,
+        ]
+        .into_iter()
+        .find(|j| j.name() == name)
     }
 }
 
@@ -241,6 +254,20 @@ fn define_job(
             let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
             lines
                 .reduce_by_key_with(
+                    |l: &str, out: &mut dyn FnMut(&str, u64)| {
+                        for w in l.split_whitespace().skip(2) {
+                            out(w, 1);
+                        }
+                    },
+                    |a, b| a + b,
+                )
+                .for_each_batch(move |batch| *top.lock().unwrap() = top3(batch.records))
+                .unwrap();
+        }
+        Job::LineRecords => {
+            let top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+            lines
+                .reduce_by_key_with(
                     |l: &ByteString, out: &mut dyn FnMut(&str, u64)| {
                         for w in l.split_whitespace().skip(2) {
                             out(w, 1);
@@ -275,10 +302,10 @@ fn define_job(
     let latency: Arc<Mutex<Vec<u64>>> = Arc::default();
     let (r, lat) = (runs.clone(), latency.clone());
     lines
-        .aggregate(
+        .aggregate_ref(
             Seen::default,
-            |s: &mut Seen, l: ByteString| {
-                if let Some((seq, created, _)) = parse(&l) {
+            |s: &mut Seen, l: &str| {
+                if let Some((seq, created, _)) = parse(l) {
                     s.add(seq, created);
                 }
             },
@@ -478,7 +505,7 @@ async fn case_in(name: &str, job: Job, shape: Shape, processes: usize) {
     );
 }
 
-const CASES: [&str; 10] = [
+const CASES: [&str; 11] = [
     "plain_loop",
     "readme_word_count_k2",
     "tuned_word_count_k2",
@@ -486,6 +513,7 @@ const CASES: [&str; 10] = [
     "natural_word_count_k2",
     "natural_word_count_k2_backpressure_off",
     "sliced_word_count_k2",
+    "line_records_word_count_k2",
     "latency_50k_500ms",
     "latency_50k_500ms_early_tasks_off",
     "latency_1m",
@@ -564,6 +592,9 @@ fn main() {
             }
             "sliced_word_count_k2" => {
                 case(&only, Job::Sliced, Shape::free(Backpressure::default())).await
+            }
+            "line_records_word_count_k2" => {
+                case(&only, Job::LineRecords, Shape::free(Backpressure::default())).await
             }
             "latency_50k_500ms" => case(&only, Job::Borrowed, latency_shape(false, true)).await,
             "latency_50k_500ms_early_tasks_off" => {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tributary::cluster;
-use tributary::{Backpressure, ByteString, DirectOptions, DirectSource, StreamingContext};
+use tributary::{Backpressure, ByteString, DStream, DirectOptions, DirectSource, StreamingContext};
 use tributary_receivers::file_log::{FileLog, FileLogWriter};
 use tributary_receivers::kafka::KafkaTopic;
 
@@ -166,7 +166,7 @@ fn define_job(
     let output = output.clone();
     // The stream's name says what it reads: a checkpoint directory of one source is
     // refused for another (its offsets would mean nothing there).
-    let lines = match source {
+    let lines: DStream<ByteString> = match source {
         Source::File(f) => ctx.direct_stream_with("file-log", f, options)?,
         Source::Kafka(k) => {
             let name = format!("kafka:{}", k.topic());
@@ -176,7 +176,7 @@ fn define_job(
     lines
         // Each line's words as (word, 1), summed per word.
         .reduce_by_key_with(
-            |line: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+            |line: &str, out: &mut dyn FnMut(&str, u64)| {
                 for word in line.split_whitespace() {
                     out(word, 1);
                 }

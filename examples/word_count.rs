@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{cluster, Backpressure, BatchId, ByteString, StreamingContext};
+use tributary::{cluster, Backpressure, BatchId, StreamingContext};
 use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -115,13 +115,14 @@ fn define_job(
     tops: Tops,
     totals: Totals,
 ) -> anyhow::Result<()> {
-    // Words are counted where they are: `reduce_by_key_with` looks each one up as the `&str`
-    // it is, and makes it a `String` only the first time a block's task sees it.
+    // Words are counted where they are: `reduce_by_key_with` reads each line as a `&str` in
+    // place in its block, looks each word up as the `&str` it is, and makes it a `String`
+    // only the first time a block's task sees it.
     let counts = match &args.socket {
         Some(addr) => ctx
             .receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
             .reduce_by_key_with(
-                |line: &String, out: &mut dyn FnMut(&str, u64)| {
+                |line: &str, out: &mut dyn FnMut(&str, u64)| {
                     for w in line.split_whitespace() {
                         if w.chars().any(char::is_uppercase) {
                             out(&w.to_lowercase(), 1);
@@ -139,7 +140,7 @@ fn define_job(
             }
             ctx.receiver_stream("synthetic", source)?
                 .reduce_by_key_with(
-                    |record: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+                    |record: &str, out: &mut dyn FnMut(&str, u64)| {
                         if let Some((_seq, _created, words)) = parse(record) {
                             for w in words {
                                 out(w, 1);

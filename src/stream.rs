@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::batch::{Batch, BatchError, BatchRun, TaskDef, TaskId};
-use crate::block::{Block, Record};
+use crate::block::{Block, ReadAs, Record};
 use crate::error::BoxError;
 
 type Narrow<T> = Arc<dyn Fn(&Block, &mut dyn FnMut(T)) -> Result<(), BoxError> + Send + Sync>;
@@ -58,6 +58,9 @@ pub(crate) trait OutputRegistry: Send + Sync {
 /// A stream of records, computed batch by batch. Cheap to clone.
 pub struct DStream<T> {
     stream: u32,
+    /// Whether this is the receiver's stream itself (its plan only decodes the block's
+    /// records), so that borrowing operations may read the records in place instead.
+    source: bool,
     plan: Plan<T>,
     outputs: Arc<dyn OutputRegistry>,
 }
@@ -66,6 +69,7 @@ impl<T> Clone for DStream<T> {
     fn clone(&self) -> Self {
         DStream {
             stream: self.stream,
+            source: self.source,
             plan: self.plan.clone(),
             outputs: self.outputs.clone(),
         }
@@ -125,6 +129,7 @@ impl<T: Send + 'static> DStream<T> {
         });
         DStream {
             stream,
+            source: true,
             plan: Plan::Narrow(decode),
             outputs,
         }
@@ -133,6 +138,7 @@ impl<T: Send + 'static> DStream<T> {
     fn with_plan<U>(&self, plan: Plan<U>) -> DStream<U> {
         DStream {
             stream: self.stream,
+            source: false,
             plan,
             outputs: self.outputs.clone(),
         }
@@ -212,15 +218,16 @@ impl<T: Send + 'static> DStream<T> {
 
     /// Emits `(key, value)` pairs from each record and merges the values of each key with
     /// `reduce`, per batch: `flat_map`, `map` and `reduce_by_key` in one, without an
-    /// allocation per occurrence. `emit` borrows its keys from the record (a `&str` of a line,
-    /// say); a key is looked up as it is and made owned (`K`, e.g. a `String`) only the first
-    /// time a block's task sees it. The way to count words:
+    /// allocation per occurrence. `emit` reads each record as the `&B` it names (see
+    /// [`ReadAs`]: a text record as `&str`, read in place in the block) and borrows its keys
+    /// from it; a key is looked up as it is and made owned (`K`, e.g. a `String`) only the
+    /// first time a block's task sees it. The way to count words:
     ///
     /// ```
     /// # use tributary::{ByteString, DStream};
     /// # fn job(lines: DStream<ByteString>) -> DStream<(String, u64)> {
     /// lines.reduce_by_key_with(
-    ///     |line: &ByteString, out: &mut dyn FnMut(&str, u64)| {
+    ///     |line: &str, out: &mut dyn FnMut(&str, u64)| {
     ///         for word in line.split_whitespace() {
     ///             out(word, 1);
     ///         }
@@ -230,36 +237,36 @@ impl<T: Send + 'static> DStream<T> {
     /// # }
     /// ```
     ///
+    /// `emit` may also take the record itself (`|line: &ByteString, out| ..`), or any other
+    /// stream's records (`|pair: &(String, u64), out| ..`).
+    ///
     /// Measured on `benches/word_count.rs`: the same job written with `flat_map` to owned
     /// words, `map` to `(word, 1)` and `reduce_by_key` allocates and frees a `String` per word,
-    /// which is most of its cost.
-    pub fn reduce_by_key_with<Q, K, V, E, R>(&self, emit: E, reduce: R) -> DStream<(K, V)>
+    /// which is most of its cost; reading the lines as `&str` rather than `&ByteString` saves
+    /// a reference count and a record per line.
+    pub fn reduce_by_key_with<B, Q, K, V, E, R>(&self, emit: E, reduce: R) -> DStream<(K, V)>
     where
+        B: ?Sized,
+        T: ReadAs<B>,
         Q: ?Sized + Hash + Eq + ToOwned<Owned = K>,
         K: Borrow<Q> + Eq + Hash + Serialize + DeserializeOwned + Send + 'static,
         V: Serialize + DeserializeOwned + Send + 'static,
-        E: Fn(&T, &mut dyn FnMut(&Q, V)) + Send + Sync + 'static,
+        E: Fn(&B, &mut dyn FnMut(&Q, V)) + Send + Sync + 'static,
         R: Fn(V, V) -> V + Send + Sync + 'static,
     {
         let reduce = Arc::new(reduce);
         let (f1, f2) = (reduce.clone(), reduce);
-        self.aggregate(
+        self.aggregate_ref(
             Combiner::<K, V>::default,
-            move |acc, record: T| emit(&record, &mut |q: &Q, v| acc.add_ref(q, v, &*f1)),
-            move |mut a, b| {
-                for (k, v) in b.0 {
-                    if let Some(v) = v {
-                        a.add(k, v, &*f2);
-                    }
-                }
-                a
-            },
+            move |acc, record: &B| emit(record, &mut |q: &Q, v| acc.add_ref(q, v, &*f1)),
+            move |a, b| a.merge(b, &*f2),
         )
         .flat_map(|c| c.0.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))))
     }
 
     /// Runs `fold` over each block's records in its task (starting from `init()`), then
     /// combines the partials with `merge`. The building block of `count` and `reduce_by_key`.
+    /// [`aggregate_ref`](DStream::aggregate_ref) is the same with records borrowed.
     ///
     /// A task may run in a worker process (where its block's replica is); its partial `A`
     /// then crosses to the driver, hence `A`'s `serde` bounds.
@@ -270,7 +277,75 @@ impl<T: Send + 'static> DStream<T> {
         F: Fn(&mut A, T) + Send + Sync + 'static,
         M: Fn(A, A) -> A + Send + Sync + 'static,
     {
-        let (init, fold, merge) = (Arc::new(init), Arc::new(fold), Arc::new(merge));
+        let fold = Arc::new(fold);
+        let whole_fold = fold.clone();
+        self.aggregate_plan(
+            init,
+            move |parent: &Narrow<T>, block, acc: &mut A| parent(block, &mut |t| fold(acc, t)),
+            move |acc, t| whole_fold(acc, t),
+            merge,
+        )
+    }
+
+    /// [`aggregate`](DStream::aggregate) with each record read as the `&B` that `fold` names
+    /// (see [`ReadAs`]): a receiver's text records as `&str` or `&[u8]` are read in place in
+    /// the block, with no record made per line; any stream's records as themselves.
+    ///
+    /// ```
+    /// # use tributary::{ByteString, DStream};
+    /// # fn job(lines: DStream<ByteString>) -> DStream<u64> {
+    /// // The bytes of text in each batch.
+    /// lines.aggregate_ref(|| 0u64, |n, line: &[u8]| *n += line.len() as u64, |a, b| a + b)
+    /// # }
+    /// ```
+    pub fn aggregate_ref<B, A, I, F, M>(&self, init: I, fold: F, merge: M) -> DStream<A>
+    where
+        B: ?Sized,
+        T: ReadAs<B>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        I: Fn() -> A + Send + Sync + 'static,
+        F: Fn(&mut A, &B) + Send + Sync + 'static,
+        M: Fn(A, A) -> A + Send + Sync + 'static,
+    {
+        let fold = Arc::new(fold);
+        let whole_fold = fold.clone();
+        let in_place = self.source && <T as ReadAs<B>>::IN_PLACE;
+        self.aggregate_plan(
+            init,
+            move |parent: &Narrow<T>, block: &Block, acc: &mut A| {
+                if in_place {
+                    // The receiver's own stream: each record read straight from its payload.
+                    for payload in block.payloads() {
+                        fold(acc, <T as ReadAs<B>>::read_in_place(payload?)?);
+                    }
+                    Ok(())
+                } else {
+                    parent(block, &mut |t| fold(acc, t.read_as()))
+                }
+            },
+            move |acc, t| whole_fold(acc, t.read_as()),
+            merge,
+        )
+    }
+
+    /// The plan of an aggregation: per block in tasks (`block_fold` over the parent's
+    /// per-block plan), or over the whole batch's records (`whole_fold`) after an earlier
+    /// aggregation; then `merge`.
+    fn aggregate_plan<A, I, BF, WF, M>(
+        &self,
+        init: I,
+        block_fold: BF,
+        whole_fold: WF,
+        merge: M,
+    ) -> DStream<A>
+    where
+        A: Serialize + DeserializeOwned + Send + 'static,
+        I: Fn() -> A + Send + Sync + 'static,
+        BF: Fn(&Narrow<T>, &Block, &mut A) -> Result<(), BoxError> + Send + Sync + 'static,
+        WF: Fn(&mut A, T) + Send + Sync + 'static,
+        M: Fn(A, A) -> A + Send + Sync + 'static,
+    {
+        let (init, merge) = (Arc::new(init), Arc::new(merge));
         let stream = self.stream;
         match &self.plan {
             Plan::Narrow(parent) => {
@@ -278,7 +353,7 @@ impl<T: Send + 'static> DStream<T> {
                 let task_init = init.clone();
                 let work = TaskDef::new(move |block| {
                     let mut acc = task_init();
-                    parent(block, &mut |t| fold(&mut acc, t))?;
+                    block_fold(&parent, block, &mut acc)?;
                     Ok(acc)
                 });
                 let task = self.outputs.register_task(work);
@@ -302,8 +377,9 @@ impl<T: Send + 'static> DStream<T> {
             }
             Plan::Whole(parent) => {
                 let parent = parent.clone();
+                let whole_fold = Arc::new(whole_fold);
                 self.with_plan(Plan::Whole(Arc::new(move |run| {
-                    let (parent, init, fold) = (parent.clone(), init.clone(), fold.clone());
+                    let (parent, init, fold) = (parent.clone(), init.clone(), whole_fold.clone());
                     async move {
                         let ts = parent(run).await?;
                         off_runtime(move || {
@@ -409,14 +485,7 @@ where
         self.aggregate(
             Combiner::<K, V>::default,
             move |acc, (k, v)| acc.add(k, v, &*f1),
-            move |mut a, b| {
-                for (k, v) in b.0 {
-                    if let Some(v) = v {
-                        a.add(k, v, &*f2);
-                    }
-                }
-                a
-            },
+            move |a, b| a.merge(b, &*f2),
         )
         .flat_map(|c| c.0.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))))
     }
@@ -465,6 +534,16 @@ impl<K: Eq + Hash, V> Combiner<K, V> {
                 self.0.insert(k, Some(v));
             }
         }
+    }
+
+    /// Adds every value of `other` (a partial of another block) to this one.
+    fn merge<F: Fn(V, V) -> V + ?Sized>(mut self, other: Self, f: &F) -> Self {
+        for (k, v) in other.0 {
+            if let Some(v) = v {
+                self.add(k, v, f);
+            }
+        }
+        self
     }
 
     /// Like `add`, the key borrowed: made owned only when it is first inserted.

@@ -60,6 +60,50 @@ async fn run(mode: StoreMode, n: u64) {
             }
         })
         .unwrap();
+    // Read as `&str` in place in the block (the receiver's stream), as `&str` after a
+    // narrow operation (decoded, then borrowed), and as `&[u8]` by `aggregate_ref`.
+    let in_place: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let derived: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    for (stream, into) in [
+        (lines.clone(), in_place.clone()),
+        (lines.filter(|_| true), derived.clone()),
+    ] {
+        stream
+            .reduce_by_key_with(
+                |r: &str, out: &mut dyn FnMut(&str, u64)| {
+                    for w in r[31..].split(' ') {
+                        out(w, 1);
+                    }
+                },
+                |a, b| a + b,
+            )
+            .for_each_batch(move |b| {
+                let mut into = into.lock().unwrap();
+                for (word, c) in b.records {
+                    *into.entry(word).or_default() += c;
+                }
+            })
+            .unwrap();
+    }
+    let bytes = Arc::new(Mutex::new((0u64, 0u64)));
+    let by = bytes.clone();
+    lines
+        .aggregate_ref(
+            || (0u64, 0u64),
+            |(records, spaces), r: &[u8]| {
+                *records += 1;
+                *spaces += r.iter().filter(|c| **c == b' ').count() as u64;
+            },
+            |a, b| (a.0 + b.0, a.1 + b.1),
+        )
+        .for_each_batch(move |b| {
+            let mut by = by.lock().unwrap();
+            for (records, spaces) in b.records {
+                by.0 += records;
+                by.1 += spaces;
+            }
+        })
+        .unwrap();
     let mut reports = ctx.subscribe_batches();
 
     ctx.start().await.unwrap();
@@ -102,6 +146,22 @@ async fn run(mode: StoreMode, n: u64) {
     assert_eq!(
         *per_word, *borrowed,
         "reduce_by_key_with counts as reduce_by_key does"
+    );
+
+    assert_eq!(
+        *in_place.lock().unwrap(),
+        *per_word,
+        "read in place as &str"
+    );
+    assert_eq!(
+        *derived.lock().unwrap(),
+        *per_word,
+        "read as &str after filter"
+    );
+    assert_eq!(
+        *bytes.lock().unwrap(),
+        (n, 11 * n),
+        "aggregate_ref over &[u8]: every record once, its 11 spaces (2 fields, 10 words)"
     );
 
     let mut reported = 0;
