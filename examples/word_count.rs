@@ -13,14 +13,16 @@
 //!
 //! Prints a line per batch (records, top words, delays), stops after `--duration` seconds
 //! (default 5; 0 = until Ctrl-C) or on Ctrl-C, gracefully: receivers stop, buffered records
-//! are cut into blocks and the remaining batches run. Then it prints the totals.
+//! are cut into blocks and the remaining batches run. Then it prints the totals (the bytes of
+//! text are summed by a second output, `aggregate_ref` over each line read as `&[u8]`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tributary::{cluster, Backpressure, BatchId, StreamingContext};
+use tributary::{cluster, Backpressure, BatchId, DStream, ReadAs, StreamingContext};
 use tributary_receivers::socket::{recommended_strategy, SocketTextReceiver};
 use tributary_receivers::synthetic::{parse, SyntheticReceiver};
 
@@ -105,6 +107,25 @@ fn top_words(counts: &[(String, u64)], n: usize) -> String {
 
 type Tops = Arc<Mutex<HashMap<BatchId, String>>>;
 type Totals = Arc<Mutex<HashMap<String, u64>>>;
+/// Bytes of text read, over all batches.
+type InputBytes = Arc<AtomicU64>;
+
+/// Adds the bytes of every line of `lines` to `into`: `aggregate_ref` reads each line as
+/// `&[u8]` in place in its block (per block in the tasks, summed per batch on the driver).
+fn count_bytes<T>(lines: &DStream<T>, into: InputBytes) -> Result<(), tributary::ContextError>
+where
+    T: ReadAs<[u8]> + Send + 'static,
+{
+    lines
+        .aggregate_ref(
+            || 0u64,
+            |n, line: &[u8]| *n += line.len() as u64,
+            |a, b| a + b,
+        )
+        .for_each_batch(move |batch| {
+            into.fetch_add(batch.records.iter().sum(), Ordering::Relaxed);
+        })
+}
 
 /// The job, defined the same way in the driver and in worker processes (one binary, two
 /// roles): a worker runs its tasks (the split into words and the per-block counts) over the
@@ -114,14 +135,16 @@ fn define_job(
     args: &Args,
     tops: Tops,
     totals: Totals,
+    bytes: InputBytes,
 ) -> anyhow::Result<()> {
     // Words are counted where they are: `reduce_by_key_with` reads each line as a `&str` in
     // place in its block, looks each word up as the `&str` it is, and makes it a `String`
     // only the first time a block's task sees it.
     let counts = match &args.socket {
-        Some(addr) => ctx
-            .receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?
-            .reduce_by_key_with(
+        Some(addr) => {
+            let lines = ctx.receiver_stream("socket", SocketTextReceiver::new(addr.clone()))?;
+            count_bytes(&lines, bytes)?;
+            lines.reduce_by_key_with(
                 |line: &str, out: &mut dyn FnMut(&str, u64)| {
                     for w in line.split_whitespace() {
                         if w.chars().any(char::is_uppercase) {
@@ -132,23 +155,25 @@ fn define_job(
                     }
                 },
                 |a, b| a + b,
-            ),
+            )
+        }
         None => {
             let mut source = SyntheticReceiver::new();
             if args.rate > 0.0 {
                 source = source.rate(args.rate);
             }
-            ctx.receiver_stream("synthetic", source)?
-                .reduce_by_key_with(
-                    |record: &str, out: &mut dyn FnMut(&str, u64)| {
-                        if let Some((_seq, _created, words)) = parse(record) {
-                            for w in words {
-                                out(w, 1);
-                            }
+            let lines = ctx.receiver_stream("synthetic", source)?;
+            count_bytes(&lines, bytes)?;
+            lines.reduce_by_key_with(
+                |record: &str, out: &mut dyn FnMut(&str, u64)| {
+                    if let Some((_seq, _created, words)) = parse(record) {
+                        for w in words {
+                            out(w, 1);
                         }
-                    },
-                    |a, b| a + b,
-                )
+                    }
+                },
+                |a, b| a + b,
+            )
         }
     };
 
@@ -198,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
             .block_interval(Duration::from_millis(args.batch_ms.min(200)))
             .receiver_strategy(recommended_strategy)
             .build()?;
-        define_job(&ctx, &args, Arc::default(), Arc::default())?;
+        define_job(&ctx, &args, Arc::default(), Arc::default(), Arc::default())?;
         let exit = ctx.run_as_worker(worker).await?;
         println!("worker: {exit:?}");
         return Ok(());
@@ -258,7 +283,8 @@ async fn main() -> anyhow::Result<()> {
 
     let tops: Tops = Arc::default();
     let totals: Totals = Arc::default();
-    define_job(&ctx, &args, tops.clone(), totals.clone())?;
+    let bytes: InputBytes = Arc::default();
+    define_job(&ctx, &args, tops.clone(), totals.clone(), bytes.clone())?;
 
     let mut reports = ctx.subscribe_batches();
     let printer = tokio::spawn(async move {
@@ -333,7 +359,8 @@ async fn main() -> anyhow::Result<()> {
     let totals = totals.lock().unwrap();
     let all: Vec<(String, u64)> = totals.iter().map(|(w, c)| (w.clone(), *c)).collect();
     println!(
-        "totals: {batches} batches, {records} records, {} words ({} distinct); top: {}",
+        "totals: {batches} batches, {records} records, {} bytes of text, {} words ({} distinct); top: {}",
+        bytes.load(Ordering::Relaxed),
         all.iter().map(|(_, c)| c).sum::<u64>(),
         all.len(),
         top_words(&all, 5)
