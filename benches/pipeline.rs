@@ -4,7 +4,8 @@
 //! sequence number, 16-digit creation time in epoch µs, ten six-letter words from a 256-word
 //! vocabulary), from the synthetic receiver. The batch job is one pass (one task per block)
 //! that counts records, parses the sequence number and timestamp, and counts words, all as one
-//! `reduce_by_key` over `u128` keys (no allocation per word).
+//! `reduce_by_key_with` over `u128` keys, each record read as `&[u8]` in place in its block
+//! (no allocation per word, no record made per line).
 //!
 //! One JSON object per line:
 //! * `throughput_store_many_k1`, `throughput_store_many_k2`, `throughput_store_k2`: records
