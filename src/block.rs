@@ -315,11 +315,81 @@ read_in_place!(String => bytes);
 read_in_place!(Bytes => bytes);
 read_in_place!(Vec<u8> => bytes);
 
+/// A record that can be stored from a borrowed `&B`, without making the record first: text
+/// records ([`ByteString`], `String`) from a `&str`, byte records ([`Bytes`], `Vec<u8>`) from a
+/// `&[u8]`, and any `Clone` record from a reference to itself. What
+/// [`Store::store_as`](crate::Store::store_as) and
+/// [`Store::store_many_as`](crate::Store::store_many_as) take: a receiver that reads many
+/// lines into one buffer stores each line as a `&str` slice of it, copied once, into its block.
+pub trait WriteFrom<B: ?Sized>: Record {
+    /// Appends the encoding of the record `value` stands for to `out`: exactly what
+    /// [`Record::encode`] writes for [`from_ref(value)`](WriteFrom::from_ref).
+    fn write_from(value: &B, out: &mut BytesMut);
+    /// The record `value` stands for (for a store that hands records on rather than encoding
+    /// them, such as [`Store::channel`](crate::Store::channel)).
+    fn from_ref(value: &B) -> Self;
+}
+
+impl<T: Record + Clone> WriteFrom<T> for T {
+    fn write_from(value: &T, out: &mut BytesMut) {
+        value.encode(out);
+    }
+    fn from_ref(value: &T) -> T {
+        value.clone()
+    }
+}
+
+impl WriteFrom<str> for ByteString {
+    #[inline]
+    fn write_from(value: &str, out: &mut BytesMut) {
+        out.put_slice(value.as_bytes());
+    }
+    fn from_ref(value: &str) -> Self {
+        ByteString::from(value)
+    }
+}
+
+impl WriteFrom<str> for String {
+    #[inline]
+    fn write_from(value: &str, out: &mut BytesMut) {
+        out.put_slice(value.as_bytes());
+    }
+    fn from_ref(value: &str) -> Self {
+        value.to_owned()
+    }
+}
+
+impl WriteFrom<[u8]> for Bytes {
+    #[inline]
+    fn write_from(value: &[u8], out: &mut BytesMut) {
+        out.put_slice(value);
+    }
+    fn from_ref(value: &[u8]) -> Self {
+        Bytes::copy_from_slice(value)
+    }
+}
+
+impl WriteFrom<[u8]> for Vec<u8> {
+    #[inline]
+    fn write_from(value: &[u8], out: &mut BytesMut) {
+        out.put_slice(value);
+    }
+    fn from_ref(value: &[u8]) -> Self {
+        value.to_vec()
+    }
+}
+
 /// Appends one framed record to a block buffer.
 pub(crate) fn encode_framed<T: Record>(record: &T, out: &mut BytesMut) {
+    framed(out, |out| record.encode(out));
+}
+
+/// Appends one framed record, written by `write`, to a block buffer.
+#[inline]
+pub(crate) fn framed(out: &mut BytesMut, write: impl FnOnce(&mut BytesMut)) {
     let at = out.len();
     out.put_u32_le(0);
-    record.encode(out);
+    write(out);
     let len = (out.len() - at - 4) as u32;
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }

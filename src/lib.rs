@@ -141,7 +141,7 @@ pub mod wal;
 mod wire;
 
 pub use batch::{Batch, BatchError, BatchId, BatchInfo};
-pub use block::{Block, BlockId, ByteString, DecodeError, ReadAs, Record};
+pub use block::{Block, BlockId, ByteString, DecodeError, ReadAs, Record, WriteFrom};
 pub use block_manager::BlockError;
 pub use checkpoint::{Ledger, LossCause, StreamLedger};
 pub use config::{ReceiverPlacement, StreamingContextBuilder};

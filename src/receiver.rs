@@ -111,6 +111,26 @@ impl<R: Receiver> ReceiverContext<R> {
         self.store.store_many(records).await
     }
 
+    /// Stores one record given as a `&B` (a `&str` slice of a read buffer for text records):
+    /// no record made, its bytes copied once into the block. See [`Store::store_as`].
+    pub async fn store_as<B: ?Sized>(&self, record: &B) -> Result<(), StoreError>
+    where
+        R::Record: crate::block::WriteFrom<B>,
+    {
+        self.store.store_as(record).await
+    }
+
+    /// Stores records given as `&B`s, in order; waits while the pipeline is full. See
+    /// [`Store::store_many_as`].
+    pub async fn store_many_as<'a, B, I>(&self, records: I) -> Result<(), StoreError>
+    where
+        B: ?Sized + 'a,
+        R::Record: crate::block::WriteFrom<B>,
+        I: IntoIterator<Item = &'a B>,
+    {
+        self.store.store_many_as(records).await
+    }
+
     /// Stores records and resolves once they are durable (replicated `k` times and, with the
     /// write-ahead log on, synced): only then acknowledge the source. See
     /// [`Store::store_reliably`].

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 
-use crate::block::{encode_framed, Record};
+use crate::block::{encode_framed, framed, Record, WriteFrom};
 use crate::block_generator::BlockGenerator;
 use crate::error::StoreError;
 
@@ -146,6 +146,61 @@ impl<T: Record> Store<T> {
     }
 }
 
+impl<T: Record> Store<T> {
+    /// Stores one record given as a `&B` (a `&str` for text records, a `&[u8]` for byte
+    /// records: see [`WriteFrom`]), waiting while the pipeline is full. The same as
+    /// `store(T::from_ref(record))`, without making the record: its bytes are copied once,
+    /// into the block.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (store, mut records) = tributary::Store::<String>::channel(16);
+    /// let buf = "first line\nsecond line";
+    /// store.store_many_as(buf.lines()).await.unwrap();
+    /// store.store_as("third").await.unwrap();
+    /// assert_eq!(records.recv().await.as_deref(), Some("first line"));
+    /// # }
+    /// ```
+    pub async fn store_as<B: ?Sized>(&self, record: &B) -> Result<(), StoreError>
+    where
+        T: WriteFrom<B>,
+    {
+        self.store_many_as([record]).await
+    }
+
+    /// Stores records given as `&B`s, in order (see [`store_as`](Store::store_as)). On
+    /// error, the records from the first unstored one on were not stored (their count is in
+    /// the error).
+    pub async fn store_many_as<'a, B, I>(&self, records: I) -> Result<(), StoreError>
+    where
+        B: ?Sized + 'a,
+        T: WriteFrom<B>,
+        I: IntoIterator<Item = &'a B>,
+    {
+        match &self.inner {
+            Inner::Channel(tx) => {
+                let mut records = records.into_iter();
+                while let Some(record) = records.next() {
+                    if tx.send(T::from_ref(record)).await.is_err() {
+                        return Err(StoreError::Closed {
+                            unstored: 1 + records.count(),
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Inner::Blocks { generator, .. } => {
+                generator
+                    .store_iter(records, |r: &&B, out: &mut BytesMut| {
+                        framed(out, |out| T::write_from(r, out))
+                    })
+                    .await
+            }
+        }
+    }
+}
+
 impl<T: Send + 'static> Store<T> {
     /// A store backed by a bounded channel of `capacity` records (at least 1), and the channel's
     /// receiving end. When the channel is full, `store` waits.
@@ -248,6 +303,44 @@ mod tests {
             Err(StoreError::Closed { unstored: 3 })
         );
         assert!(store.is_closed());
+    }
+
+    #[tokio::test]
+    async fn records_stored_from_borrows_are_the_records_themselves() {
+        use crate::block::ByteString;
+        // Into blocks: the same bytes as storing the records.
+        let blocks_of = |store_borrowed: bool| async move {
+            let (g, mut rx) = BlockGenerator::new(0, 1 << 16, 16, None);
+            let g = Arc::new(g);
+            let store = Store::<ByteString>::blocks(g.clone(), Arc::new(Durability::new()));
+            let buf = "héllo\nwörld\n\nlast";
+            if store_borrowed {
+                store.store_many_as(buf.split('\n')).await.unwrap();
+                store.store_as("one more").await.unwrap();
+            } else {
+                store
+                    .store_many(buf.split('\n').map(ByteString::from))
+                    .await
+                    .unwrap();
+                store.store(ByteString::from("one more")).await.unwrap();
+            }
+            assert!(g.flush().await);
+            let block = rx.recv().await.unwrap().into_block().unwrap();
+            (block.records, block.data)
+        };
+        let (borrowed, owned) = (blocks_of(true).await, blocks_of(false).await);
+        assert_eq!(borrowed.0, 5);
+        assert_eq!(borrowed, owned);
+        // Into a channel: the records made from the borrows; bytes too.
+        let (store, mut rx) = Store::<Vec<u8>>::channel(4);
+        store.store_many_as([&b"ab"[..], b""]).await.unwrap();
+        assert_eq!(rx.recv().await, Some(b"ab".to_vec()));
+        assert_eq!(rx.recv().await, Some(vec![]));
+        drop(rx);
+        assert_eq!(
+            store.store_many_as([&b"x"[..], b"y"]).await,
+            Err(StoreError::Closed { unstored: 2 })
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -57,9 +57,10 @@ const VOCABULARY: [[u8; 6]; 256] = {
 /// How the receiver stores what it generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreMode {
-    /// One `store_many` call per chunk.
+    /// One `store_many_as` call per chunk (each record a `&str` slice of it).
     Many,
-    /// One `store` call per record.
+    /// One `store_as` call per record (a `&str` slice of the chunk): one store per record,
+    /// the workload of the Spark peer.
     Single,
 }
 
@@ -198,10 +199,11 @@ fn make_records(
     ByteString::try_from(buf.freeze()).unwrap_or_default()
 }
 
-/// The records of a chunk, each a slice of it (no copy, no allocation).
-fn records_of(chunk: &ByteString) -> impl Iterator<Item = ByteString> + '_ {
-    (0..chunk.len() / RECORD_LEN)
-        .map(move |i| chunk.slice_ref(&chunk[i * RECORD_LEN..(i + 1) * RECORD_LEN]))
+/// The records of a chunk, each a `&str` slice of it: stored with `store_as` /
+/// `store_many_as`, each is copied once, into its block, with no record (and no reference
+/// count on the chunk) made per line.
+fn records_of(chunk: &str) -> impl Iterator<Item = &str> + '_ {
+    (0..chunk.len() / RECORD_LEN).map(move |i| &chunk[i * RECORD_LEN..(i + 1) * RECORD_LEN])
 }
 
 /// A tiny xorshift generator (deterministic per receiver; no dependency needed for this).
@@ -288,15 +290,15 @@ impl Receiver for SyntheticReceiver {
         let chunk = make_records(first, n, now_us, &mut rng, spare);
         st.rng_state = rng.0;
         match self.mode {
-            StoreMode::Many => ctx.store_many(records_of(&chunk)).await?,
+            StoreMode::Many => ctx.store_many_as(records_of(&chunk)).await?,
             StoreMode::Single => {
                 for r in records_of(&chunk) {
-                    ctx.store(r).await?;
+                    ctx.store_as(r).await?;
                 }
             }
         }
-        // The pipeline copied the records into its blocks: the chunk's buffer is free again
-        // unless something kept a record (then it stays with that record).
+        // The pipeline copied the records into its blocks (or made records of them): the
+        // chunk's buffer is free again.
         if let Ok(buf) = chunk.into_bytes().try_into_mut() {
             st.spare = buf;
         }
@@ -316,7 +318,7 @@ mod tests {
     fn batch_generation_matches_one_by_one_generation() {
         let (mut a, mut b) = (fastrand_lite::Rng::new(9), fastrand_lite::Rng::new(9));
         let chunk = make_records(99_998, 5, 1_732_482_000_123_456, &mut a, BytesMut::new());
-        let batch: Vec<ByteString> = records_of(&chunk).collect();
+        let batch: Vec<&str> = records_of(&chunk).collect();
         assert_eq!(batch.len(), 5);
         for (i, r) in batch.iter().enumerate() {
             assert_eq!(
