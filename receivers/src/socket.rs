@@ -1,7 +1,7 @@
 //! A socket text receiver: connects to `host:port` and stores newline-delimited lines.
 //!
 //! ```text
-//!  TCP ──► reader task ──Lines(batch, generation)──► receiver.handle ──UTF-8 check──► store_many
+//!  TCP ──► reader task ──Lines(one buffer of lines, generation)──► receiver.handle ──UTF-8 check──► store_many_as
 //!             │ over-long line / EOF / I/O error
 //!             └──Failed(error, generation)──► handle returns the typed error ──► decider
 //! ```
@@ -140,6 +140,39 @@ impl std::fmt::Debug for Credit {
     }
 }
 
+/// Raw lines (without their newlines) read from a socket, one after the other in one buffer:
+/// the reader allocates nothing per line, and the receiver stores each line as a `&str` slice
+/// of it (`store_many_as`), so a line's bytes are copied once more, into its block.
+#[derive(Debug, Default)]
+pub struct LineBatch {
+    data: Vec<u8>,
+    /// Where each line ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl LineBatch {
+    /// The number of lines.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there is no line.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The lines, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(a, b)| &self.data[a..*b])
+    }
+
+    /// Where the line being read starts.
+    fn open_line(&self) -> usize {
+        self.ends.last().copied().unwrap_or(0)
+    }
+}
+
 /// Messages from the reader task.
 #[derive(Debug)]
 pub enum SocketMsg {
@@ -150,7 +183,7 @@ pub enum SocketMsg {
         /// 1-based number of the first line.
         first_line: u64,
         /// The lines.
-        lines: Vec<Vec<u8>>,
+        lines: LineBatch,
         /// Its place in the read-ahead window (see [`READ_AHEAD`]).
         credit: Credit,
     },
@@ -188,10 +221,11 @@ async fn read_lines<R: AsyncRead + Unpin>(
     };
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut line_no = 0u64;
-    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch = LineBatch::default();
     let mut first = 1u64;
     loop {
-        let mut line = Vec::new();
+        // The line is read into the batch's buffer, after the lines before it.
+        let start = batch.open_line();
         let mut too_long = false;
         // Read one line, never buffering more than `max` bytes of it.
         let eof = loop {
@@ -216,12 +250,12 @@ async fn read_lines<R: AsyncRead + Unpin>(
                 Some(i) => (&buf[..i], Some(i)),
                 None => (buf, None),
             };
-            if !too_long && line.len() + chunk.len() > max {
+            if !too_long && batch.data.len() - start + chunk.len() > max {
                 too_long = true;
-                line.clear();
+                batch.data.truncate(start);
             }
             if !too_long {
-                line.extend_from_slice(chunk);
+                batch.data.extend_from_slice(chunk);
             }
             let used = found.map_or(chunk.len(), |i| i + 1);
             reader.consume(used);
@@ -229,7 +263,7 @@ async fn read_lines<R: AsyncRead + Unpin>(
                 break false;
             }
         };
-        if eof && line.is_empty() && !too_long {
+        if eof && batch.data.len() == start && !too_long {
             let _ = me.flush(first, &mut batch).await;
             let _ = me.me.send(SocketMsg::Failed {
                 generation,
@@ -238,8 +272,8 @@ async fn read_lines<R: AsyncRead + Unpin>(
             return;
         }
         line_no += 1;
-        if line.last() == Some(&b'\r') {
-            line.pop();
+        if batch.data.len() > start && batch.data.last() == Some(&b'\r') {
+            batch.data.pop();
         }
         if too_long {
             if me.flush(first, &mut batch).await.is_err() {
@@ -257,7 +291,7 @@ async fn read_lines<R: AsyncRead + Unpin>(
                 return;
             }
         } else {
-            batch.push(line);
+            batch.ends.push(batch.data.len());
         }
         // Hand over what is buffered when the socket has nothing more right now, or every 1000.
         if batch.len() >= 1000 || reader.buffer().is_empty() {
@@ -286,7 +320,7 @@ struct Sender {
 impl Sender {
     /// Sends the buffered lines once the window has room (waits for it: the socket is not
     /// read meanwhile).
-    async fn flush(&self, first_line: u64, batch: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+    async fn flush(&self, first_line: u64, batch: &mut LineBatch) -> Result<(), ()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -355,10 +389,10 @@ impl Receiver for SocketTextReceiver {
                 ..
             } => {
                 // Lines of any connection are stored: they were read, and must not be lost.
-                let mut good = Vec::with_capacity(lines.len());
+                let mut good: Vec<&str> = Vec::with_capacity(lines.len());
                 let mut first_bad = None;
-                for (i, raw) in lines.into_iter().enumerate() {
-                    match String::from_utf8(raw) {
+                for (i, raw) in lines.iter().enumerate() {
+                    match std::str::from_utf8(raw) {
                         Ok(s) => good.push(s),
                         Err(_) => {
                             first_bad.get_or_insert(first_line + i as u64);
@@ -366,9 +400,9 @@ impl Receiver for SocketTextReceiver {
                     }
                 }
                 st.lines += good.len() as u64;
-                // Every valid line is stored, also those after an invalid one; then the
-                // invalid line is reported.
-                ctx.store_many(good).await?;
+                // Every valid line is stored (each a slice of the batch's buffer), also those
+                // after an invalid one; then the invalid line is reported.
+                ctx.store_many_as(good).await?;
                 drop(credit); // stored: the reader may read one more message ahead
                 if let Some(line) = first_bad {
                     return Err(Box::new(SocketError::InvalidUtf8 { line }));
@@ -393,5 +427,23 @@ impl Receiver for SocketTextReceiver {
         st.reader.abort();
         tracing::info!(receiver = ctx.path(), lines = st.lines, "disconnected");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_batch_yields_its_lines_in_order_empty_ones_too() {
+        let mut b = LineBatch::default();
+        assert!(b.is_empty() && b.iter().next().is_none());
+        for line in [&b"alpha"[..], b"", b"gamma"] {
+            assert_eq!(b.open_line(), b.data.len());
+            b.data.extend_from_slice(line);
+            b.ends.push(b.data.len());
+        }
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.iter().collect::<Vec<_>>(), [&b"alpha"[..], b"", b"gamma"]);
     }
 }
