@@ -266,6 +266,15 @@ pub trait ReadAs<B: ?Sized> {
             "this record cannot be read in place".into(),
         ))
     }
+    /// Calls `f` with every record of `block`, in order, each read in place (called only
+    /// when [`IN_PLACE`](ReadAs::IN_PLACE) is true). The default reads each payload with
+    /// [`read_in_place`](ReadAs::read_in_place); text checks the block's UTF-8 at once.
+    fn for_each_in_place<F: FnMut(&B)>(block: &Block, mut f: F) -> Result<(), DecodeError> {
+        for payload in block.payloads() {
+            f(Self::read_in_place(payload?)?);
+        }
+        Ok(())
+    }
 }
 
 impl<T> ReadAs<T> for T {
@@ -275,8 +284,36 @@ impl<T> ReadAs<T> for T {
     }
 }
 
+#[inline]
 fn utf8(payload: &[u8]) -> Result<&str, DecodeError> {
     std::str::from_utf8(payload).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// Every record of `block` as a `&str`, checking the UTF-8 of the whole block at once where
+/// it can (one pass instead of one call per record). When the whole block is valid UTF-8, a
+/// record is the slice of it between its offsets if both are character boundaries (always
+/// so when its length prefix is ASCII, i.e. records under 128 bytes); any other record, and
+/// every record of a block that is not valid UTF-8 as a whole (a length prefix of 128 or
+/// more usually is not), is checked on its own. So a record is given as text exactly when it
+/// is valid UTF-8 by itself, whichever way it was checked.
+fn for_each_str<F: FnMut(&str)>(block: &Block, mut f: F) -> Result<(), DecodeError> {
+    let data: &[u8] = &block.data;
+    let Ok(whole) = std::str::from_utf8(data) else {
+        for payload in block.payloads() {
+            f(utf8(payload?)?);
+        }
+        return Ok(());
+    };
+    let base = data.as_ptr() as usize;
+    for payload in Payloads::new(data) {
+        let payload = payload?;
+        let at = payload.as_ptr() as usize - base;
+        match whole.get(at..at + payload.len()) {
+            Some(text) => f(text),
+            None => f(utf8(payload)?),
+        }
+    }
+    Ok(())
 }
 
 macro_rules! read_in_place {
@@ -290,6 +327,9 @@ macro_rules! read_in_place {
             #[inline]
             fn read_in_place(payload: &[u8]) -> Result<&str, DecodeError> {
                 utf8(payload)
+            }
+            fn for_each_in_place<F: FnMut(&str)>(block: &Block, f: F) -> Result<(), DecodeError> {
+                for_each_str(block, f)
             }
         }
     };
@@ -498,6 +538,27 @@ mod tests {
             Err(DecodeError::Invalid(_))
         ));
         assert!(<u64 as ReadAs<u64>>::read_in_place(&[0; 8]).is_err());
+        // A whole block read as text: checked at once, or record by record where it must be.
+        let read_all = |block: &Block| {
+            let mut got = Vec::new();
+            <String as ReadAs<str>>::for_each_in_place(block, |s| got.push(s.to_owned()))
+                .map(|()| got)
+        };
+        let short = vec!["héllo".to_string(), String::new(), "wörld".to_string()];
+        assert_eq!(read_all(&block_of(&short)), Ok(short.clone()));
+        // Records of 128 bytes or more: their length prefixes are not ASCII.
+        let long = vec!["é".repeat(100), "x".repeat(300), "a".into()];
+        assert_eq!(read_all(&block_of(&long)), Ok(long.clone()));
+        // The whole block valid UTF-8 while a record on its own is not: a record ending in a
+        // lead byte (0xC3) whose continuation (0xA9) is the next record's length (169).
+        let mut tricky = b"ab".to_vec();
+        tricky.push(0xC3);
+        let block = block_of(&[tricky, vec![b'z'; 169]]);
+        assert!(std::str::from_utf8(&block.data).is_ok(), "valid as a whole");
+        assert!(matches!(read_all(&block), Err(DecodeError::Invalid(_))));
+        let bad = block_of(&[b"ok".to_vec(), vec![0xff]]);
+        assert!(matches!(read_all(&bad), Err(DecodeError::Invalid(_))));
+
         let owned = ByteString::from("abc");
         assert_eq!(ReadAs::<str>::read_as(&owned), "abc");
         assert_eq!(ReadAs::<[u8]>::read_as(&owned), b"abc");

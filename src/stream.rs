@@ -315,10 +315,9 @@ impl<T: Send + 'static> DStream<T> {
             move |parent: &Narrow<T>, block: &Block, acc: &mut A| {
                 if in_place {
                     // The receiver's own stream: each record read straight from its payload.
-                    for payload in block.payloads() {
-                        fold(acc, <T as ReadAs<B>>::read_in_place(payload?)?);
-                    }
-                    Ok(())
+                    Ok(<T as ReadAs<B>>::for_each_in_place(block, |b| {
+                        fold(acc, b)
+                    })?)
                 } else {
                     parent(block, &mut |t| fold(acc, t.read_as()))
                 }
