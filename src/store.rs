@@ -336,6 +336,10 @@ mod tests {
         store.store_many_as([&b"ab"[..], b""]).await.unwrap();
         assert_eq!(rx.recv().await, Some(b"ab".to_vec()));
         assert_eq!(rx.recv().await, Some(vec![]));
+        // Any `Clone` record from a reference to itself.
+        let (numbers, mut got) = Store::<u64>::channel(1);
+        numbers.store_as(&7u64).await.unwrap();
+        assert_eq!(got.recv().await, Some(7));
         drop(rx);
         assert_eq!(
             store.store_many_as([&b"x"[..], b"y"]).await,

@@ -58,8 +58,8 @@ pub(crate) trait OutputRegistry: Send + Sync {
 /// A stream of records, computed batch by batch. Cheap to clone.
 pub struct DStream<T> {
     stream: u32,
-    /// Whether this is the receiver's stream itself (its plan only decodes the block's
-    /// records), so that borrowing operations may read the records in place instead.
+    /// Whether this is a receiver's or a direct source's stream itself (its plan only decodes
+    /// the block's records), so that borrowing operations may read the records in place.
     source: bool,
     plan: Plan<T>,
     outputs: Arc<dyn OutputRegistry>,

@@ -180,4 +180,19 @@ async fn the_receivers_stream_is_read_in_place_and_a_derived_one_decoded_once() 
     .await;
     assert_eq!(total, (LINES, bytes));
     assert_eq!(decoded, LINES);
+
+    // After an aggregation (a whole-batch plan): each batch's count read as itself.
+    let (total, _) = run(|lines| {
+        lines.count().aggregate_ref(
+            || (0, 0),
+            |(batches, records), n: &u64| {
+                *batches += 1;
+                *records += n;
+            },
+            |a, b| (a.0 + b.0, a.1 + b.1),
+        )
+    })
+    .await;
+    assert_eq!(total.1, LINES, "every record counted once, batch by batch");
+    assert!(total.0 >= 1);
 }
